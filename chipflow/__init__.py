@@ -1,0 +1,35 @@
+"""chipflow: deep-learning training chips from georeferenced rasters, on Dask.
+
+>>> import chipflow
+>>> result = chipflow.export_training_data(  # doctest: +SKIP
+...     "image.tif", "out/", "buildings.gpkg", metadata_format="PASCAL_VOC_rectangles")
+"""
+
+from .config import ExportConfig
+from .errors import (
+    ChipflowError,
+    ChipflowWarning,
+    InputNotFoundError,
+    InvalidParameterError,
+    LabelError,
+    OutputError,
+    RasterError,
+)
+from .labels import ClassInfo
+from .pipeline import ExportResult, export_training_data
+
+__all__ = [
+    "ChipflowError",
+    "ChipflowWarning",
+    "ClassInfo",
+    "ExportConfig",
+    "ExportResult",
+    "InputNotFoundError",
+    "InvalidParameterError",
+    "LabelError",
+    "OutputError",
+    "RasterError",
+    "export_training_data",
+]
+
+__version__ = "0.1.0"

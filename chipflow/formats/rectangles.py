@@ -1,0 +1,71 @@
+"""Box formats: ``KITTI_rectangles`` and ``PASCAL_VOC_rectangles``.
+
+Both write the numeric class value as the object's class (the consumer looks
+classes up by value and silently drops anything else), boxes as pixel
+coordinates of the feature clipped to the chip, rounded to two decimals.
+"""
+
+from __future__ import annotations
+
+from .base import ChipLabel, LabelFormat
+
+__all__ = ["KittiRectangles", "PascalVocRectangles"]
+
+# KITTI's 15 columns; the 3-D fields are 0.00 because the consumer's tokenizer
+# cannot split negative numbers (KITTI's usual -1/-10/-1000).
+_KITTI_ROW = "{v} 0.00 0 0.00 {x0:.2f} {y0:.2f} {x1:.2f} {y1:.2f} 0.00 0.00 0.00 0.00 0.00 0.00 0.00\n"
+
+_VOC_HEAD = """<?xml version="1.0"?>
+<annotation>
+    <filename>{name}</filename>
+    <source>
+        <annotation>ArcGIS Pro 2.1</annotation>
+    </source>
+    <size>
+        <width>{w}</width>
+        <height>{h}</height>
+        <depth>{d}</depth>
+    </size>
+"""
+_VOC_OBJECT = """    <object>
+        <name>{v}</name>
+        <bndbox>
+            <xmin>{x0:.2f}</xmin>
+            <ymin>{y0:.2f}</ymin>
+            <xmax>{x1:.2f}</xmax>
+            <ymax>{y1:.2f}</ymax>
+        </bndbox>
+    </object>
+"""
+
+
+def _rows(chip: ChipLabel, template: str) -> str:
+    return "".join(
+        template.format(v=int(v), x0=b[0], y0=b[1], x1=b[2], y1=b[3])
+        for v, b in zip(chip.values.tolist(), chip.boxes.tolist(), strict=True)
+    )
+
+
+class KittiRectangles(LabelFormat):
+    """``labels/<stem>.txt``: one 15-column KITTI row per feature."""
+
+    name = "KITTI_rectangles"
+
+    def encode(self, chip: ChipLabel) -> bytes:
+        """KITTI rows for the chip's features (an empty file for none)."""
+        return _rows(chip, _KITTI_ROW).encode()
+
+
+class PascalVocRectangles(LabelFormat):
+    """``labels/<stem>.xml``: a PASCAL VOC annotation as ArcGIS writes it."""
+
+    name = "PASCAL_VOC_rectangles"
+
+    def label_extension(self, image_extension: str) -> str:
+        """Always ``xml``."""
+        return "xml"
+
+    def encode(self, chip: ChipLabel) -> bytes:
+        """The annotation XML (no ``<object>`` for a chip without features)."""
+        head = _VOC_HEAD.format(name=chip.image_name, w=chip.width, h=chip.height, d=chip.depth)
+        return (head + _rows(chip, _VOC_OBJECT) + "</annotation>\n").encode()

@@ -1,0 +1,249 @@
+"""Class data: read once, reprojected, validated, and moved to pixel space.
+
+Features are kept as a shapely array in the raster's *pixel* coordinates
+(column, row; origin at the raster's top-left corner), so a chip's labels are
+just the features clipped to the chip's pixel box, shifted by its offset.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import shapely
+
+from .errors import InputNotFoundError, LabelError
+from .sources import RasterSource
+
+__all__ = ["ClassInfo", "LabelSet", "read_class_data"]
+
+# Distinct, readable class colours (ArcGIS-style [r, g, b]); cycled past 20 classes.
+_PALETTE = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+    (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
+    (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128),
+)
+_VALUE_FIELDS = ("value", "classvalue")
+_NAME_FIELD = "classname"
+_MAX_CLASS_VALUE = 65535
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One class: its integer value (written into labels), name and display colour."""
+
+    value: int
+    name: str
+    color: tuple[int, int, int]
+
+
+@dataclass
+class LabelSet:
+    """The features of one export in raster pixel space (picklable, sent once per worker).
+
+    Attributes
+    ----------
+    geoms : numpy.ndarray
+        shapely geometries in pixel coordinates.
+    class_index : numpy.ndarray
+        int32 index into ``classes`` of each feature.
+    classes : tuple of ClassInfo
+        Sorted by value.
+    pixel_area : float
+        Map units² per pixel, to report feature areas in map units.
+    """
+
+    geoms: np.ndarray
+    class_index: np.ndarray
+    classes: tuple[ClassInfo, ...]
+    pixel_area: float
+    bounds: np.ndarray = field(init=False)
+    areas: np.ndarray = field(init=False)
+    polygonal: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.bounds = shapely.bounds(self.geoms).reshape(-1, 4)
+        self.areas = shapely.area(self.geoms)
+        self.polygonal = np.isin(shapely.get_type_id(self.geoms), (3, 6))
+        self._tree: shapely.STRtree | None = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The tree is rebuilt lazily once per worker, never pickled.
+        return {"geoms": self.geoms, "class_index": self.class_index,
+                "classes": self.classes, "pixel_area": self.pixel_area}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+    def __len__(self) -> int:
+        return len(self.geoms)
+
+    @property
+    def values(self) -> np.ndarray:
+        """Class value of each feature."""
+        return np.array([c.value for c in self.classes], dtype=np.int64)[self.class_index]
+
+    def query(self, window: tuple[float, float, float, float]) -> np.ndarray:
+        """Indices (ascending) of the features whose bounds meet ``(x0, y0, x1, y1)``."""
+        if self._tree is None:
+            with self._lock:
+                if self._tree is None:
+                    self._tree = shapely.STRtree(self.geoms)
+        return np.sort(self._tree.query(shapely.box(*window)))
+
+
+def _read_frame(in_class_data: Any) -> Any:
+    import geopandas as gpd
+
+    if isinstance(in_class_data, gpd.GeoDataFrame):
+        return in_class_data
+    if not isinstance(in_class_data, str | os.PathLike):
+        raise LabelError(
+            f"in_class_data={in_class_data!r} must be a vector file path or a GeoDataFrame"
+        )
+    path = os.fspath(in_class_data)
+    if "://" not in path and not os.path.exists(path):
+        raise InputNotFoundError("in_class_data", path)
+    try:
+        if path.lower().endswith((".parquet", ".geoparquet")):
+            return gpd.read_parquet(path)
+        return gpd.read_file(path, engine="pyogrio", use_arrow=True)
+    except Exception as exc:  # pyogrio/arrow raise many types for unreadable files
+        raise InputNotFoundError("in_class_data", path, f"cannot be read as vector data ({exc})")
+
+
+def _find_field(columns: list[str], wanted: tuple[str, ...]) -> str | None:
+    lower = {c.lower(): c for c in columns}
+    return next((lower[w] for w in wanted if w in lower), None)
+
+
+def _class_values(frame: Any, class_value_field: str | None) -> tuple[np.ndarray, str | None]:
+    columns = [c for c in frame.columns if c != frame.geometry.name]
+    if class_value_field is not None:
+        name = _find_field(columns, (class_value_field.lower(),))
+        if name is None:
+            raise LabelError(
+                f"class_value_field={class_value_field!r} is not a field of in_class_data; "
+                f"its fields are {columns}"
+            )
+    else:
+        name = _find_field(columns, _VALUE_FIELDS)
+        if name is None:
+            return np.ones(len(frame), dtype=np.int64), None
+    column = frame[name]
+    values = np.asarray(column.to_numpy(), dtype=object)
+    try:
+        numeric = values.astype(np.float64)
+    except (TypeError, ValueError):
+        numeric = None
+    if numeric is None or not np.all(np.isfinite(numeric)) or not np.all(numeric == np.round(numeric)):
+        raise LabelError(
+            f"class_value_field={name!r} must hold whole numbers, but it is {column.dtype} "
+            f"(e.g. {values[0]!r}); fields: "
+            + ", ".join(f"{c} ({frame[c].dtype})" for c in columns)
+        )
+    ints = numeric.astype(np.int64)
+    bad = ints[(ints < 1) | (ints > _MAX_CLASS_VALUE)]
+    if bad.size:
+        raise LabelError(
+            f"class_value_field={name!r} holds {int(bad[0])}: class values must be 1..65535 "
+            "(0 is reserved for background/NoData)"
+        )
+    return ints, name
+
+
+def _class_names(frame: Any, values: np.ndarray) -> dict[int, str]:
+    columns = [c for c in frame.columns if c != frame.geometry.name]
+    field_name = _find_field(columns, (_NAME_FIELD,))
+    names: dict[int, str] = {}
+    if field_name is not None:
+        for value, name in zip(values.tolist(), frame[field_name].tolist(), strict=True):
+            if name is not None and str(name).strip() and value not in names:
+                names[value] = str(name).strip()
+    return names
+
+
+def _to_pixels(geoms: np.ndarray, source: RasterSource) -> np.ndarray:
+    inv = ~source.affine
+
+    def apply(xy: np.ndarray) -> np.ndarray:
+        x, y = xy[:, 0], xy[:, 1]
+        return np.column_stack([inv.a * x + inv.b * y + inv.c, inv.d * x + inv.e * y + inv.f])
+
+    return shapely.transform(geoms, apply)
+
+
+def read_class_data(
+    in_class_data: Any, *, class_value_field: str | None, source: RasterSource
+) -> LabelSet:
+    """Read the class data, pick its class field, reproject and repair it.
+
+    Parameters
+    ----------
+    in_class_data : str or geopandas.GeoDataFrame
+        A vector file (GeoPackage, GeoJSON, Shapefile, GeoParquet) or a frame.
+    class_value_field : str, optional
+        The integer class field; without it a ``value`` or ``classvalue`` field
+        (any case) is used, else every feature is class 1.
+    source : RasterSource
+        The raster whose CRS and pixel grid the features are moved to.
+
+    Raises
+    ------
+    InputNotFoundError, LabelError
+        Unreadable data, no CRS, a bad class field, or no feature over the raster.
+    """
+    frame = _read_frame(in_class_data)
+    if frame.crs is None:
+        raise LabelError(
+            f"in_class_data={_describe(in_class_data)} has no coordinate reference system; "
+            "set one (e.g. `gdf.set_crs('EPSG:4326')`, or a .prj next to a shapefile)"
+        )
+    values, _ = _class_values(frame, class_value_field)
+    names = _class_names(frame, values)
+    geoms = frame.geometry.to_crs(source.crs_wkt).to_numpy()
+    invalid = ~shapely.is_valid(geoms) & ~shapely.is_missing(geoms)
+    if invalid.any():
+        geoms = geoms.copy()
+        geoms[invalid] = shapely.make_valid(geoms[invalid], method="structure", keep_collapsed=False)
+    keep = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
+    geoms, values = geoms[keep], values[keep]
+    _check_overlap(geoms, source, in_class_data)
+    class_values = np.unique(values)
+    classes = tuple(
+        ClassInfo(int(v), names.get(int(v), str(int(v))), _PALETTE[i % len(_PALETTE)])
+        for i, v in enumerate(class_values)
+    )
+    a, b, _, d, e, _ = source.transform
+    return LabelSet(
+        geoms=_to_pixels(np.asarray(geoms), source),
+        class_index=np.searchsorted(class_values, values).astype(np.int32),
+        classes=classes,
+        pixel_area=abs(a * e - b * d),
+    )
+
+
+def _describe(in_class_data: Any) -> str:
+    if isinstance(in_class_data, str | os.PathLike):
+        return repr(os.fspath(in_class_data))
+    return f"<{type(in_class_data).__name__} of {len(in_class_data)} features>"
+
+
+def _check_overlap(geoms: np.ndarray, source: RasterSource, in_class_data: Any) -> None:
+    x0, y0 = source.affine * (0, 0)
+    x1, y1 = source.affine * (source.width, source.height)
+    extent = shapely.box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+    if len(geoms) == 0:
+        raise LabelError(f"in_class_data={_describe(in_class_data)} holds no non-empty feature")
+    if not shapely.intersects(geoms, extent).any():
+        gap = float(shapely.distance(geoms, extent).min())
+        raise LabelError(
+            f"in_class_data={_describe(in_class_data)} does not overlap in_raster="
+            f"{source.path!r}: the nearest feature is {gap:.6g} map units (raster CRS) away "
+            f"from the raster's extent {tuple(round(v, 6) for v in extent.bounds)}"
+        )

@@ -1,0 +1,206 @@
+"""One export, end to end: validate → open → plan → map blocks → reduce → metadata."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ._block import Job
+from ._dask import cluster_client, run_blocks
+from .config import NoFeatureTiles, check_against_raster, make_config
+from .encode import ChipEncoder
+from .grid import ChipGrid, plan_blocks
+from .labels import ClassInfo, read_class_data
+from .sources import open_raster
+from .stats import BlockResult, Summary, esri_json
+from .store import Store
+
+__all__ = ["ExportResult", "export_training_data"]
+
+METADATA_FILES = ("esri_model_definition.emd", "esri_accumulated_stats.json", "map.txt", "stats.txt")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export produced.
+
+    Attributes
+    ----------
+    out_folder : str
+        Where the dataset is.
+    num_chips : int
+        Image chips written.
+    num_features : int
+        Feature instances over all chips (a feature in two chips counts twice).
+    classes : tuple of ClassInfo
+        The classes, sorted by value.
+    features_per_class : dict
+        Class name → feature instances.
+    statistics : dict
+        The content of ``esri_accumulated_stats.json``.
+    paths : dict
+        Name → path of ``images``, ``labels`` and each metadata file.
+    elapsed_seconds : float
+        Wall time of the whole call.
+    num_blocks : int
+        Block tasks run.
+    """
+
+    out_folder: str
+    num_chips: int
+    num_features: int
+    classes: tuple[ClassInfo, ...]
+    features_per_class: dict[str, int]
+    statistics: dict[str, Any]
+    paths: dict[str, str]
+    elapsed_seconds: float
+    num_blocks: int
+
+    @property
+    def chips_per_second(self) -> float:
+        """Chips written per second of wall time."""
+        return self.num_chips / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
+
+
+def export_training_data(
+    in_raster: Any,
+    out_folder: Any,
+    in_class_data: Any,
+    *,
+    image_chip_format: str = "TIFF",
+    tile_size_x: int = 256,
+    tile_size_y: int = 256,
+    stride_x: int = 128,
+    stride_y: int = 128,
+    output_nofeature_tiles: str = "ONLY_TILES_WITH_FEATURES",
+    metadata_format: str = "KITTI_rectangles",
+    class_value_field: str | None = None,
+    edge_policy: str = "DROP",
+    overwrite: bool = False,
+    client: Any = None,
+    scheduler: str | None = None,
+    n_workers: int | None = None,
+    on_block: Callable[[Any], None] | None = None,
+) -> ExportResult:
+    """Cut a raster into image chips with labels, as ArcGIS's *Export Training Data For Deep Learning*.
+
+    Parameters
+    ----------
+    in_raster : str
+        A GeoTIFF/COG (any band count; uint8, uint16 or float).
+    out_folder : str
+        The dataset folder to create (must be empty or absent unless ``overwrite``).
+    in_class_data : str or geopandas.GeoDataFrame
+        Vector class data (GeoPackage, GeoJSON, Shapefile, GeoParquet), any CRS.
+    image_chip_format : {"TIFF", "PNG", "JPEG"}
+        Chip format. PNG/JPEG hold at most 3 bands of uint8 and get a world file
+        and a ``.aux.xml`` with the CRS.
+    tile_size_x, tile_size_y : int
+        Chip size in pixels.
+    stride_x, stride_y : int
+        Distance between chips in pixels; below the tile size, chips overlap.
+    output_nofeature_tiles : {"ONLY_TILES_WITH_FEATURES", "ALL_TILES"}
+        Whether chips without any feature are exported.
+    metadata_format : {"KITTI_rectangles", "PASCAL_VOC_rectangles", "Classified_Tiles"}
+        Label format.
+    class_value_field : str, optional
+        Integer class field; default: a ``value`` or ``classvalue`` field, else class 1.
+    edge_policy : {"DROP", "PAD", "SHIFT"}
+        The last partial row/column of chips: see :mod:`chipflow.grid` (chipflow's own).
+    overwrite : bool
+        Replace the contents of a non-empty ``out_folder``.
+    client : distributed.Client, optional
+        Run on this cluster.
+    scheduler : str, optional
+        Address of a Dask scheduler to connect to (``tcp://host:8786``).
+    n_workers : int, optional
+        Worker processes of the local cluster started when neither ``client`` nor
+        ``scheduler`` is given (default: one per core).
+    on_block : callable, optional
+        Called in the client with each block's ``BlockResult`` as it finishes (progress).
+
+    Returns
+    -------
+    ExportResult
+        Counts, statistics and paths. Parameter names and values are ESRI's, and
+        string values are accepted in any case.
+
+    Raises
+    ------
+    chipflow.errors.ChipflowError
+        Bad input, before anything is written; its message names the parameter.
+    """
+    started = time.perf_counter()
+    cfg = make_config(
+        in_raster, out_folder,
+        image_chip_format=image_chip_format, tile_size_x=tile_size_x, tile_size_y=tile_size_y,
+        stride_x=stride_x, stride_y=stride_y, output_nofeature_tiles=output_nofeature_tiles,
+        metadata_format=metadata_format, class_value_field=class_value_field,
+        edge_policy=edge_policy, overwrite=overwrite,
+    )
+    source = open_raster(cfg.in_raster)
+    check_against_raster(cfg, width=source.width, height=source.height, count=source.count,
+                         dtype=source.dtype)
+    labels = read_class_data(in_class_data, class_value_field=cfg.class_value_field, source=source)
+    grid = ChipGrid(source.width, source.height, cfg.tile_size_x, cfg.tile_size_y,
+                    cfg.stride_x, cfg.stride_y, cfg.edge_policy)
+    blocks = plan_blocks(grid, align=source.block_shape)
+    only_with_features = cfg.output_nofeature_tiles is NoFeatureTiles.ONLY_TILES_WITH_FEATURES
+    if only_with_features:  # skip blocks no feature touches before reading a pixel
+        blocks = [b for b in blocks if labels.query(b.window).size]
+    fmt = cfg.label_format
+    image_ext = cfg.image_chip_format.extension
+    store = Store(cfg.out_folder)
+    store.prepare(["images", "labels"], overwrite=cfg.overwrite)
+    job = Job(
+        source=source,
+        grid=grid,
+        store=store,
+        encoder=ChipEncoder(image_ext, source.crs_wkt, source.axis_mapping, source.nodata),
+        metadata_format=fmt.name,
+        label_extension=fmt.label_extension(image_ext),
+        only_with_features=only_with_features,
+        n_classes=len(labels.classes),
+        class_values=tuple(c.value for c in labels.classes),
+    )
+    with cluster_client(client, scheduler, n_workers) as c:
+        merged = run_blocks(c, blocks, job, labels, on_block=on_block)
+    summary = Summary(
+        metadata_format=fmt.name,
+        output_features=fmt.output_features,
+        rasterized=fmt.rasterize,
+        tile_size_x=cfg.tile_size_x,
+        tile_size_y=cfg.tile_size_y,
+        image_extension=image_ext,
+        label_extension=job.label_extension,
+        classes=labels.classes,
+        band_names=source.band_names,
+        cell_size=source.cell_size,
+        epsg=source.epsg,
+        crs_wkt=source.crs_wkt,
+    )
+    statistics = _write_metadata(store, summary, merged)
+    return ExportResult(
+        out_folder=cfg.out_folder,
+        num_chips=merged.num_chips,
+        num_features=int(merged.features_per_class.sum()),
+        classes=labels.classes,
+        features_per_class={c.name: int(n) for c, n in zip(labels.classes, merged.features_per_class,
+                                                           strict=True)},
+        statistics=statistics,
+        paths={name: store.path(name) for name in ("images", "labels", *METADATA_FILES)},
+        elapsed_seconds=time.perf_counter() - started,
+        num_blocks=len(blocks),
+    )
+
+
+def _write_metadata(store: Store, summary: Summary, merged: BlockResult) -> dict[str, Any]:
+    """Write the four metadata files, after every chip; returns the accumulated stats."""
+    statistics = summary.accumulated_stats(merged)
+    store.put("map.txt", summary.map_txt(merged))
+    store.put("stats.txt", summary.stats_txt(merged))
+    store.put("esri_accumulated_stats.json", esri_json(statistics))
+    store.put("esri_model_definition.emd", esri_json(summary.emd(merged)))
+    return statistics
