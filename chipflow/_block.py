@@ -165,7 +165,7 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                 continue
             chip_id = grid.chip_id(row, col)
             stem = f"{chip_id:09d}"
-            transform = a * Affine.translation(cx0, cy0)
+            transform = a @ Affine.translation(cx0, cy0)
             for suffix, data in job.encoder.image(pixels[(slice(None), *sl)], transform):
                 job.store.put(f"images/{stem}{suffix}", data)
             boxes = np.clip(boxes - (cx0, cy0, cx0, cy0), 0, (tx, ty, tx, ty)) + 0.0

@@ -1,0 +1,289 @@
+"""End-to-end exports on real data and on rasters built in code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import shapely
+from affine import Affine
+from conftest import KAMPALA_BUILDINGS, KAMPALA_IMAGE, NC, textured
+from labels_io import chip_ids, read_kitti, read_voc, source_window
+from pyproj import Transformer
+from shapely.geometry import Polygon, box
+
+import chipflow
+
+T = Affine(2.0, 0, 500000.0, 0, -2.0, 4000000.0)  # synthetic rasters: 2 m pixels, EPSG:32633
+
+
+def px_polygon(coords: list[tuple[float, float]]) -> Polygon:
+    """A polygon given in pixel (col, row) coordinates, placed in map coordinates with ``T``."""
+    return Polygon([T * c for c in coords])
+
+
+@pytest.fixture(scope="module")
+def kampala_voc(client, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("kampala") / "voc"
+    chipflow.export_training_data(
+        str(KAMPALA_IMAGE), str(out), str(KAMPALA_BUILDINGS),
+        metadata_format="PASCAL_VOC_rectangles", client=client,
+    )
+    return out
+
+
+def test_every_chip_equals_its_source_window(kampala_voc):
+    ids = chip_ids(kampala_voc)
+    assert ids
+    for i in ids:
+        chip, window = source_window(kampala_voc / "images" / f"{i:09d}.tif", KAMPALA_IMAGE)
+        np.testing.assert_array_equal(chip, window)
+
+
+def test_hand_computed_boxes_including_one_cut_by_the_chip_edge(client, make_raster, tmp_path):
+    raster = make_raster(textured((3, 512, 512)))
+    features = gpd.GeoDataFrame(
+        {"classvalue": [1, 2, 1]},
+        geometry=[
+            px_polygon([(50, 50), (100, 50), (100, 100), (50, 100)]),  # inside chip (0, 0)
+            px_polygon([(200, 10), (300, 10), (200, 60)]),  # triangle cut by x = 256
+            px_polygon([(12.3456, 300), (40, 300), (40, 340.005), (12.3456, 340.005)]),
+        ],
+        crs="EPSG:32633",
+    )
+    for fmt, reader, ext in (("PASCAL_VOC_rectangles", read_voc, "xml"),
+                             ("KITTI_rectangles", read_kitti, "txt")):
+        out = tmp_path / fmt
+        chipflow.export_training_data(raster, out, features, metadata_format=fmt, stride_x=256,
+                                      stride_y=256, client=client)
+        # 2 x 2 chips of 256; ids row * 2 + col.
+        names, boxes = reader(out / "labels" / f"000000000.{ext}")
+        assert names == [1, 2]
+        # The triangle's part left of x=256 is (200,10),(256,10),(256,32),(200,60): y reaches 60.
+        np.testing.assert_allclose(boxes, [[50, 50, 100, 100], [200, 10, 256, 60]])
+        names, boxes = reader(out / "labels" / f"000000001.{ext}")
+        # Right part (256,10),(300,10),(256,32): its own box, not the clipped bbox (y 10..60).
+        assert names == [2]
+        np.testing.assert_allclose(boxes, [[0, 10, 44, 32]])
+        names, boxes = reader(out / "labels" / f"000000002.{ext}")
+        assert names == [1]
+        # 12.3456 rounds to 12.35 (truncation would give 12.34); 340.005 - 256 = 84.005 → 84.01 or 84.00
+        assert boxes[0][0] == 12.35
+        assert boxes[0][2] == 40.0 and boxes[0][1] == 44.0
+        assert not (out / "labels" / f"000000003.{ext}").exists()  # no feature there
+        text = (out / "labels" / f"000000002.{ext}").read_text()
+        assert "12.35" in text and "12.34" not in text
+
+
+def test_all_tiles_count_follows_the_grid_formula(client, tmp_path):
+    with rasterio.open(KAMPALA_IMAGE) as ds:
+        w, h = ds.width, ds.height
+    for tile, stride in ((256, 128), (256, 200), (300, 250)):
+        out = tmp_path / f"t{tile}s{stride}"
+        r = chipflow.export_training_data(
+            KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, tile_size_x=tile, tile_size_y=tile,
+            stride_x=stride, stride_y=stride, output_nofeature_tiles="all_tiles", client=client,
+        )
+        expected = ((w - tile) // stride + 1) * ((h - tile) // stride + 1)
+        assert r.num_chips == expected == len(chip_ids(out))
+
+
+def test_only_tiles_with_features_keeps_exactly_the_chips_a_feature_intersects(client, tmp_path):
+    buildings = gpd.read_file(KAMPALA_BUILDINGS).to_crs(3857)
+    with rasterio.open(KAMPALA_IMAGE) as ds:
+        t, w, h = ds.transform, ds.width, ds.height
+    extent = box(t.c, t.f + h * t.e, t.c + w * t.a, t.f)
+    some = buildings[buildings.intersects(extent)].iloc[::9]  # a sparse subset: some chips empty
+    out = tmp_path / "only"
+    r = chipflow.export_training_data(KAMPALA_IMAGE, out, some, tile_size_x=200, tile_size_y=200,
+                                      stride_x=150, stride_y=150, client=client)
+    n = (1024 - 200) // 150 + 1
+    expected = set()
+    for row in range(n):
+        for col in range(n):
+            x0, y0 = t * (col * 150, row * 150)
+            x1, y1 = t * (col * 150 + 200, row * 150 + 200)
+            chip = box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+            if (shapely.area(shapely.intersection(some.geometry.values, chip)) > 0).any():
+                expected.add(row * n + col)
+    assert 0 < len(expected) < n * n
+    assert set(chip_ids(out)) == expected
+    assert r.num_chips == len(expected)
+
+
+def test_labels_are_reprojected_from_4326(kampala_voc):
+    """A building fully inside chip 0, projected by hand with pyproj."""
+    buildings = gpd.read_file(KAMPALA_BUILDINGS)
+    assert buildings.crs.to_epsg() == 4326
+    with rasterio.open(KAMPALA_IMAGE) as ds:
+        inv = ~ds.transform
+    to_3857 = Transformer.from_crs(4326, 3857, always_xy=True)
+    checked = 0
+    for geom in buildings.geometry:
+        xs, ys = to_3857.transform(*np.array(geom.exterior.coords).T)
+        cols, rows = inv * (np.asarray(xs), np.asarray(ys))
+        row, col = int(rows.min() // 128), int(cols.min() // 128)
+        x0, y0 = col * 128, row * 128
+        if rows.min() < 0 or cols.min() < 0 or rows.max() > y0 + 256 or cols.max() > x0 + 256:
+            continue  # not fully inside one chip
+        if row > 6 or col > 6:
+            continue
+        expected = np.round([cols.min() - x0, rows.min() - y0, cols.max() - x0, rows.max() - y0], 2)
+        _, boxes = read_voc(kampala_voc / "labels" / f"{row * 7 + col:09d}.xml")
+        assert np.abs(boxes - expected).max(axis=1).min() <= 0.011
+        checked += 1
+    assert checked >= 20
+
+
+def test_metadata_files_agree_with_the_files(kampala_voc):
+    out = kampala_voc
+    ids = chip_ids(out)
+    lines = (out / "map.txt").read_text().splitlines(keepends=True)
+    assert len(lines) == len(ids)
+    assert lines[0] == f"images\\{ids[0]:09d}.tif  labels\\{ids[0]:09d}.xml \n"
+    for line in lines:
+        image, label = line.split()
+        assert (out / image.replace("\\", "/")).exists() and (out / label.replace("\\", "/")).exists()
+    stats = json.loads((out / "esri_accumulated_stats.json").read_text())
+    emd = json.loads((out / "esri_model_definition.emd").read_text())
+    assert stats["MetaDataMode"] == emd["MetaDataMode"] == "PASCAL_VOC_rectangles"
+    assert stats["NumTiles"] == len(ids)
+    n_objects = sum(len(read_voc(out / "labels" / f"{i:09d}.xml")[0]) for i in ids)
+    assert stats["FeatureStats"]["NumFeaturesPerClass"] == [n_objects]
+    assert stats["FeatureStats"]["NumImagesPerClass"] == [len(ids)]
+    assert emd["Classes"] == [{"Value": 1, "Name": "1", "Color": emd["Classes"][0]["Color"]}]
+    assert len(emd["Classes"][0]["Color"]) == 3
+    assert ' : ' in (out / "esri_model_definition.emd").read_text()
+    # AllTilesStats: exact statistics of the exported chips' pixels (overlaps counted per chip).
+    pixels = np.stack([rasterio.open(out / "images" / f"{i:09d}.tif").read() for i in ids])
+    for b, band in enumerate(emd["AllTilesStats"]):
+        values = pixels[:, b].astype(np.float64)
+        assert band["Min"] == values.min() and band["Max"] == values.max()
+        assert band["Mean"] == pytest.approx(values.mean(), rel=1e-12)
+        assert band["StdDev"] == pytest.approx(values.std(), rel=1e-12)
+    assert (out / "stats.txt").read_text().startswith(f"images = {len(ids)} *3*256*256")
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_one_and_two_workers_give_identical_trees(client, kampala_voc, tmp_path):
+    from distributed import Client, LocalCluster
+
+    out = tmp_path / "one"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as c1, \
+         Client(c1) as one:
+        chipflow.export_training_data(str(KAMPALA_IMAGE), str(out), str(KAMPALA_BUILDINGS),
+                                      metadata_format="PASCAL_VOC_rectangles", client=one)
+    a, b = _tree(out), _tree(kampala_voc)
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_classified_tiles_match_an_independent_rasterization(client, make_raster, tmp_path):
+    from rasterio.features import rasterize
+
+    nodata = 0
+    data = textured((3, 512, 512)) | 1  # no accidental nodata
+    data[:, 400:, :100] = nodata  # a nodata corner: label 0 there
+    raster = make_raster(data, nodata=nodata)
+    features = gpd.GeoDataFrame(
+        {"Value": [3, 7], "ClassName": ["roof", "pool"]},
+        geometry=[px_polygon([(20, 20), (300, 20), (300, 200), (20, 200)]),
+                  px_polygon([(10, 380), (120, 380), (120, 500), (10, 500)])],
+        crs="EPSG:32633",
+    )
+    out = tmp_path / "ct"
+    r = chipflow.export_training_data(raster, out, features, metadata_format="classified_tiles",
+                                      output_nofeature_tiles="ALL_TILES", client=client)
+    assert [c.name for c in r.classes] == ["roof", "pool"]
+    total = np.zeros(2, np.int64)
+    for i in chip_ids(out):
+        with rasterio.open(out / "labels" / f"{i:09d}.tif") as lab:
+            mask = lab.read(1)
+            expected = rasterize(zip(features.geometry, features["Value"]), out_shape=mask.shape,
+                                 transform=lab.transform, dtype=mask.dtype)
+        chip, _ = source_window(out / "images" / f"{i:09d}.tif", raster)
+        expected[(chip == nodata).all(axis=0)] = 0
+        np.testing.assert_array_equal(mask, expected)
+        total += [(mask == 3).sum(), (mask == 7).sum()]
+    stats = json.loads((out / "esri_accumulated_stats.json").read_text())
+    assert stats["ClassPixelStats"]["NumPixelsPerClass"] == total.tolist()
+    emd = json.loads((out / "esri_model_definition.emd").read_text())
+    assert [c["Value"] for c in emd["Classes"]] == [3, 7]
+
+
+def test_chips_entirely_nodata_are_not_exported(client, make_raster, tmp_path):
+    data = textured((1, 512, 512), "uint16") + 1
+    data[:, :256, :256] = 0  # chip (0, 0) at stride 256 is all nodata
+    raster = make_raster(data, nodata=0)
+    features = gpd.GeoDataFrame(geometry=[box(*T * (0, 512), *T * (512, 0))], crs="EPSG:32633")
+    out = tmp_path / "nd"
+    r = chipflow.export_training_data(raster, out, features, stride_x=256, stride_y=256,
+                                      output_nofeature_tiles="ALL_TILES", client=client)
+    assert chip_ids(out) == [1, 2, 3] and r.num_chips == 3
+    emd = json.loads((out / "esri_model_definition.emd").read_text())
+    valid = data[0][data[0] != 0].astype(float)
+    assert emd["AllTilesStats"][0]["Min"] == valid.min()
+    assert emd["AllTilesStats"][0]["Mean"] == pytest.approx(valid.mean(), rel=1e-12)
+
+
+def test_multiband_float_raster_with_nodata_keeps_dtype_and_values(client, tmp_path):
+    out = tmp_path / "nc"
+    r = chipflow.export_training_data(
+        NC / "landsat_multiband.tif", out, NC / "landsat96_polygons.shp", class_value_field="ID",
+        metadata_format="PASCAL_VOC_rectangles", tile_size_x=64, tile_size_y=64, stride_x=64,
+        stride_y=64, client=client,
+    )
+    assert r.num_chips > 0 and len(r.classes) == 7
+    for i in chip_ids(out):
+        chip, window = source_window(out / "images" / f"{i:09d}.tif", NC / "landsat_multiband.tif")
+        assert chip.dtype == np.float32 and chip.shape[0] == 5
+        np.testing.assert_array_equal(chip, window)
+    with rasterio.open(out / "images" / f"{chip_ids(out)[0]:09d}.tif") as ds:
+        assert ds.nodata == -99999
+    emd = json.loads((out / "esri_model_definition.emd").read_text())
+    assert all(b["Min"] > 0 for b in emd["AllTilesStats"])  # -99999 ignored
+
+
+@pytest.mark.parametrize("fmt,ext,world", [("PNG", "png", "pgw"), ("JPEG", "jpg", "jgw")])
+def test_png_and_jpeg_chips_are_placed_by_world_file_and_aux_xml(client, tmp_path, fmt, ext, world):
+    out = tmp_path / fmt
+    chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, image_chip_format=fmt,
+                                  stride_x=256, stride_y=256, client=client)
+    ids = chip_ids(out, ext)
+    assert ids
+    with rasterio.open(KAMPALA_IMAGE) as src:
+        for i in ids:
+            row, col = divmod(i, 4)
+            assert (out / "images" / f"{i:09d}.{world}").exists()
+            assert (out / "images" / f"{i:09d}.{ext}.aux.xml").exists()
+            with rasterio.open(out / "images" / f"{i:09d}.{ext}") as chip:
+                assert chip.crs == src.crs
+                assert chip.transform.almost_equals(src.transform @ Affine.translation(col * 256, row * 256))
+                if fmt == "PNG":
+                    window = rasterio.windows.Window(col * 256, row * 256, 256, 256)
+                    np.testing.assert_array_equal(chip.read(), src.read(window=window))
+    assert (out / "map.txt").read_text().startswith(f"images\\{ids[0]:09d}.{ext}  labels\\")
+
+
+@pytest.mark.parametrize("policy,rows,cols", [("DROP", 1, 2), ("PAD", 2, 3), ("SHIFT", 2, 3)])
+def test_edge_policies(client, make_raster, tmp_path, policy, rows, cols):
+    data = textured((2, 300, 600), "uint16")
+    raster = make_raster(data, nodata=None)
+    features = gpd.GeoDataFrame(geometry=[box(*T * (0, 300), *T * (600, 0))], crs="EPSG:32633")
+    out = tmp_path / policy
+    r = chipflow.export_training_data(raster, out, features, tile_size_x=256, tile_size_y=256,
+                                      stride_x=256, stride_y=256, edge_policy=policy, client=client)
+    assert r.num_chips == rows * cols  # 300 x 600 pixels in chips of 256
+    for i in chip_ids(out):
+        chip, window = source_window(out / "images" / f"{i:09d}.tif", raster)
+        np.testing.assert_array_equal(chip, window)  # PAD: zero fill beyond the edge
+    _, boxes = read_kitti(out / "labels" / f"{cols - 1:09d}.txt")  # last chip of row 0
+    width = {"DROP": 256, "PAD": 600 - 512, "SHIFT": 256}[policy]
+    np.testing.assert_allclose(boxes, [[0, 0, width, 256]])
