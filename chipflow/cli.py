@@ -22,8 +22,9 @@ from .pipeline import export_training_data
 __all__ = ["main"]
 
 
-def _choice(values: list[str]) -> click.Choice:
-    return click.Choice(values, case_sensitive=False)
+def _values(values: list[str]) -> str:
+    """Help text listing ESRI values (validated, case-insensitively, by the library)."""
+    return "One of " + ", ".join(values) + " (any case)."
 
 
 @click.group()
@@ -36,19 +37,19 @@ def main() -> None:
 @click.argument("in_raster")
 @click.argument("out_folder")
 @click.option("--in-class-data", required=True, help="Vector class data (GPKG, GeoJSON, SHP, Parquet).")
-@click.option("--image-chip-format", type=_choice([f.value for f in ImageChipFormat]),
-              default="TIFF", show_default=True)
+@click.option("--image-chip-format", default="TIFF", show_default=True,
+              help=_values([f.value for f in ImageChipFormat]))
 @click.option("--tile-size-x", type=int, default=256, show_default=True)
 @click.option("--tile-size-y", type=int, default=256, show_default=True)
 @click.option("--stride-x", type=int, default=128, show_default=True)
 @click.option("--stride-y", type=int, default=128, show_default=True)
-@click.option("--output-nofeature-tiles", type=_choice([f.value for f in NoFeatureTiles]),
-              default="ONLY_TILES_WITH_FEATURES", show_default=True)
-@click.option("--metadata-format", type=_choice(formats.names()), default="KITTI_rectangles",
-              show_default=True)
+@click.option("--output-nofeature-tiles", default="ONLY_TILES_WITH_FEATURES", show_default=True,
+              help=_values([f.value for f in NoFeatureTiles]))
+@click.option("--metadata-format", default="KITTI_rectangles", show_default=True,
+              help=_values(formats.names()))
 @click.option("--class-value-field", default=None, help="Integer class field (default: value/classvalue).")
-@click.option("--edge-policy", type=_choice([e.value for e in EdgePolicy]), default="DROP",
-              show_default=True, help="Last partial row/column of chips: drop, pad or shift.")
+@click.option("--edge-policy", default="DROP", show_default=True,
+              help="Last partial row/column of chips. " + _values([e.value for e in EdgePolicy]))
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty OUT_FOLDER.")
 @click.option("--scheduler", default=None, help="Dask scheduler address (default: a local cluster).")
 @click.option("--n-workers", type=int, default=None, help="Local cluster worker processes (default: cores).")

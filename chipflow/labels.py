@@ -114,7 +114,9 @@ def _read_frame(in_class_data: Any) -> Any:
             return gpd.read_parquet(path)
         return gpd.read_file(path, engine="pyogrio", use_arrow=True)
     except Exception as exc:  # pyogrio/arrow raise many types for unreadable files
-        raise InputNotFoundError("in_class_data", path, f"cannot be read as vector data ({exc})")
+        raise InputNotFoundError(
+            "in_class_data", path, f"cannot be read as vector data ({exc})"
+        ) from None
 
 
 def _find_field(columns: list[str], wanted: tuple[str, ...]) -> str | None:

@@ -260,7 +260,7 @@ class Summary:
         return out
 
     def map_txt(self, r: BlockResult) -> bytes:
-        """``map.txt``: one ``images\\<stem>.<ext>  labels\\<stem>.<ext> `` line per chip."""
+        r"""``map.txt``: one ``images\\<stem>.<ext>  labels\\<stem>.<ext> `` line per chip."""
         ie, le = self.image_extension, self.label_extension
         return "".join(
             f"images\\{i:09d}.{ie}  labels\\{i:09d}.{le} \n" for i in np.sort(r.chip_ids).tolist()

@@ -206,7 +206,7 @@ def test_classified_tiles_match_an_independent_rasterization(client, make_raster
     for i in chip_ids(out):
         with rasterio.open(out / "labels" / f"{i:09d}.tif") as lab:
             mask = lab.read(1)
-            expected = rasterize(zip(features.geometry, features["Value"]), out_shape=mask.shape,
+            expected = rasterize(zip(features.geometry, features["Value"], strict=True), out_shape=mask.shape,
                                  transform=lab.transform, dtype=mask.dtype)
         chip, _ = source_window(out / "images" / f"{i:09d}.tif", raster)
         expected[(chip == nodata).all(axis=0)] = 0

@@ -1,0 +1,134 @@
+import pickle
+
+import geopandas as gpd
+import numpy as np
+import pytest
+from conftest import KAMPALA_BUILDINGS, KAMPALA_IMAGE, NC, textured
+from shapely.geometry import box
+
+import chipflow
+from chipflow.config import ImageChipFormat, NoFeatureTiles, make_config
+from chipflow.errors import ChipflowError, InvalidParameterError
+from chipflow.labels import read_class_data
+from chipflow.sources import open_raster
+
+
+def test_esri_values_are_accepted_in_any_case_and_as_strings():
+    cfg = make_config("in.tif", "out", image_chip_format="png", tile_size_x="512",
+                      stride_y=" 64 ", output_nofeature_tiles="all_tiles",
+                      metadata_format="pascal_voc_RECTANGLES")
+    assert cfg.image_chip_format is ImageChipFormat.PNG
+    assert (cfg.tile_size_x, cfg.tile_size_y, cfg.stride_x, cfg.stride_y) == (512, 256, 128, 64)
+    assert cfg.output_nofeature_tiles is NoFeatureTiles.ALL_TILES
+    assert cfg.metadata_format == "PASCAL_VOC_rectangles"
+
+
+def test_defaults_are_the_esri_tools():
+    cfg = make_config("in.tif", "out")
+    assert cfg.to_dict() | {"in_raster": 0, "out_folder": 0} == {
+        "in_raster": 0, "out_folder": 0, "image_chip_format": "TIFF", "tile_size_x": 256,
+        "tile_size_y": 256, "stride_x": 128, "stride_y": 128,
+        "output_nofeature_tiles": "ONLY_TILES_WITH_FEATURES", "metadata_format": "KITTI_rectangles",
+        "class_value_field": None, "edge_policy": "DROP", "overwrite": False,
+    }
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"tile_size_x": 0}, r"tile_size_x=0.*>= 1"),
+        ({"stride_y": -5}, r"stride_y=-5"),
+        ({"stride_x": 2.5}, r"stride_x=2.5"),
+        ({"tile_size_y": "abc"}, r"tile_size_y='abc'"),
+        ({"image_chip_format": "GIF"}, r"image_chip_format='GIF'.*TIFF, PNG, JPEG"),
+        ({"metadata_format": "YOLO9000"}, r"metadata_format='YOLO9000'.*Classified_Tiles, KITTI_rectangles"),
+        ({"output_nofeature_tiles": "SOME"}, r"output_nofeature_tiles='SOME'.*ALL_TILES"),
+        ({"edge_policy": "wrap"}, r"edge_policy='wrap'.*DROP, PAD, SHIFT"),
+    ],
+)
+def test_bad_parameters_name_the_parameter_and_value(kwargs, match):
+    with pytest.raises(InvalidParameterError, match=match) as info:
+        make_config("in.tif", "out", **kwargs)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, ChipflowError)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"image_chip_format": "PNG"}, r"image_chip_format='PNG'.*raster has 5"),
+        ({"tile_size_x": 600}, r"tile_size_x=600.*larger than the raster \(489 x 443"),
+    ],
+)
+def test_raster_dependent_errors_come_before_any_output(tmp_path, kwargs, match):
+    out = tmp_path / "never"
+    with pytest.raises(InvalidParameterError, match=match):
+        chipflow.export_training_data(NC / "landsat_multiband.tif", out,
+                                      NC / "landsat96_polygons.shp", **kwargs)
+    assert not out.exists()
+
+
+def test_jpeg_of_uint16_is_refused(make_raster, tmp_path):
+    raster = make_raster(textured((3, 300, 300), "uint16"))
+    with pytest.raises(InvalidParameterError, match=r"8-bit data only but the raster is uint16"):
+        chipflow.export_training_data(raster, tmp_path / "o", KAMPALA_BUILDINGS,
+                                      image_chip_format="JPEG")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_inputs_and_bad_class_field(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"in_raster='nope.tif'"):
+        chipflow.export_training_data("nope.tif", tmp_path / "o", KAMPALA_BUILDINGS)
+    with pytest.raises(FileNotFoundError, match=r"in_class_data='nope.gpkg'"):
+        chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "o", "nope.gpkg")
+    with pytest.raises(ValueError, match=r"class_value_field='klass'.*fields are \['osm_id'\]"):
+        chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "o", KAMPALA_BUILDINGS,
+                                      class_value_field="klass")
+    with pytest.raises(ValueError, match=r"class_value_field='label' must hold whole numbers"):
+        chipflow.export_training_data(NC / "landsat_multiband.tif", tmp_path / "o",
+                                      NC / "landsat96_polygons.shp", class_value_field="label")
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_empty_out_folder_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(chipflow.OutputError, match=r"out_folder=.*is not empty.*overwrite=True"):
+        chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_class_field_detection_names_and_repair():
+    source = open_raster(str(KAMPALA_IMAGE))
+    # No value field: every feature is class 1, named "1".
+    labels = read_class_data(str(KAMPALA_BUILDINGS), class_value_field=None, source=source)
+    assert [(c.value, c.name) for c in labels.classes] == [(1, "1")]
+    frame = gpd.read_file(KAMPALA_BUILDINGS).iloc[:4].copy()
+    frame["CLASSVALUE"] = [2, 5, 2, 5]
+    frame["ClassName"] = ["hut", "tower", "hut", "tower"]
+    bowtie = gpd.GeoSeries.from_wkt(["POLYGON ((0 0, 1 1, 1 0, 0 1, 0 0))"], crs=4326)
+    x0, y0, x1, y1 = frame.total_bounds
+    frame.loc[3, "geometry"] = gpd.GeoSeries(bowtie).scale(x1 - x0, y1 - y0, origin=(0, 0)).translate(x0, y0).iloc[0]
+    frame.loc[2, "geometry"] = None
+    labels = read_class_data(frame, class_value_field=None, source=source)
+    assert [(c.value, c.name) for c in labels.classes] == [(2, "hut"), (5, "tower")]
+    assert len(labels) == 3  # the empty one dropped
+    import shapely
+    assert shapely.is_valid(labels.geoms).all()  # the bow-tie repaired
+    assert labels.values.tolist() == [2, 5, 5]
+    relabelled = pickle.loads(pickle.dumps(labels))
+    b = labels.bounds
+    inside = np.flatnonzero((b[:, 0] <= 1024) & (b[:, 1] <= 1024) & (b[:, 2] >= 0) & (b[:, 3] >= 0))
+    assert inside.size and relabelled.query((0, 0, 1024, 1024)).tolist() == inside.tolist()
+
+
+def test_class_data_without_crs_or_overlap_is_refused():
+    source = open_raster(str(KAMPALA_IMAGE))
+    frame = gpd.GeoDataFrame(geometry=[box(0, 0, 1, 1)])
+    with pytest.raises(chipflow.LabelError, match="no coordinate reference system"):
+        read_class_data(frame, class_value_field=None, source=source)
+    far = gpd.GeoDataFrame(geometry=[box(3627854.0 + 1000, 38753.0, 3627854.0 + 1010, 38763.0)],
+                           crs=3857)
+    with pytest.raises(chipflow.LabelError, match=r"does not overlap.*923.3\d* map units"):
+        read_class_data(far, class_value_field=None, source=source)
+    assert np.isfinite(source.cell_size).all()
