@@ -53,33 +53,77 @@ def _valid_mask(pixels: np.ndarray, nodata: float | None) -> np.ndarray | None:
     return valid
 
 
-def _band_moments(pixels: np.ndarray, valid: np.ndarray | None, weights: np.ndarray) -> tuple:
-    """Per-band n, mean, M2, min, max over pixels weighted by how many chips hold them."""
-    n_bands = pixels.shape[0]
-    covered = weights > 0
+def _cell_starts(offsets: np.ndarray, tile: int, size: int) -> np.ndarray:
+    """Start of each cell along one axis: the pieces that chip edges cut the block into."""
+    edges = np.unique(np.concatenate([offsets, offsets + tile, [0]]))
+    return edges[(edges >= 0) & (edges < size)]
+
+
+def _cell_sums(values: np.ndarray, ys: np.ndarray, xs: np.ndarray, ufunc: np.ufunc = np.add,
+               dtype: type | None = None) -> np.ndarray:
+    """Reduce ``values`` (h, w) over the cells cut at row starts ``ys`` and column starts ``xs``."""
+    bounds = np.append(ys, values.shape[0])
+    rows = np.stack([ufunc.reduce(values[a:b], axis=0, dtype=dtype)
+                     for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    return ufunc.reduceat(rows, xs, axis=1)
+
+
+def _band_moments(pixels: np.ndarray, valid: np.ndarray | None, chips: list[tuple[int, int]],
+                  tile: tuple[int, int]) -> tuple:
+    """Per-band n, mean, M2, min, max of the exported chips' pixels (overlaps counted per chip).
+
+    The block is cut into cells by the chips' edges; all pixels of a cell are in
+    the same chips, so one pass of cell sums, weighted by each cell's chip count,
+    gives the statistics of all chips at once. Integer data is summed exactly.
+    """
+    n_bands, h, w = pixels.shape
+    ty, tx = tile
+    cy0 = np.array([c[0] for c in chips])
+    cx0 = np.array([c[1] for c in chips])
+    ys, xs = _cell_starts(np.unique(cy0), ty, h), _cell_starts(np.unique(cx0), tx, w)
+    weight = np.zeros((len(ys), len(xs)), np.int64)
+    for y0, x0 in chips:  # chips covering each cell
+        weight[np.searchsorted(ys, y0):np.searchsorted(ys, y0 + ty),
+               np.searchsorted(xs, x0):np.searchsorted(xs, x0 + tx)] += 1
+    covered = weight > 0
+    heights = np.diff(np.append(ys, h))
+    widths = np.diff(np.append(xs, w))
     n = np.zeros(n_bands, np.int64)
     mean, m2 = np.zeros(n_bands), np.zeros(n_bands)
     vmin, vmax = np.full(n_bands, np.inf), np.full(n_bands, -np.inf)
-    exact = pixels.dtype.kind in "ub"
+    kind, size = pixels.dtype.kind, pixels.dtype.itemsize
+    exact = kind in "uib" and size <= 2
+    wide = np.int32 if kind == "i" else (np.uint16 if size == 1 else np.uint32)
     for i in range(n_bands):
         band = pixels[i]
-        w = weights if valid is None else weights * valid[i]
-        total = int(w.sum(dtype=np.int64))
+        if valid is None:
+            count = np.outer(heights, widths)
+            lo_band = hi_band = data = band
+        else:
+            count = _cell_sums(valid[i].view(np.uint8), ys, xs, dtype=np.int64)
+            data = np.where(valid[i], band, 0)
+            lo_band = np.where(valid[i], band, np.inf if kind == "f" else np.iinfo(band.dtype).max)
+            hi_band = np.where(valid[i], band, -np.inf if kind == "f" else np.iinfo(band.dtype).min)
+        total = int((weight * count).sum())
         if total == 0:
             continue
-        sel = covered if valid is None else (covered & valid[i])
-        vals = band[sel]
-        vmin[i], vmax[i] = vals.min(), vals.max()
-        if exact:  # integer sums are exact: mean and M2 without cancellation error
-            s = int((w.astype(np.int64) * band).sum(dtype=np.int64))
-            ss = int((w.astype(np.int64) * band.astype(np.int64) ** 2).sum(dtype=np.int64))
+        has = covered & (count > 0)
+        vmin[i] = _cell_sums(lo_band, ys, xs, np.minimum)[has].min()
+        vmax[i] = _cell_sums(hi_band, ys, xs, np.maximum)[has].max()
+        if exact:  # integer sums (Python ints): mean and M2 without rounding error
+            wobj = weight.astype(object)
+            s = int((wobj * _cell_sums(data, ys, xs, dtype=np.int64).astype(object)).sum())
+            sq = data.astype(wide) ** 2
+            ss = int((wobj * _cell_sums(sq, ys, xs, dtype=np.int64).astype(object)).sum())
             mean[i] = s / total
             m2[i] = (total * ss - s * s) / total
-        else:
-            wf = w.astype(np.float64)
-            bf = np.where(w > 0, band, 0).astype(np.float64)
-            mean[i] = float((wf * bf).sum() / total)
-            m2[i] = float((wf * (bf - mean[i]) ** 2).sum())
+        else:  # two passes in float64
+            f = data.astype(np.float64)
+            mean[i] = float((weight * _cell_sums(f, ys, xs)).sum() / total)
+            dev = (f - mean[i]) ** 2
+            if valid is not None:
+                dev[~valid[i]] = 0
+            m2[i] = float((weight * _cell_sums(dev, ys, xs)).sum())
         n[i] = total
     return n, mean, m2, vmin, vmax
 
@@ -147,8 +191,8 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
         if any_valid is not None:
             mask[~any_valid] = 0
     result = BlockResult(job.n_classes, src.count)
-    weights = np.zeros(pixels.shape[1:], np.int32)
     ids: list[int] = []
+    exported: list[tuple[int, int]] = []  # chip origins in block pixels
     xs, ys = grid.xs, grid.ys
     tx, ty = grid.tile_x, grid.tile_y
     a = src.affine
@@ -184,14 +228,13 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
             if chip_mask is not None:
                 counts = np.bincount(chip_mask.ravel(), minlength=int(class_values.max()) + 1)
                 result.add_chip_pixels(counts[class_values[1:]])
-            weights[sl] += 1
+            exported.append((cy0 - by0, cx0 - bx0))
             ids.append(chip_id)
     result.chip_ids = np.asarray(ids, np.int64)
-    if inside != block.window:  # padding is not data
-        keep = np.zeros_like(weights)
-        iy, ix = np.s_[inside[1] - by0:inside[3] - by0], np.s_[inside[0] - bx0:inside[2] - bx0]
-        keep[iy, ix] = weights[iy, ix]
-        weights = keep
     if ids:
-        result.add_band_moments(*_band_moments(pixels, valid, weights))
+        if inside != block.window:  # padding is not data
+            pad = np.zeros(pixels.shape, bool) if valid is None else ~valid
+            pad[:, ~any_valid] = True
+            valid = ~pad
+        result.add_band_moments(*_band_moments(pixels, valid, exported, (ty, tx)))
     return result
