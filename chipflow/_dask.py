@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from ._block import Job, process_block
 from .grid import Block
 from .labels import LabelSet
+from .progress import Progress
 from .stats import BlockResult, merge_all
 
 __all__ = ["cluster_client", "run_blocks"]
@@ -51,7 +52,7 @@ def run_blocks(
     job: Job,
     labels: LabelSet,
     *,
-    on_block: Callable[[BlockResult], None] | None = None,
+    progress: Progress | None = None,
 ) -> BlockResult:
     """Run one task per block and tree-merge their results on the cluster.
 
@@ -78,9 +79,16 @@ def run_blocks(
             for i in range(0, len(level), SPLIT_EVERY)
         ]
         depth += 1
-    if on_block is not None:
-        for future in as_completed(futures):
-            on_block(future.result())
+    if progress is not None:
+        progress.start(blocks=len(blocks), chips=sum(b.n_chips for b in blocks),
+                       dashboard=getattr(client, "dashboard_link", None))
+        planned = {f.key: b.n_chips for f, b in zip(futures, blocks, strict=True)}
+        try:
+            for future in as_completed(futures):
+                progress.update(chips_written=future.result().num_chips,
+                                chips_planned=planned[future.key])
+        finally:
+            progress.finish()
     result = level[0].result()
     del futures, level, labels_future
     return result

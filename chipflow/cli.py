@@ -18,6 +18,7 @@ from .config import ImageChipFormat, NoFeatureTiles
 from .errors import ChipflowError
 from .grid import EdgePolicy
 from .pipeline import export_training_data
+from .progress import RichProgress
 
 __all__ = ["main"]
 
@@ -59,7 +60,8 @@ def export(in_raster: str, out_folder: str, quiet: bool, **kwargs: Any) -> None:
     in_class_data = kwargs.pop("in_class_data")
     started = time.perf_counter()
     try:
-        result = export_training_data(in_raster, out_folder, in_class_data, **kwargs)
+        result = export_training_data(in_raster, out_folder, in_class_data,
+                                      progress=None if quiet else RichProgress(), **kwargs)
     except ChipflowError as exc:
         click.echo(f"chipflow: error: {exc}", err=True)
         sys.exit(2)

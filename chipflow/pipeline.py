@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +12,7 @@ from .config import NoFeatureTiles, check_against_raster, make_config
 from .encode import ChipEncoder
 from .grid import ChipGrid, plan_blocks
 from .labels import ClassInfo, read_class_data
+from .progress import Progress
 from .sources import open_raster
 from .stats import BlockResult, Summary, esri_json
 from .store import Store
@@ -82,7 +82,7 @@ def export_training_data(
     client: Any = None,
     scheduler: str | None = None,
     n_workers: int | None = None,
-    on_block: Callable[[Any], None] | None = None,
+    progress: Progress | None = None,
 ) -> ExportResult:
     """Cut a raster into image chips with labels, as ArcGIS's *Export Training Data For Deep Learning*.
 
@@ -118,8 +118,9 @@ def export_training_data(
     n_workers : int, optional
         Worker processes of the local cluster started when neither ``client`` nor
         ``scheduler`` is given (default: one per core).
-    on_block : callable, optional
-        Called in the client with each block's ``BlockResult`` as it finishes (progress).
+    progress : chipflow.progress.Progress, optional
+        Told when the run starts and as each block finishes (the CLI passes a
+        live progress bar).
 
     Returns
     -------
@@ -166,7 +167,7 @@ def export_training_data(
         class_values=tuple(c.value for c in labels.classes),
     )
     with cluster_client(client, scheduler, n_workers) as c:
-        merged = run_blocks(c, blocks, job, labels, on_block=on_block)
+        merged = run_blocks(c, blocks, job, labels, progress=progress)
     summary = Summary(
         metadata_format=fmt.name,
         output_features=fmt.output_features,

@@ -17,6 +17,7 @@ def test_export_prints_a_summary_and_writes_the_dataset(client, tmp_path):
     ])
     assert res.exit_code == 0, res.output
     assert "chips               9" in res.output and "chips/s" in res.output and str(out) in res.output
+    assert "9/9" in res.stderr and "Dask dashboard: http" in res.stderr  # the progress bar
     stats = json.loads((out / "esri_accumulated_stats.json").read_text())
     assert stats["NumTiles"] == 9 and stats["TileSizeX"] == 512
 

@@ -1,0 +1,61 @@
+"""Progress reporting for long exports: a tiny protocol and a terminal progress bar."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Protocol
+
+__all__ = ["Progress", "RichProgress"]
+
+
+class Progress(Protocol):
+    """What :func:`chipflow.export_training_data` tells a progress reporter."""
+
+    def start(self, *, blocks: int, chips: int, dashboard: str | None) -> None:
+        """The run starts: ``chips`` is the most it can write (before skipping empty chips)."""
+
+    def update(self, *, chips_written: int, chips_planned: int) -> None:
+        """One block finished, having written ``chips_written`` of its ``chips_planned``."""
+
+    def finish(self) -> None:
+        """The run ended (successfully or not)."""
+
+
+class RichProgress:
+    """A live bar on stderr: chips done/total, chips/s, ETA, and the Dask dashboard link."""
+
+    def __init__(self, console: Any = None):
+        from rich.console import Console
+
+        self.console = console or Console(file=sys.stderr)
+        self._bar: Any = None
+        self._task: Any = None
+        self._written = 0
+        self._started = 0.0
+
+    def start(self, *, blocks: int, chips: int, dashboard: str | None) -> None:
+        """Print the dashboard link and open the bar."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        if dashboard:
+            self.console.print(f"Dask dashboard: {dashboard}")
+        self._bar = Progress(
+            TextColumn("chips"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:>8.1f} chips/s"), TimeRemainingColumn(),
+            console=self.console, transient=False,
+        )
+        self._task = self._bar.add_task("export", total=chips, rate=0.0)
+        self._started = time.perf_counter()
+        self._bar.start()
+
+    def update(self, *, chips_written: int, chips_planned: int) -> None:
+        """Advance by the block's planned chips; the rate counts chips actually written."""
+        self._written += chips_written
+        rate = self._written / max(time.perf_counter() - self._started, 1e-9)
+        self._bar.update(self._task, advance=chips_planned, rate=rate)
+
+    def finish(self) -> None:
+        """Close the bar."""
+        if self._bar is not None:
+            self._bar.stop()
