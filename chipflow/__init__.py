@@ -5,6 +5,7 @@
 ...     "image.tif", "out/", "buildings.gpkg", metadata_format="PASCAL_VOC_rectangles")
 """
 
+from ._version import __version__
 from .config import ExportConfig
 from .errors import (
     ChipflowError,
@@ -19,6 +20,7 @@ from .labels import ClassInfo
 from .pipeline import ExportResult, export_training_data
 
 __all__ = [
+    "__version__",
     "ChipflowError",
     "ChipflowWarning",
     "ClassInfo",
@@ -32,4 +34,3 @@ __all__ = [
     "export_training_data",
 ]
 
-__version__ = "0.1.0"

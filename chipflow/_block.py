@@ -237,4 +237,5 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
             pad[:, ~any_valid] = True
             valid = ~pad
         result.add_band_moments(*_band_moments(pixels, valid, exported, (ty, tx)))
+    job.store.commit_block(block.id, result.to_json())  # after every file of the block
     return result

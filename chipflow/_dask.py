@@ -52,43 +52,55 @@ def run_blocks(
     job: Job,
     labels: LabelSet,
     *,
+    committed: dict[int, BlockResult] | None = None,
     progress: Progress | None = None,
 ) -> BlockResult:
-    """Run one task per block and tree-merge their results on the cluster.
+    """Run one task per block not yet committed and tree-merge all results on the cluster.
 
     The class data is broadcast once to every worker (each deserializes it and
-    builds its spatial index once). The reduction tree's shape depends only on
-    the block order, so merged statistics are identical on any cluster.
+    builds its spatial index once). ``committed`` blocks (from an interrupted
+    run) are not run again: their stored results take their place in the tree.
+    The tree's shape depends only on the block list, so merged statistics are
+    identical on any cluster and after any resume.
     """
-    from distributed import as_completed
+    from distributed import Future, as_completed
 
-    empty = BlockResult(job.n_classes, job.source.count)
+    committed = committed or {}
     if not blocks:
-        return empty
+        return BlockResult(job.n_classes, job.source.count)
+    todo = [b for b in blocks if b.id not in committed]
     token = uuid.uuid4().hex[:8]
-    labels_future = client.scatter(labels, broadcast=True, hash=False)
-    futures = client.map(
-        process_block, blocks, job=job, labels=labels_future,
-        key=[f"chipflow-block-{token}-{b.id}" for b in blocks], retries=3, pure=False,
-    )
-    level, depth = list(futures), 0
+    futures = []
+    if todo:
+        labels_future = client.scatter(labels, broadcast=True, hash=False)
+        futures = client.map(
+            process_block, todo, job=job, labels=labels_future,
+            key=[f"chipflow-block-{token}-{b.id}" for b in todo], retries=3, pure=False,
+        )
+    by_id = {b.id: f for b, f in zip(todo, futures, strict=True)}
+    level: list[Any] = [by_id.get(b.id, committed.get(b.id)) for b in blocks]
+    depth = 0
     while len(level) > 1:
+        groups = [level[i:i + SPLIT_EVERY] for i in range(0, len(level), SPLIT_EVERY)]
         level = [
-            client.submit(merge_all, *level[i:i + SPLIT_EVERY],
-                          key=f"chipflow-reduce-{token}-{depth}-{i}", retries=3, pure=False)
-            for i in range(0, len(level), SPLIT_EVERY)
+            client.submit(merge_all, *group, key=f"chipflow-reduce-{token}-{depth}-{i}",
+                          retries=3, pure=False)
+            if any(isinstance(x, Future) for x in group) else merge_all(*group)
+            for i, group in enumerate(groups)
         ]
         depth += 1
     if progress is not None:
         progress.start(blocks=len(blocks), chips=sum(b.n_chips for b in blocks),
                        dashboard=getattr(client, "dashboard_link", None))
-        planned = {f.key: b.n_chips for f, b in zip(futures, blocks, strict=True)}
         try:
+            for b in blocks:
+                if b.id in committed:
+                    progress.update(chips_written=committed[b.id].num_chips, chips_planned=b.n_chips)
+            planned = {f.key: b.n_chips for b, f in zip(todo, futures, strict=True)}
             for future in as_completed(futures):
                 progress.update(chips_written=future.result().num_chips,
                                 chips_planned=planned[future.key])
         finally:
             progress.finish()
-    result = level[0].result()
-    del futures, level, labels_future
-    return result
+    root = level[0]
+    return root.result() if isinstance(root, Future) else root

@@ -83,3 +83,18 @@ def export(in_raster: str, out_folder: str, quiet: bool, **kwargs: Any) -> None:
             f"  output     {result.out_folder}",
         ])
     )
+
+
+@main.command()
+@click.argument("out_folder")
+def validate(out_folder: str) -> None:
+    """Check that OUT_FOLDER is a complete, consistent dataset (exit 0 only then)."""
+    from .validate import validate_dataset
+
+    try:
+        report = validate_dataset(out_folder)
+    except ChipflowError as exc:
+        click.echo(f"chipflow: error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(report.summary())
+    sys.exit(0 if report.ok else 1)

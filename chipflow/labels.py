@@ -83,6 +83,16 @@ class LabelSet:
     def __len__(self) -> int:
         return len(self.geoms)
 
+    def fingerprint(self) -> str:
+        """sha256 of the features as chipflow uses them (pixel-space geometry and class)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        digest.update(b"".join(shapely.to_wkb(self.geoms, output_dimension=2).tolist()))
+        digest.update(np.asarray(self.values, "<i8").tobytes())
+        digest.update(repr(self.classes).encode())
+        return digest.hexdigest()
+
     @property
     def values(self) -> np.ndarray:
         """Class value of each feature."""
@@ -215,6 +225,7 @@ def read_class_data(
         geoms[invalid] = shapely.make_valid(geoms[invalid], method="structure", keep_collapsed=False)
     keep = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
     geoms, values = geoms[keep], values[keep]
+    _check_single_family(geoms, in_class_data)
     _check_overlap(geoms, source, in_class_data)
     class_values = np.unique(values)
     classes = tuple(
@@ -234,6 +245,21 @@ def _describe(in_class_data: Any) -> str:
     if isinstance(in_class_data, str | os.PathLike):
         return repr(os.fspath(in_class_data))
     return f"<{type(in_class_data).__name__} of {len(in_class_data)} features>"
+
+
+_FAMILIES = {0: "point", 4: "point", 1: "line", 2: "line", 5: "line", 3: "polygon", 6: "polygon",
+             7: "geometry collection"}
+
+
+def _check_single_family(geoms: np.ndarray, in_class_data: Any) -> None:
+    families, counts = np.unique([_FAMILIES[t] for t in shapely.get_type_id(geoms).tolist()],
+                                 return_counts=True)
+    if len(families) > 1 or "geometry collection" in families:
+        found = ", ".join(f"{n} {f}s" for f, n in zip(families.tolist(), counts.tolist(), strict=True))
+        raise LabelError(
+            f"in_class_data={_describe(in_class_data)} mixes geometry types ({found}); "
+            "use one type per input: polygons, or points/lines (with a buffer)"
+        )
 
 
 def _check_overlap(geoms: np.ndarray, source: RasterSource, in_class_data: Any) -> None:

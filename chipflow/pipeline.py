@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from ._block import Job
 from ._dask import cluster_client, run_blocks
-from .config import NoFeatureTiles, check_against_raster, make_config
+from ._version import __version__
+from .config import ExportConfig, NoFeatureTiles, check_against_raster, make_config
 from .encode import ChipEncoder
-from .grid import ChipGrid, plan_blocks
-from .labels import ClassInfo, read_class_data
+from .grid import Block, ChipGrid, plan_blocks
+from .labels import ClassInfo, LabelSet, read_class_data
 from .progress import Progress
-from .sources import open_raster
+from .sources import RasterSource, open_raster
 from .stats import BlockResult, Summary, esri_json
 from .store import Store
 
@@ -154,7 +156,9 @@ def export_training_data(
     fmt = cfg.label_format
     image_ext = cfg.image_chip_format.extension
     store = Store(cfg.out_folder)
-    store.prepare(["images", "labels"], overwrite=cfg.overwrite)
+    markers = store.open_run(_run_params(cfg, source, labels, blocks), ["images", "labels"],
+                             overwrite=cfg.overwrite)
+    committed = {i: BlockResult.from_json(raw) for i, raw in markers.items()}
     job = Job(
         source=source,
         grid=grid,
@@ -167,7 +171,7 @@ def export_training_data(
         class_values=tuple(c.value for c in labels.classes),
     )
     with cluster_client(client, scheduler, n_workers) as c:
-        merged = run_blocks(c, blocks, job, labels, progress=progress)
+        merged = run_blocks(c, blocks, job, labels, committed=committed, progress=progress)
     summary = Summary(
         metadata_format=fmt.name,
         output_features=fmt.output_features,
@@ -195,6 +199,31 @@ def export_training_data(
         elapsed_seconds=time.perf_counter() - started,
         num_blocks=len(blocks),
     )
+
+
+def _run_params(cfg: ExportConfig, source: RasterSource, labels: LabelSet,
+                blocks: list[Block]) -> dict[str, Any]:
+    """What identifies a run: parameters, input fingerprints, the planned blocks.
+
+    A rerun with equal params resumes; anything else must start afresh. No
+    timestamps and no credentials: equal runs store equal bytes.
+    """
+    params = cfg.to_dict()
+    params.pop("overwrite")
+    params.pop("out_folder")  # the folder may move between runs
+    raster: dict[str, Any] = {"path": source.path, "width": source.width, "height": source.height,
+                              "count": source.count, "dtype": source.dtype,
+                              "transform": list(source.transform), "crs": source.crs_wkt}
+    if os.path.exists(source.path):
+        stat = os.stat(source.path)
+        raster.update(bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    return {
+        "chipflow": __version__,
+        "parameters": params,
+        "in_raster": raster,
+        "in_class_data": {"sha256": labels.fingerprint(), "features": len(labels)},
+        "blocks": [b.id for b in blocks],
+    }
 
 
 def _write_metadata(store: Store, summary: Summary, merged: BlockResult) -> dict[str, Any]:

@@ -91,6 +91,10 @@ def open_raster(path: str) -> RasterSource:
                 for i, (d, ci) in enumerate(zip(ds.descriptions, ds.colorinterp, strict=True), 1)
             )
             by, bx = ds.block_shapes[0]
+            try:  # decode the last internal block: catches truncated and corrupt files early
+                ds.read(1, window=rasterio.windows.Window(ds.width - 1, ds.height - 1, 1, 1))
+            except rasterio.RasterioIOError as exc:
+                raise RasterError(f"in_raster={path!r} cannot be decoded: {exc}") from None
             return RasterSource(
                 path=str(path),
                 width=ds.width,

@@ -83,6 +83,28 @@ class BlockResult:
         """Chips exported."""
         return int(self.chip_ids.size)
 
+    _ARRAYS = ("chip_ids", "features_per_image", "images_per_class", "features_per_class",
+               "area_per_class", "pixel_images_per_class", "pixels_per_class", "classes_per_image",
+               "band_n", "band_mean", "band_m2", "band_min", "band_max")
+
+    def to_json(self) -> bytes:
+        """Serialise exactly (floats round-trip; ±inf as ``Infinity``): a block's commit marker."""
+        data: dict[str, Any] = {"n_classes": self.n_classes, "n_bands": self.n_bands}
+        for name in self._ARRAYS:
+            value = getattr(self, name)
+            data[name] = {"dtype": value.dtype.str, "shape": list(value.shape), "data": value.ravel().tolist()}
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> BlockResult:
+        """Inverse of :meth:`to_json`."""
+        data = json.loads(raw)
+        out = cls(int(data["n_classes"]), int(data["n_bands"]))
+        for name in cls._ARRAYS:
+            item = data[name]
+            setattr(out, name, np.asarray(item["data"], dtype=np.dtype(item["dtype"])).reshape(item["shape"]))
+        return out
+
     def add_chip_features(self, class_index: np.ndarray, areas: np.ndarray) -> None:
         """Account one exported chip's features (class indices, areas in map units²)."""
         counts = np.bincount(class_index, minlength=self.n_classes)

@@ -7,6 +7,7 @@ single PUT is atomic.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -17,7 +18,10 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .errors import OutputError
 
-__all__ = ["Store"]
+__all__ = ["RUN_DIR", "Store", "safe_name"]
+
+#: chipflow's own bookkeeping inside the output folder (ignored by arcgis.learn).
+RUN_DIR = ".chipflow"
 
 
 @dataclass(frozen=True)
@@ -72,35 +76,114 @@ class Store:
         else:
             self.fs.pipe_file(full, data)
 
-    def listdir(self) -> list[str]:
-        """Names of the folder's entries ([] when it does not exist)."""
-        if not self.fs.exists(self.root):
-            return []
-        return sorted(os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False))
+    def read(self, relpath: str) -> bytes | None:
+        """The bytes at ``relpath``, or None when it does not exist."""
+        try:
+            return self.fs.cat_file(self.path(relpath))
+        except FileNotFoundError:
+            return None
 
-    def prepare(self, subfolders: list[str], *, overwrite: bool) -> None:
-        """Create the folder and its subfolders, refusing to mix with an existing dataset.
+    def listdir(self, relpath: str = "") -> list[str]:
+        """Names of the entries of the folder (or a subfolder); [] when it does not exist."""
+        path = self.path(relpath).rstrip("/") if relpath else self.root
+        try:
+            entries = self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(os.path.basename(p.rstrip("/")) for p in entries)
+
+    def commit_block(self, block_id: int, payload: bytes) -> None:
+        """Record that block ``block_id`` wrote all its files (its marker holds its statistics)."""
+        self.put(f"{RUN_DIR}/blocks/{block_id:07d}.json", payload)
+
+    def committed_blocks(self) -> dict[int, bytes]:
+        """Block id → marker payload of every committed block."""
+        names = [n for n in self.listdir(f"{RUN_DIR}/blocks") if n.endswith(".json")]
+        markers = self.fs.cat([self.path(f"{RUN_DIR}/blocks/{n}") for n in names]) if names else {}
+        return {int(os.path.basename(p)[:-5]): data for p, data in markers.items()}
+
+    def open_run(self, params: dict[str, Any], subfolders: list[str], *, overwrite: bool) -> dict[int, bytes]:
+        """Start or resume a run in this folder; returns the markers of blocks already committed.
+
+        A new or empty folder starts a run. A folder holding a run with the same
+        ``params`` resumes it. Anything else is refused unless ``overwrite``, which
+        empties the folder first. The parameters are stored in ``.chipflow/params.json``.
 
         Raises
         ------
         OutputError
-            The folder is not empty (without ``overwrite``) or cannot be written.
+            The folder holds something else, or cannot be written.
         """
         entries = self.listdir()
+        previous = self.read(f"{RUN_DIR}/params.json") if entries else None
+        committed: dict[int, bytes] = {}
         if entries and not overwrite:
-            raise OutputError(
-                f"out_folder={self.url!r} is not empty ({len(entries)} entries, e.g. "
-                f"{entries[:3]}); choose a new folder or pass overwrite=True (--overwrite) "
-                "to replace its contents"
-            )
+            if previous is None:
+                raise OutputError(
+                    f"out_folder={self.url!r} is not empty ({len(entries)} entries, e.g. "
+                    f"{entries[:3]}) and holds no chipflow run; choose a new folder or pass "
+                    "overwrite=True (--overwrite) to replace its contents"
+                )
+            old = json.loads(previous)
+            if old != params:
+                changed = _differences(old, params)
+                raise OutputError(
+                    f"out_folder={self.url!r} holds a chipflow run with different parameters "
+                    f"({changed}); rerun with the same parameters to resume it, or pass "
+                    "overwrite=True (--overwrite) to start again"
+                )
+            committed = self.committed_blocks()
         try:
             if entries and overwrite:
                 for name in entries:
                     self.fs.rm(self.path(name), recursive=True)
-            for sub in subfolders:
+            for sub in [*subfolders, f"{RUN_DIR}/blocks"]:
                 self.fs.makedirs(self.path(sub), exist_ok=True)
-            probe = f".chipflow-probe-{uuid.uuid4().hex[:8]}"
-            self.put(probe, b"")
-            self.fs.rm(self.path(probe))
+            if self.is_local and committed:
+                self._remove_temporaries(subfolders)
+            self.put(f"{RUN_DIR}/params.json", json.dumps(params, indent=2, sort_keys=True).encode())
         except OSError as exc:
             raise OutputError(f"out_folder={self.url!r} cannot be written: {exc}") from None
+        return committed
+
+    def _remove_temporaries(self, subfolders: list[str]) -> None:
+        """Delete temporary files a killed run left behind (never visible under a final name)."""
+        for sub in subfolders:
+            folder = self.path(sub)
+            for entry in os.scandir(folder):
+                if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                    os.remove(entry.path)
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
+    """``a: 1 → 2, b: x → y`` for the keys whose values differ."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _differences(a, b, f"{prefix}{key}.")
+            if inner:
+                out.append(inner)
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} → {b!r}")
+    return ", ".join(out)
+
+
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+
+
+def safe_name(name: str) -> str:
+    """A user string (class name) made safe as one path component inside the output folder.
+
+    Path separators, ``..``, NUL and control characters, characters Windows
+    forbids, and reserved device names cannot escape or break the folder.
+
+    >>> safe_name("../../etc/passwd")
+    '.._.._etc_passwd'
+    >>> safe_name("Building / Roof"), safe_name("CON"), safe_name(".."), safe_name("")
+    ('Building _ Roof', '_CON', '_..', '_')
+    """
+    cleaned = "".join("_" if (c in '/\\:*?"<>|' or ord(c) < 32) else c for c in str(name)).strip()
+    if cleaned in ("", ".", "..") or cleaned.split(".")[0].upper() in _RESERVED:
+        cleaned = "_" + cleaned
+    return cleaned[:128]

@@ -65,6 +65,19 @@ class LabelFormat(ABC):
         """The label file's extension, given the image chips' extension."""
         return "txt"
 
+    #: Which statistics block of ``esri_accumulated_stats.json`` :meth:`count` agrees with.
+    counted: ClassVar[str] = "NumFeaturesPerClass"
+
     @abstractmethod
     def encode(self, chip: ChipLabel) -> bytes:
         """The label file's bytes for one chip."""
+
+    @abstractmethod
+    def count(self, data: bytes, *, width: int, height: int) -> dict[int, int]:
+        """Parse a label file as its consumer would: class value → features (or pixels).
+
+        Raises
+        ------
+        ValueError
+            Saying what is wrong with the file.
+        """

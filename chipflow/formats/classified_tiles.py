@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from .base import ChipLabel, LabelFormat
 
 __all__ = ["ClassifiedTiles"]
@@ -16,6 +18,7 @@ class ClassifiedTiles(LabelFormat):
 
     name = "Classified_Tiles"
     rasterize = True
+    counted = "NumPixelsPerClass"
 
     def label_extension(self, image_extension: str) -> str:
         """``tif`` for TIFF chips, ``png`` for PNG and JPEG chips."""
@@ -26,3 +29,14 @@ class ClassifiedTiles(LabelFormat):
         if chip.mask is None or chip.encode_raster is None:
             raise ValueError("Classified_Tiles needs the chip's rasterized mask")
         return chip.encode_raster(chip.mask)
+
+    def count(self, data: bytes, *, width: int, height: int) -> dict[int, int]:
+        """Pixels per class value (0, background, not counted); one band of the chip's size."""
+        from rasterio.io import MemoryFile
+
+        with MemoryFile(data) as mem, mem.open() as ds:
+            if ds.count != 1 or (ds.width, ds.height) != (width, height):
+                raise ValueError(f"needs 1 band of {width} x {height}, has {ds.count} of "
+                                 f"{ds.width} x {ds.height}")
+            values, counts = np.unique(ds.read(1), return_counts=True)
+        return {int(v): int(c) for v, c in zip(values, counts, strict=True) if v != 0}

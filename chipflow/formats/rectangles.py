@@ -7,6 +7,9 @@ coordinates of the feature clipped to the chip, rounded to two decimals.
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
+from collections import Counter
+
 from .base import ChipLabel, LabelFormat
 
 __all__ = ["KittiRectangles", "PascalVocRectangles"]
@@ -55,6 +58,17 @@ class KittiRectangles(LabelFormat):
         """KITTI rows for the chip's features (an empty file for none)."""
         return _rows(chip, _KITTI_ROW).encode()
 
+    def count(self, data: bytes, *, width: int, height: int) -> dict[int, int]:
+        """Rows per class; each row 15 numeric columns, no negatives, box inside the chip."""
+        counts: Counter[int] = Counter()
+        for n, line in enumerate(data.decode().splitlines(), 1):
+            cols = line.split()
+            if len(cols) != 15 or "-" in line:
+                raise ValueError(f"row {n} needs 15 non-negative columns: {line!r}")
+            counts[int(cols[0])] += 1
+            _check_box([float(c) for c in cols[4:8]], width, height, n)
+        return dict(counts)
+
 
 class PascalVocRectangles(LabelFormat):
     """``labels/<stem>.xml``: a PASCAL VOC annotation as ArcGIS writes it."""
@@ -69,3 +83,21 @@ class PascalVocRectangles(LabelFormat):
         """The annotation XML (no ``<object>`` for a chip without features)."""
         head = _VOC_HEAD.format(name=chip.image_name, w=chip.width, h=chip.height, d=chip.depth)
         return (head + _rows(chip, _VOC_OBJECT) + "</annotation>\n").encode()
+
+    def count(self, data: bytes, *, width: int, height: int) -> dict[int, int]:
+        """Objects per class; numeric ``<name>`` and a box inside the chip."""
+        counts: Counter[int] = Counter()
+        for n, obj in enumerate(ET.fromstring(data).findall("object"), 1):
+            counts[int(obj.findtext("name", ""))] += 1
+            box = obj.find("bndbox")
+            if box is None:
+                raise ValueError(f"object {n} has no <bndbox>")
+            _check_box([float(box.findtext(k, "nan")) for k in ("xmin", "ymin", "xmax", "ymax")],
+                       width, height, n)
+        return dict(counts)
+
+
+def _check_box(box: list[float], width: int, height: int, n: int) -> None:
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height):
+        raise ValueError(f"box {n} {box} is not inside the {width} x {height} chip")

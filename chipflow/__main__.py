@@ -1,0 +1,5 @@
+"""``python -m chipflow``: the CLI."""
+
+from .cli import main
+
+main()

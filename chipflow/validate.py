@@ -1,0 +1,191 @@
+"""``chipflow validate``: is this folder a complete, consistent training dataset?
+
+Reads the folder as its consumer would: the three files ``arcgis.learn`` needs,
+every image decoded, every label parsed by its format, counts compared with the
+statistics, ``map.txt`` compared with the files, and, for chipflow runs, every
+planned block committed. Works on any fsspec URL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InputNotFoundError
+from .formats import get
+from .stats import BlockResult
+from .store import RUN_DIR, Store
+
+__all__ = ["ValidationReport", "validate_dataset"]
+
+_IMAGE_EXTENSIONS = (".tif", ".png", ".jpg", ".mrf")
+_MAX_LISTED = 10
+
+
+@dataclass
+class ValidationReport:
+    """The outcome: ``ok`` only for a complete dataset with no problem."""
+
+    out_folder: str
+    images: int = 0
+    labels: int = 0
+    incomplete: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Complete and consistent."""
+        return not self.incomplete and not self.problems
+
+    def summary(self) -> str:
+        """A short human report."""
+        head = "complete" if self.ok else ("INCOMPLETE" if self.incomplete else "INVALID")
+        lines = [f"{self.out_folder}: {head} ({self.images} images, {self.labels} labels)"]
+        for kind, items in (("incomplete", self.incomplete), ("problem", self.problems)):
+            lines += [f"  {kind}: {p}" for p in items[:_MAX_LISTED]]
+            if len(items) > _MAX_LISTED:
+                lines.append(f"  ... and {len(items) - _MAX_LISTED} more {kind} lines")
+        return "\n".join(lines)
+
+
+def _json(store: Store, name: str, report: ValidationReport) -> Any:
+    raw = store.read(name)
+    if raw is None:
+        report.incomplete.append(f"{name} is missing")
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        report.problems.append(f"{name} is not valid JSON: {exc}")
+        return None
+
+
+def _check_run(store: Store, report: ValidationReport) -> None:
+    raw = store.read(f"{RUN_DIR}/params.json")
+    if raw is None:
+        return  # not written by chipflow (or by an older version): files only
+    planned = set(json.loads(raw).get("blocks", []))
+    committed = store.committed_blocks()
+    missing = planned - set(committed)
+    if missing:
+        report.incomplete.append(f"{len(missing)} of {len(planned)} blocks not committed "
+                                 "(rerun the same export to finish it)")
+    for block_id, payload in committed.items():
+        try:
+            BlockResult.from_json(payload)
+        except (ValueError, KeyError) as exc:
+            report.problems.append(f"block marker {block_id} is unreadable: {exc}")
+
+
+def _check_emd(emd: dict[str, Any], stats: dict[str, Any], report: ValidationReport) -> list[int]:
+    classes = emd.get("Classes")
+    if not isinstance(classes, list) or not classes:
+        report.problems.append("esri_model_definition.emd has no Classes")
+        return []
+    values = []
+    for c in classes:
+        ok = (isinstance(c.get("Value"), int) and isinstance(c.get("Name"), str)
+              and isinstance(c.get("Color"), list) and len(c["Color"]) == 3)
+        if not ok:
+            report.problems.append(f"emd class {c} needs an int Value, a str Name and 3-int Color")
+        values.append(c.get("Value"))
+    if values != sorted(values):
+        report.problems.append(f"emd Classes are not sorted by Value: {values}")
+    if emd.get("MetaDataMode") != stats.get("MetaDataMode"):
+        report.problems.append(f"MetaDataMode differs: emd {emd.get('MetaDataMode')!r}, "
+                               f"stats {stats.get('MetaDataMode')!r}")
+    return values
+
+
+def validate_dataset(out_folder: str, *, storage_options: dict[str, Any] | None = None) -> ValidationReport:
+    """Check ``out_folder`` as a training dataset.
+
+    Raises
+    ------
+    InputNotFoundError
+        When ``out_folder`` does not exist.
+    """
+    store = Store(str(out_folder), tuple(sorted((storage_options or {}).items())))
+    if not store.listdir():
+        raise InputNotFoundError("out_folder", str(out_folder), "no such folder, or it is empty")
+    report = ValidationReport(str(out_folder))
+    _check_run(store, report)
+    emd = _json(store, "esri_model_definition.emd", report)
+    stats = _json(store, "esri_accumulated_stats.json", report)
+    map_txt = store.read("map.txt")
+    if map_txt is None:
+        report.incomplete.append("map.txt is missing")
+    if store.read("stats.txt") is None:
+        report.incomplete.append("stats.txt is missing")
+    images = sorted(n for n in store.listdir("images") if n.lower().endswith(_IMAGE_EXTENSIONS))
+    report.images = len(images)
+    if emd is None or stats is None or map_txt is None:
+        return report
+    class_values = _check_emd(emd, stats, report)
+    try:
+        fmt = get(stats.get("MetaDataMode"))
+    except ValueError:
+        report.problems.append(f"MetaDataMode {stats.get('MetaDataMode')!r} is not a known format")
+        return report
+    lines = [line.split() for line in map_txt.decode().splitlines() if line.strip()]
+    pairs = {}
+    for cols in lines:
+        if len(cols) != 2:
+            report.problems.append(f"map.txt line {' '.join(cols)!r} needs 2 columns")
+            continue
+        pairs[cols[0].replace("\\", "/")] = cols[1].replace("\\", "/")
+    listed = {f"images/{n}" for n in images}
+    if set(pairs) != listed:
+        report.problems.append(f"map.txt lists {len(pairs)} images, images/ holds {len(listed)} "
+                               f"({len(set(pairs) ^ listed)} differ)")
+    if stats.get("NumTiles") != len(images):
+        report.problems.append(f"NumTiles is {stats.get('NumTiles')} but images/ holds {len(images)}")
+    counts: Counter[int] = Counter()
+    size = (stats.get("TileSizeX"), stats.get("TileSizeY"))
+    for image in sorted(listed):
+        _check_image(store, image, size, report)
+        label = pairs.get(image)
+        raw = store.read(label) if label else None
+        if raw is None:
+            report.problems.append(f"{image} has no label file")
+            continue
+        report.labels += 1
+        try:
+            per_class = fmt.count(raw, width=size[0], height=size[1])
+        except (ValueError, TypeError, OSError) as exc:
+            report.problems.append(f"{label} does not parse: {exc}")
+            continue
+        unknown = set(per_class) - set(class_values)
+        if unknown:
+            report.problems.append(f"{label} uses class values {sorted(unknown)} not in the emd")
+        counts.update(per_class)
+    block = stats.get("ClassPixelStats" if fmt.counted == "NumPixelsPerClass" else "FeatureStats", {})
+    expected = block.get(fmt.counted)
+    actual = [counts.get(v, 0) for v in class_values]
+    if expected != actual:
+        report.problems.append(f"{fmt.counted} in esri_accumulated_stats.json is {expected}, "
+                               f"the label files hold {actual}")
+    return report
+
+
+def _check_image(store: Store, image: str, size: tuple[Any, Any], report: ValidationReport) -> None:
+    import rasterio
+    from rasterio.io import MemoryFile
+
+    try:
+        if store.is_local:
+            ds_ctx = rasterio.open(store.path(image))
+            with ds_ctx as ds:
+                shape = (ds.width, ds.height)
+                ds.read()
+        else:
+            with MemoryFile(store.read(image)) as mem, mem.open() as ds:
+                shape = (ds.width, ds.height)
+                ds.read()
+    except Exception as exc:  # any decode failure is the finding
+        report.problems.append(f"{image} does not decode: {exc}")
+        return
+    if shape != tuple(size):
+        report.problems.append(f"{image} is {shape[0]} x {shape[1]}, the tile size is {size[0]} x {size[1]}")
