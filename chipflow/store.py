@@ -114,8 +114,11 @@ class Store:
         OutputError
             The folder holds something else, or cannot be written.
         """
-        entries = self.listdir()
-        previous = self.read(f"{RUN_DIR}/params.json") if entries else None
+        try:
+            entries = self.listdir()
+            previous = self.read(f"{RUN_DIR}/params.json") if entries else None
+        except OSError as exc:
+            raise OutputError(f"out_folder={self.url!r} cannot be written: {exc}") from None
         committed: dict[int, bytes] = {}
         if entries and not overwrite:
             if previous is None:

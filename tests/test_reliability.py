@@ -1,0 +1,254 @@
+"""Runs that survive faults, resume, and refuse bad input before writing anything."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import KAMPALA_BUILDINGS, KAMPALA_IMAGE, NC, textured
+from shapely.geometry import Point, box
+
+import chipflow
+from chipflow.cli import main
+from chipflow.store import Store, safe_name
+from chipflow.validate import validate_dataset
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_same_tree(a: Path, b: Path) -> None:
+    ta, tb = tree(a), tree(b)
+    assert sorted(ta) == sorted(tb)
+    assert [k for k in ta if ta[k] != tb[k]] == []
+
+
+@pytest.fixture(scope="module")
+def slow_inputs(tmp_path_factory):
+    """A raster with many small chips (a run that lasts long enough to be killed)."""
+    import rasterio
+    from affine import Affine
+
+    folder = tmp_path_factory.mktemp("slow")
+    raster = folder / "big.tif"
+    data = textured((3, 2048, 2048))
+    t = Affine(1.0, 0, 300000.0, 0, -1.0, 5000000.0)
+    with rasterio.open(raster, "w", driver="GTiff", width=2048, height=2048, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=t, tiled=True, blockxsize=256, blockysize=256,
+                       compress="deflate") as ds:
+        ds.write(data)
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 2048, size=(400, 2))
+    features = gpd.GeoDataFrame({"classvalue": rng.integers(1, 4, 400)},
+                                geometry=[box(*(t * (x, y)), *(t * (x + 20, y - 20))) for x, y in xy],
+                                crs="EPSG:32633")
+    vector = folder / "f.gpkg"
+    features.to_file(vector)
+    return raster, vector
+
+
+SLOW = dict(tile_size_x=64, tile_size_y=64, stride_x=32, stride_y=32, metadata_format="PASCAL_VOC_rectangles",
+            output_nofeature_tiles="ALL_TILES")
+
+
+@pytest.fixture(scope="module")
+def slow_clean(client, slow_inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "out"
+    chipflow.export_training_data(*slow_inputs[:1], out, slow_inputs[1], client=client, **SLOW)
+    return out
+
+
+def markers(out: Path) -> int:
+    folder = out / ".chipflow" / "blocks"
+    return len(list(folder.glob("*.json"))) if folder.exists() else 0
+
+
+def test_reruns_give_the_same_names_and_bytes(client, slow_inputs, slow_clean, tmp_path):
+    out = tmp_path / "again"
+    chipflow.export_training_data(*slow_inputs[:1], out, slow_inputs[1], client=client, **SLOW)
+    assert_same_tree(out, slow_clean)
+    report = validate_dataset(str(out))
+    assert report.ok, report.summary()
+    assert report.images == 63 * 63
+
+
+def test_a_killed_worker_still_gives_the_full_dataset(slow_inputs, slow_clean, tmp_path):
+    from distributed import Client, LocalCluster
+
+    out = tmp_path / "killed-worker"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+         Client(cluster) as c:
+        pids = list(c.run(os.getpid).values())
+        errors = []
+
+        def run():
+            try:
+                chipflow.export_training_data(*slow_inputs[:1], out, slow_inputs[1], client=c, **SLOW)
+            except Exception as exc:  # reported below
+                errors.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline = time.time() + 60
+        while markers(out) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        total = len([b for b in (out / ".chipflow" / "blocks").glob("*.json")])
+        os.kill(pids[0], signal.SIGKILL)
+        thread.join(120)
+    assert not errors, errors
+    assert total < 16  # it was killed mid-run
+    assert_same_tree(out, slow_clean)
+
+
+def test_a_killed_cli_then_rerun_equals_a_clean_run(slow_inputs, slow_clean, tmp_path):
+    out = tmp_path / "killed-cli"
+    raster, vector = slow_inputs
+    cmd = [sys.executable, "-m", "chipflow", "export", str(raster), str(out), "--in-class-data", str(vector),
+           "--tile-size-x", "64", "--tile-size-y", "64", "--stride-x", "32", "--stride-y", "32",
+           "--metadata-format", "PASCAL_VOC_rectangles", "--output-nofeature-tiles", "ALL_TILES",
+           "--n-workers", "2", "--quiet"]
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    deadline = time.time() + 120
+    while markers(out) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = markers(out)
+    assert 0 < done < 16
+    report = validate_dataset(str(out))
+    assert not report.ok and report.incomplete and "blocks not committed" in report.summary()
+    assert CliRunner().invoke(main, ["validate", str(out)]).exit_code == 1
+    subprocess.run(cmd, check=True, timeout=300)
+    assert_same_tree(out, slow_clean)
+    assert CliRunner().invoke(main, ["validate", str(out)]).exit_code == 0
+
+
+def test_resume_skips_committed_blocks_and_refuses_other_parameters(client, tmp_path):
+    out = tmp_path / "resume"
+    chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, client=client)
+    clean = tree(out)
+    # Simulate a run killed after some blocks: blocks 2 (chips 12, 13, 19, 20) and 5 uncommitted.
+    (out / "map.txt").unlink()
+    (out / ".chipflow/blocks/0000002.json").unlink()
+    (out / ".chipflow/blocks/0000005.json").unlink()
+    for p in (out / "images").iterdir():
+        p.unlink() if p.name.startswith("000000012") else None
+    (out / "images" / ".000000012.tif.deadbeef.tmp").write_bytes(b"half")
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "labels").iterdir()}
+    assert not validate_dataset(str(out)).ok
+    chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, client=client)
+    assert tree(out) == clean
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "labels").iterdir()}
+    rewritten = sorted(n for n in before if after[n] != before[n])
+    assert rewritten and len(rewritten) < len(before)  # only the two uncommitted blocks ran
+    with pytest.raises(chipflow.OutputError, match=r"different parameters \(parameters.stride_x: 128 → 256\)"):
+        chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, stride_x=256, client=client)
+    r = chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, stride_x=256,
+                                      overwrite=True, client=client)
+    assert r.num_chips == len(list((out / "images").glob("*.tif"))) == 4 * 7
+
+
+def test_a_file_never_appears_half_written(tmp_path, monkeypatch):
+    store = Store(str(tmp_path))
+    (tmp_path / "images").mkdir()
+    store.put("images/a.tif", b"complete")
+
+    def crash(src, dst):
+        raise OSError("killed during rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        store.put("images/b.tif", b"new bytes")
+    with pytest.raises(OSError):
+        store.put("images/a.tif", b"new bytes")
+    assert not (tmp_path / "images" / "b.tif").exists()
+    assert (tmp_path / "images" / "a.tif").read_bytes() == b"complete"
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [("../../etc/passwd", ".._.._etc_passwd"), ("/abs/path", "_abs_path"), ("a\x00b", "a_b"),
+     ("..", "_.."), (".", "_."), ("", "_"), ("CON", "_CON"), ("nul.txt", "_nul.txt"),
+     ("C:\\Windows", "C__Windows"), ("Roof: flat?", "Roof_ flat_"), ("Gebäude", "Gebäude")],
+)
+def test_user_strings_in_paths_cannot_escape_the_output_folder(tmp_path, name, expected):
+    safe = safe_name(name)
+    assert safe == expected
+    target = (tmp_path / safe).resolve()
+    assert target.parent == tmp_path.resolve()
+
+
+# ---- bad input: each refused before any output, naming the parameter and value ----
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def bad_inputs(tmp: Path, make_raster) -> list[tuple[dict, type, str]]:
+    good_tif = KAMPALA_IMAGE
+    corrupt = _write(tmp / "corrupt.tif", b"II*\x00garbage" * 100)
+    truncated = _write(tmp / "truncated.tif", KAMPALA_IMAGE.read_bytes()[: 1_000_000])
+    no_crs = make_raster(textured((3, 300, 300)), crs=None, name="nocrs.tif")
+    shp = tmp / "nocrs.shp"
+    with pytest.warns(UserWarning, match="crs"):
+        gpd.GeoDataFrame(geometry=[box(0, 0, 1, 1)]).to_file(shp)
+    far = tmp / "far.gpkg"
+    gpd.GeoDataFrame(geometry=[box(0, 0, 1, 1)], crs=3857).to_file(far)
+    empty_collection = _write(tmp / "empty.geojson", b'{"type": "FeatureCollection", "features": []}')
+    empty_file = _write(tmp / "zero.geojson", b"")
+    mixed = tmp / "mixed.geojson"
+    gpd.GeoDataFrame(geometry=[box(3627860, 38760, 3627870, 38770), Point(3627880, 38780)],
+                     crs=3857).to_file(mixed)
+    blocker = _write(tmp / "a-file", b"x")
+    return [
+        ({"in_raster": tmp / "missing.tif"}, FileNotFoundError, r"in_raster='.*missing.tif' does not exist"),
+        ({"in_raster": corrupt}, FileNotFoundError, r"in_raster='.*corrupt.tif' .*cannot be opened"),
+        ({"in_raster": truncated}, ValueError, r"in_raster='.*truncated.tif' cannot be decoded"),
+        ({"in_raster": no_crs}, ValueError, r"in_raster='.*nocrs.tif' has no coordinate reference system"),
+        ({"in_class_data": shp}, ValueError, r"in_class_data='.*nocrs.shp' has no coordinate reference"),
+        ({"in_class_data": far}, ValueError, r"in_class_data='.*far.gpkg' does not overlap .* map units"),
+        ({"class_value_field": "height"}, ValueError, r"class_value_field='height' .*fields are \['osm_id'\]"),
+        ({"tile_size_x": 2000}, ValueError, r"tile_size_x=2000.*larger than the raster \(1024 x 1024"),
+        ({"stride_y": 0}, ValueError, r"stride_y=0"),
+        ({"stride_x": -3}, ValueError, r"stride_x=-3"),
+        ({"in_raster": NC / "landsat_multiband.tif", "in_class_data": NC / "landsat96_polygons.shp",
+          "image_chip_format": "JPEG"}, ValueError, r"image_chip_format='JPEG'.*raster has 5"),
+        ({"out_folder": blocker / "sub"}, OSError, r"out_folder='.*a-file/sub' cannot be written"),
+        ({"in_class_data": empty_collection}, ValueError, r"in_class_data='.*empty.geojson' holds no"),
+        ({"in_class_data": empty_file}, FileNotFoundError, r"in_class_data='.*zero.geojson'.*cannot be read"),
+        ({"in_class_data": mixed}, ValueError, r"in_class_data='.*mixed.geojson' mixes geometry types "
+                                                r"\(1 points, 1 polygons\)"),
+        ({"metadata_format": "COCO_json"}, ValueError, r"metadata_format='COCO_json': must be one of"),
+    ]
+
+
+def test_bad_input_is_refused_before_any_output(make_raster, tmp_path):
+    for overrides, builtin, match in bad_inputs(tmp_path, make_raster):
+        args = {"in_raster": KAMPALA_IMAGE, "out_folder": tmp_path / "out",
+                "in_class_data": KAMPALA_BUILDINGS} | overrides
+        with pytest.raises(chipflow.ChipflowError, match=match) as info:
+            chipflow.export_training_data(args.pop("in_raster"), args.pop("out_folder"),
+                                          args.pop("in_class_data"), **args)
+        assert isinstance(info.value, builtin), (overrides, type(info.value))
+        assert not (tmp_path / "out").exists(), overrides
+
+
+def test_the_cli_reports_bad_input_in_one_line_with_status_2(tmp_path):
+    res = CliRunner().invoke(main, ["export", str(KAMPALA_IMAGE), str(tmp_path / "o"),
+                                    "--in-class-data", str(KAMPALA_BUILDINGS), "--stride-x", "0"])
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == [
+        "chipflow: error: Invalid stride_x=0: must be a whole number of pixels >= 1"]
+    res = CliRunner().invoke(main, ["validate", str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and "out_folder=" in res.output
