@@ -92,7 +92,8 @@ class BlockResult:
         data: dict[str, Any] = {"n_classes": self.n_classes, "n_bands": self.n_bands}
         for name in self._ARRAYS:
             value = getattr(self, name)
-            data[name] = {"dtype": value.dtype.str, "shape": list(value.shape), "data": value.ravel().tolist()}
+            data[name] = {"dtype": value.dtype.str, "shape": list(value.shape),
+                          "data": value.ravel().tolist()}
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod

@@ -172,7 +172,8 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return ", ".join(out)
 
 
-_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+             *(f"LPT{i}" for i in range(1, 10))}
 
 
 def safe_name(name: str) -> str:

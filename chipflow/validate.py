@@ -1,4 +1,4 @@
-"""``chipflow validate``: is this folder a complete, consistent training dataset?
+"""``chipflow validate``: check that a folder is a complete, consistent training dataset.
 
 Reads the folder as its consumer would: the three files ``arcgis.learn`` needs,
 every image decoded, every label parsed by its format, counts compared with the

@@ -196,7 +196,6 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 def bad_inputs(tmp: Path, make_raster) -> list[tuple[dict, type, str]]:
-    good_tif = KAMPALA_IMAGE
     corrupt = _write(tmp / "corrupt.tif", b"II*\x00garbage" * 100)
     truncated = _write(tmp / "truncated.tif", KAMPALA_IMAGE.read_bytes()[: 1_000_000])
     no_crs = make_raster(textured((3, 300, 300)), crs=None, name="nocrs.tif")
