@@ -1,26 +1,37 @@
 """The ``chipflow`` command: a thin click layer over the Python API.
 
-Exit status: 0 success; 2 bad input (a parameter, a missing or unusable input,
-an output folder that cannot be used), reported in one line before anything is
-written; 1 a failure during the run.
+Exit status: 0 success (``validate``: the dataset is complete); 2 bad input (a
+parameter, a missing or unusable input, an output folder that cannot be used),
+reported in one line before anything is written; 1 a failure during the run
+(``validate``: the dataset is incomplete or inconsistent).
 """
 
 from __future__ import annotations
 
+import inspect
+import json
+import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from . import formats
-from .config import ImageChipFormat, NoFeatureTiles
+from .config import ImageChipFormat, NoFeatureTiles, make_config
 from .errors import ChipflowError
 from .grid import EdgePolicy
 from .pipeline import export_training_data
 from .progress import RichProgress
 
-__all__ = ["main"]
+__all__ = ["load_job_config", "main"]
+
+#: Keys a job config file may set: the API's keyword arguments.
+CONFIG_KEYS = tuple(
+    name for name in inspect.signature(export_training_data).parameters
+    if name not in ("client", "progress")
+)
 
 
 def _values(values: list[str]) -> str:
@@ -28,61 +39,210 @@ def _values(values: list[str]) -> str:
     return "One of " + ", ".join(values) + " (any case)."
 
 
+def load_job_config(path: str) -> dict[str, Any]:
+    """Read a job config (YAML or JSON, safely): keys are the API's parameter names.
+
+    Keys may be spelt like the CLI options (``stride-x``) or the API (``stride_x``).
+
+    Raises
+    ------
+    click.BadParameter
+        Unreadable file, not a mapping, or an unknown key (listing the valid ones).
+    """
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as exc:
+        raise click.BadParameter(f"cannot read {path!r}: {exc}", param_hint="--config") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path!r} must hold a mapping of parameters", param_hint="--config")
+    config = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise click.BadParameter(
+            f"{path!r} has unknown keys {unknown}; valid keys: {', '.join(CONFIG_KEYS)}",
+            param_hint="--config",
+        )
+    return config
+
+
+def _export_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The export parameters, shared by ``export`` and ``plan`` (ESRI names in kebab case)."""
+    options = [
+        click.option("--in-class-data", help="Vector class data (GPKG, GeoJSON, SHP, Parquet)."),
+        click.option("--image-chip-format", default="TIFF", show_default=True,
+                     help=_values([f.value for f in ImageChipFormat])),
+        click.option("--tile-size-x", type=int, default=256, show_default=True),
+        click.option("--tile-size-y", type=int, default=256, show_default=True),
+        click.option("--stride-x", type=int, default=128, show_default=True),
+        click.option("--stride-y", type=int, default=128, show_default=True),
+        click.option("--output-nofeature-tiles", default="ONLY_TILES_WITH_FEATURES", show_default=True,
+                     help=_values([f.value for f in NoFeatureTiles])),
+        click.option("--metadata-format", default="KITTI_rectangles", show_default=True,
+                     help=_values(formats.names())),
+        click.option("--class-value-field", default=None,
+                     help="Integer class field (default: a value/classvalue field, else class 1)."),
+        click.option("--edge-policy", default="DROP", show_default=True,
+                     help="Last partial row/column of chips. " + _values([e.value for e in EdgePolicy])),
+        click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                     help="A YAML job file with the same keys as the Python API; flags override it."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _gather(ctx: click.Context, positional: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Merge the config file with the flags actually given on the command line."""
+    config_path = kwargs.pop("config_path")
+    params = load_job_config(config_path) if config_path else {}
+    for name, value in {**positional, **kwargs}.items():
+        source = ctx.get_parameter_source(name)
+        given = source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+        if given and value is not None:
+            params[name] = value
+        elif name not in params and value is not None:
+            params[name] = value
+    for name in ("in_raster", "in_class_data"):
+        if not params.get(name):
+            flag = "IN_RASTER" if name == "in_raster" else "--in-class-data"
+            raise click.UsageError(f"{flag} is required (on the command line or as {name!r} in --config)")
+    return params
+
+
+def _fail(exc: Exception) -> None:
+    if isinstance(exc, ChipflowError):
+        click.echo(f"chipflow: error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"chipflow: export failed: {type(exc).__name__}: {exc}", err=True)
+    sys.exit(1)
+
+
 @click.group()
 @click.version_option(package_name="chipflow")
-def main() -> None:
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def main(verbose: int) -> None:
     """Cut georeferenced rasters and labels into deep-learning training chips."""
+    if verbose:
+        level = logging.INFO if verbose == 1 else logging.DEBUG
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+        for name in ("chipflow", "distributed"):
+            logging.getLogger(name).setLevel(level)
 
 
 @main.command()
-@click.argument("in_raster")
-@click.argument("out_folder")
-@click.option("--in-class-data", required=True, help="Vector class data (GPKG, GeoJSON, SHP, Parquet).")
-@click.option("--image-chip-format", default="TIFF", show_default=True,
-              help=_values([f.value for f in ImageChipFormat]))
-@click.option("--tile-size-x", type=int, default=256, show_default=True)
-@click.option("--tile-size-y", type=int, default=256, show_default=True)
-@click.option("--stride-x", type=int, default=128, show_default=True)
-@click.option("--stride-y", type=int, default=128, show_default=True)
-@click.option("--output-nofeature-tiles", default="ONLY_TILES_WITH_FEATURES", show_default=True,
-              help=_values([f.value for f in NoFeatureTiles]))
-@click.option("--metadata-format", default="KITTI_rectangles", show_default=True,
-              help=_values(formats.names()))
-@click.option("--class-value-field", default=None, help="Integer class field (default: value/classvalue).")
-@click.option("--edge-policy", default="DROP", show_default=True,
-              help="Last partial row/column of chips. " + _values([e.value for e in EdgePolicy]))
-@click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty OUT_FOLDER.")
+@click.argument("in_raster", required=False)
+@click.argument("out_folder", required=False)
+@_export_options
+@click.option("--overwrite", is_flag=True, default=None,
+              help="Replace the contents of a non-empty OUT_FOLDER (otherwise a rerun resumes).")
 @click.option("--scheduler", default=None, help="Dask scheduler address (default: a local cluster).")
 @click.option("--n-workers", type=int, default=None, help="Local cluster worker processes (default: cores).")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
-def export(in_raster: str, out_folder: str, quiet: bool, **kwargs: Any) -> None:
+@click.pass_context
+def export(ctx: click.Context, in_raster: str | None, out_folder: str | None, quiet: bool,
+           **kwargs: Any) -> None:
     """Export chips and labels from IN_RASTER into OUT_FOLDER."""
-    in_class_data = kwargs.pop("in_class_data")
+    params = _gather(ctx, {"in_raster": in_raster, "out_folder": out_folder}, kwargs)
+    if not params.get("out_folder"):
+        raise click.UsageError("OUT_FOLDER is required (on the command line or as 'out_folder' in --config)")
     started = time.perf_counter()
     try:
-        result = export_training_data(in_raster, out_folder, in_class_data,
-                                      progress=None if quiet else RichProgress(), **kwargs)
-    except ChipflowError as exc:
-        click.echo(f"chipflow: error: {exc}", err=True)
-        sys.exit(2)
-    except Exception as exc:  # a failure during the run, not bad input
-        click.echo(f"chipflow: export failed: {type(exc).__name__}: {exc}", err=True)
-        sys.exit(1)
+        result = export_training_data(
+            params.pop("in_raster"), params.pop("out_folder"), params.pop("in_class_data"),
+            progress=None if quiet else RichProgress(), **params,
+        )
+    except Exception as exc:
+        _fail(exc)
     if quiet:
         return
     elapsed = time.perf_counter() - started
     classes = ", ".join(f"{name} ({n})" for name, n in result.features_per_class.items())
-    click.echo(
-        "\n".join([
-            f"chipflow export: {result.statistics['MetaDataMode']} → {result.out_folder}",
-            f"  chips      {result.num_chips:>10,}   in {result.num_blocks} blocks",
-            f"  features   {result.num_features:>10,}   (instances over all chips)",
-            f"  classes    {len(result.classes):>10}   {classes}",
-            f"  time       {elapsed:>10.1f} s",
-            f"  speed      {result.num_chips / elapsed if elapsed else 0:>10.1f} chips/s",
-            f"  output     {result.out_folder}",
-        ])
-    )
+    click.echo("\n".join([
+        f"chipflow export: {result.statistics['MetaDataMode']} → {result.out_folder}",
+        f"  chips      {result.num_chips:>10,}   in {result.num_blocks} blocks",
+        f"  features   {result.num_features:>10,}   (instances over all chips)",
+        f"  classes    {len(result.classes):>10}   {classes}",
+        f"  time       {elapsed:>10.1f} s",
+        f"  speed      {result.num_chips / elapsed if elapsed else 0:>10.1f} chips/s",
+        f"  output     {result.out_folder}",
+    ]))
+
+
+@main.command()
+@click.argument("in_raster", required=False)
+@_export_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.pass_context
+def plan(ctx: click.Context, in_raster: str | None, as_json: bool, **kwargs: Any) -> None:
+    """Dry run: chips, blocks, tasks, output size and class balance, writing nothing."""
+    from .plan import plan_export
+
+    params = _gather(ctx, {"in_raster": in_raster}, kwargs)
+    in_class_data = params.pop("in_class_data")
+    params = {k: v for k, v in params.items() if k in inspect.signature(make_config).parameters}
+    params.setdefault("out_folder", "(dry run)")
+    try:
+        described = plan_export(make_config(**params), in_class_data).describe()
+    except Exception as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(described, indent=2))
+        return
+    g, r = described["grid"], described["raster"]
+    with_features = described["chips_with_features"]
+    click.echo("\n".join([
+        f"chipflow plan: {described['in_raster']}",
+        f"  raster     {r['width']} x {r['height']} px, {r['bands']} x {r['dtype']}, EPSG:{r['crs_epsg']}",
+        f"  grid       {g['rows']} rows x {g['columns']} columns = {g['chips']:,} chips "
+        f"(tile {g['tile'][0]}x{g['tile'][1]}, stride {g['stride'][0]}x{g['stride'][1]}, "
+        f"edge {g['edge_policy']})",
+        f"  features   {with_features if with_features is not None else '?'} chips meet a feature",
+        f"  export     ~{described['expected_chips']:,} chips as {described['image_chip_format']} + "
+        f"{described['metadata_format']}, ~{described['estimated_bytes'] / 1e6:,.1f} MB",
+        f"  tasks      {described['blocks']} blocks, {described['tasks']} tasks with the reduce",
+        "  classes    " + ", ".join(f"{k} ({v})" for k, v in described["features_per_class"].items()),
+    ]))
+
+
+@main.command()
+@click.argument("out_folder")
+@click.option("--json", "as_json", is_flag=True, help="Print esri_accumulated_stats.json and AllTilesStats.")
+def stats(out_folder: str, as_json: bool) -> None:
+    """Print a dataset's statistics: classes, counts, band statistics."""
+    from .store import Store
+
+    store = Store(out_folder)
+    raw_stats, raw_emd = store.read("esri_accumulated_stats.json"), store.read("esri_model_definition.emd")
+    if raw_stats is None or raw_emd is None:
+        click.echo(f"chipflow: error: out_folder={out_folder!r} holds no chipflow/ArcGIS statistics "
+                   "(esri_accumulated_stats.json, esri_model_definition.emd)", err=True)
+        sys.exit(2)
+    s, emd = json.loads(raw_stats), json.loads(raw_emd)
+    if as_json:
+        click.echo(json.dumps({"accumulated_stats": s, "AllTilesStats": emd.get("AllTilesStats", []),
+                               "Classes": emd.get("Classes", [])}, indent=2))
+        return
+    fs = s.get("FeatureStats", {})
+    ps = s.get("ClassPixelStats", {})
+    lines = [f"{out_folder}: {s.get('MetaDataMode')}, {s.get('NumTiles')} chips of "
+             f"{s.get('TileSizeX')}x{s.get('TileSizeY')}, {s.get('NumBands')} bands",
+             f"  {'class':<20}{'value':>7}{'images':>9}{'features':>10}" + (f"{'pixels':>13}" if ps else "")]
+    for i, c in enumerate(emd.get("Classes", [])):
+        row = (f"  {c['Name'][:19]:<20}{c['Value']:>7}{fs.get('NumImagesPerClass', [0] * 99)[i]:>9}"
+               f"{fs.get('NumFeaturesPerClass', [0] * 99)[i]:>10}")
+        if ps:
+            row += f"{ps['NumPixelsPerClass'][i]:>13}"
+        lines.append(row)
+    lines.append(f"  {'band':<20}{'min':>10}{'max':>10}{'mean':>12}{'std':>12}")
+    for b in emd.get("AllTilesStats", []):
+        lines.append(f"  {b.get('BandName', '')[:19]:<20}{b['Min']:>10.4g}{b['Max']:>10.4g}"
+                     f"{b['Mean']:>12.4f}{b['StdDev']:>12.4f}")
+    click.echo("\n".join(lines))
 
 
 @main.command()

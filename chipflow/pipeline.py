@@ -7,15 +7,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ._block import Job
 from ._dask import cluster_client, run_blocks
 from ._version import __version__
-from .config import ExportConfig, NoFeatureTiles, check_against_raster, make_config
-from .encode import ChipEncoder
-from .grid import Block, ChipGrid, plan_blocks
-from .labels import ClassInfo, LabelSet, read_class_data
+from .config import ExportConfig, make_config
+from .grid import Block
+from .labels import ClassInfo, LabelSet
+from .plan import plan_export
 from .progress import Progress
-from .sources import RasterSource, open_raster
+from .sources import RasterSource
 from .stats import BlockResult, Summary, esri_json
 from .store import Store
 
@@ -143,33 +142,14 @@ def export_training_data(
         metadata_format=metadata_format, class_value_field=class_value_field,
         edge_policy=edge_policy, overwrite=overwrite,
     )
-    source = open_raster(cfg.in_raster)
-    check_against_raster(cfg, width=source.width, height=source.height, count=source.count,
-                         dtype=source.dtype)
-    labels = read_class_data(in_class_data, class_value_field=cfg.class_value_field, source=source)
-    grid = ChipGrid(source.width, source.height, cfg.tile_size_x, cfg.tile_size_y,
-                    cfg.stride_x, cfg.stride_y, cfg.edge_policy)
-    blocks = plan_blocks(grid, align=source.block_shape)
-    only_with_features = cfg.output_nofeature_tiles is NoFeatureTiles.ONLY_TILES_WITH_FEATURES
-    if only_with_features:  # skip blocks no feature touches before reading a pixel
-        blocks = [b for b in blocks if labels.query(b.window).size]
-    fmt = cfg.label_format
-    image_ext = cfg.image_chip_format.extension
+    plan = plan_export(cfg, in_class_data)
+    source, labels, blocks = plan.source, plan.labels, list(plan.blocks)
     store = Store(cfg.out_folder)
     markers = store.open_run(_run_params(cfg, source, labels, blocks), ["images", "labels"],
                              overwrite=cfg.overwrite)
     committed = {i: BlockResult.from_json(raw) for i, raw in markers.items()}
-    job = Job(
-        source=source,
-        grid=grid,
-        store=store,
-        encoder=ChipEncoder(image_ext, source.crs_wkt, source.axis_mapping, source.nodata),
-        metadata_format=fmt.name,
-        label_extension=fmt.label_extension(image_ext),
-        only_with_features=only_with_features,
-        n_classes=len(labels.classes),
-        class_values=tuple(c.value for c in labels.classes),
-    )
+    job = plan.job(store)
+    fmt = cfg.label_format
     with cluster_client(client, scheduler, n_workers) as c:
         merged = run_blocks(c, blocks, job, labels, committed=committed, progress=progress)
     summary = Summary(
@@ -178,7 +158,7 @@ def export_training_data(
         rasterized=fmt.rasterize,
         tile_size_x=cfg.tile_size_x,
         tile_size_y=cfg.tile_size_y,
-        image_extension=image_ext,
+        image_extension=plan.image_extension,
         label_extension=job.label_extension,
         classes=labels.classes,
         band_names=source.band_names,

@@ -43,3 +43,61 @@ def test_unknown_format_is_refused_listing_the_valid_ones(tmp_path):
     assert not (tmp_path / "o").exists()
     help_text = CliRunner().invoke(main, ["export", "--help"]).output
     assert "PASCAL_VOC_rectangles" in help_text and "ONLY_TILES_WITH_FEATURES" in help_text
+
+
+def test_config_file_with_flags_overriding_it(client, tmp_path):
+    out = tmp_path / "cfg"
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"in_raster: {KAMPALA_IMAGE}\nout-folder: {out}\nin_class_data: {KAMPALA_BUILDINGS}\n"
+        "stride_x: 256\nstride_y: 256\nmetadata_format: PASCAL_VOC_rectangles\n"
+        f"scheduler: {client.scheduler.address}\n"
+    )
+    res = CliRunner().invoke(main, ["export", "--config", str(job), "--stride-y", "512", "-q"])
+    assert res.exit_code == 0, res.output
+    stats = json.loads((out / "esri_accumulated_stats.json").read_text())
+    assert stats["NumTiles"] == 4 * 2 and stats["MetaDataMode"] == "PASCAL_VOC_rectangles"
+    params = json.loads((out / ".chipflow" / "params.json").read_text())["parameters"]
+    assert (params["stride_x"], params["stride_y"]) == (256, 512)
+
+
+def test_config_file_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("in_raster: a.tif\nstrid_x: 3\n")
+    res = CliRunner().invoke(main, ["export", "--config", str(bad)])
+    assert res.exit_code == 2 and "unknown keys ['strid_x']" in res.output and "stride_x" in res.output
+    bad.write_text("!!python/object/apply:os.system ['echo pwned']\n")
+    res = CliRunner().invoke(main, ["export", "--config", str(bad)])
+    assert res.exit_code == 2 and "cannot read" in res.output and "pwned" not in res.output
+    res = CliRunner().invoke(main, ["export", str(KAMPALA_IMAGE), str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--in-class-data is required" in res.output
+
+
+def test_plan_is_a_dry_run(tmp_path):
+    res = CliRunner().invoke(main, ["plan", str(KAMPALA_IMAGE), "--in-class-data", str(KAMPALA_BUILDINGS),
+                                    "--stride-x", "256", "--stride-y", "256", "--json"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)
+    assert plan["grid"]["chips"] == 16 and plan["grid"]["rows"] == 4
+    assert plan["features_over_raster"] == 98  # the data's README: 98 intersect the raster
+    assert plan["chips_with_features"] == plan["expected_chips"] <= 16
+    assert plan["blocks"] >= 1 and plan["tasks"] >= plan["blocks"]
+    text = CliRunner().invoke(main, ["plan", str(KAMPALA_IMAGE), "--in-class-data", str(KAMPALA_BUILDINGS)])
+    assert "7 rows x 7 columns = 49 chips" in text.output and "MB" in text.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_stats_prints_the_datasets_numbers(client, tmp_path):
+    import chipflow
+
+    out = tmp_path / "s"
+    chipflow.export_training_data(NC / "landsat_multiband.tif", out, NC / "landsat96_polygons.shp",
+                                  class_value_field="id", metadata_format="Classified_Tiles",
+                                  tile_size_x=64, tile_size_y=64, stride_x=64, stride_y=64, client=client)
+    res = CliRunner().invoke(main, ["stats", str(out)])
+    assert res.exit_code == 0, res.output
+    stats = json.loads((out / "esri_accumulated_stats.json").read_text())
+    assert f"{stats['NumTiles']} chips of 64x64, 5 bands" in res.output
+    assert "pixels" in res.output and len(res.output.splitlines()) == 2 + 7 + 1 + 5
+    as_json = json.loads(CliRunner().invoke(main, ["stats", str(out), "--json"]).output)
+    assert as_json["accumulated_stats"] == stats and len(as_json["AllTilesStats"]) == 5
