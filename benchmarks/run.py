@@ -1,0 +1,552 @@
+"""Benchmark chipflow against a hand-written loop and the no-framework floor.
+
+Usage::
+
+    python benchmarks/run.py [--size 8192] [--features 20000] [--stride 256 --stride 128]
+                             [--format TIFF] [--repeat 3] [--quick] [--scaling] [--cli]
+                             [--out results.json] [--plot plot.png] [--workdir DIR]
+
+Every measured run happens in a fresh Python process, so that the peak RSS of
+one system is not inflated by what another left behind. See
+``benchmarks/README.md`` for what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+TILE = 256
+SYSTEMS = ("by_hand", "floor", "chipflow")
+FORMATS = ("TIFF", "PNG", "JPEG")
+RESULT_MARKER = "CHIPFLOW-BENCH-RESULT "
+# A child is started with `python -c`, so processes it spawns (dask workers)
+# do not re-import this module as their __main__.
+CHILD_CODE = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from benchmarks.run import child_main; child_main(sys.argv[2])"
+)
+
+
+# --------------------------------------------------------------------- child side
+
+
+def child_main(spec_json: str) -> None:
+    """Entry point of a measurement process: run one system, print its result."""
+    result = measure(json.loads(spec_json))
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+
+
+def measure(spec: dict) -> dict:
+    """Run one system once.
+
+    Parameters
+    ----------
+    spec : dict
+        ``system``, ``raster``, ``vector``, ``out``, ``stride``, ``format`` and
+        ``workers``.
+
+    Returns
+    -------
+    dict
+        ``chips`` and ``seconds``, plus ``startup_seconds`` for chipflow.
+    """
+    if spec["system"] == "chipflow":
+        return measure_chipflow(spec)
+    from benchmarks.baselines import by_hand, floor
+
+    if spec["system"] == "by_hand":
+        return by_hand(spec["raster"], spec["vector"], spec["out"], TILE, spec["stride"])
+    return floor(spec["raster"], spec["out"], TILE, spec["stride"], spec["format"], processes=spec["workers"])
+
+
+def measure_chipflow(spec: dict) -> dict:
+    """Time cluster start-up, then ``chipflow.export_training_data`` on it."""
+    from distributed import Client, LocalCluster
+
+    import chipflow
+
+    start = time.perf_counter()
+    with (
+        LocalCluster(
+            n_workers=spec["workers"], threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        startup = time.perf_counter() - start
+        start = time.perf_counter()
+        result = chipflow.export_training_data(
+            spec["raster"],
+            spec["out"],
+            spec["vector"],
+            image_chip_format=spec["format"],
+            tile_size_x=TILE,
+            tile_size_y=TILE,
+            stride_x=spec["stride"],
+            stride_y=spec["stride"],
+            output_nofeature_tiles="ALL_TILES",
+            metadata_format="PASCAL_VOC_rectangles",
+            class_value_field="classvalue",
+            client=client,
+        )
+        seconds = time.perf_counter() - start
+    return {"chips": int(result.num_chips), "seconds": seconds, "startup_seconds": startup}
+
+
+# -------------------------------------------------------------------- parent side
+
+
+class PeakRss(threading.Thread):
+    """Sample, in the background, the largest RSS of a process tree.
+
+    Every ``interval`` seconds the process and all its descendants are
+    visited; the peak is the largest RSS seen for any single process.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        """Sample until :meth:`stop` is called or the process is gone."""
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.Error:
+            return
+        while not self._done.is_set():
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                return
+            for proc in procs:
+                try:
+                    self.peak = max(self.peak, proc.memory_info().rss)
+                except psutil.Error:
+                    pass
+            self._done.wait(self.interval)
+
+    def stop(self) -> float:
+        """Stop sampling and return the peak in MiB."""
+        self._done.set()
+        self.join()
+        return self.peak / 2**20
+
+
+def run_child(spec: dict) -> dict:
+    """Run :func:`measure` in a fresh process and add its peak RSS.
+
+    Raises
+    ------
+    RuntimeError
+        If the child fails; the message holds the end of its stderr.
+    """
+    with tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD_CODE, str(REPO), json.dumps(spec)],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+        sampler = PeakRss(proc.pid)
+        sampler.start()
+        stdout, _ = proc.communicate()
+        peak = sampler.stop()
+        if proc.returncode != 0:
+            stderr.seek(0)
+            raise RuntimeError(f"{spec['system']} failed (exit {proc.returncode}):\n" + stderr.read()[-4000:])
+    line = next(s for s in reversed(stdout.splitlines()) if s.startswith(RESULT_MARKER))
+    return {**json.loads(line[len(RESULT_MARKER) :]), "peak_rss_mb": peak}
+
+
+def run_cli(raster: Path, vector: Path, stride: int, out: Path) -> dict:
+    """Time the ``chipflow export`` command from the outside.
+
+    Returns
+    -------
+    dict
+        ``seconds`` (launch to exit), ``first_file_seconds`` (launch to the
+        first file in ``out/images``), ``chips`` and ``peak_rss_mb``.
+    """
+    exe = shutil.which("chipflow")
+    if exe is None:
+        raise RuntimeError("the `chipflow` command is not on PATH (pip install -e .)")
+    cmd = [
+        exe,
+        "export",
+        str(raster),
+        str(out),
+        "--in-class-data",
+        str(vector),
+        "--metadata-format",
+        "PASCAL_VOC_rectangles",
+        "--output-nofeature-tiles",
+        "ALL_TILES",
+        "--stride-x",
+        str(stride),
+        "--stride-y",
+        str(stride),
+        "--class-value-field",
+        "classvalue",
+    ]
+    images = out / "images"
+    first = None
+    with tempfile.TemporaryFile("w+") as stderr:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        sampler = PeakRss(proc.pid)
+        sampler.start()
+        while first is None and proc.poll() is None:
+            if _has_file(images):
+                first = time.perf_counter() - start
+            else:
+                time.sleep(0.01)
+        proc.wait()
+        seconds = time.perf_counter() - start
+        peak = sampler.stop()
+        if proc.returncode != 0:
+            stderr.seek(0)
+            raise RuntimeError(f"chipflow export failed (exit {proc.returncode}):\n" + stderr.read()[-4000:])
+    return {
+        "chips": sum(1 for _ in images.iterdir()),
+        "seconds": seconds,
+        "first_file_seconds": first,
+        "peak_rss_mb": peak,
+    }
+
+
+def _has_file(folder: Path) -> bool:
+    """Whether ``folder`` exists and holds at least one entry."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(True for _ in entries)
+    except FileNotFoundError:
+        return False
+
+
+def fresh_dir(workdir: Path, name: str) -> Path:
+    """A new empty output folder under ``workdir/runs``."""
+    (workdir / "runs").mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir / "runs"))
+
+
+def summarize(runs: list[dict], chip_bytes: int) -> dict:
+    """Medians over repeated runs of one system.
+
+    ``seconds`` and ``startup_seconds`` are medians, ``peak_rss_mb`` the
+    maximum; ``chips_per_s`` and ``mb_per_s`` (raw decoded chip bytes, 1 MB =
+    1e6 bytes) derive from the median seconds.
+    """
+    seconds = statistics.median(r["seconds"] for r in runs)
+    chips = runs[0]["chips"]
+    summary = {
+        "chips": chips,
+        "seconds": seconds,
+        "chips_per_s": chips / seconds,
+        "mb_per_s": chips * chip_bytes / 1e6 / seconds,
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "runs": runs,
+    }
+    for key in ("startup_seconds", "first_file_seconds"):
+        if key in runs[0]:
+            summary[key] = statistics.median(r[key] for r in runs if r[key] is not None)
+    return summary
+
+
+def run_once(spec: dict, workdir: Path, name: str) -> dict:
+    """Run one system once in a fresh, empty output folder, then delete it."""
+    out = fresh_dir(workdir, name)
+    try:
+        return run_child({**spec, "out": str(out)})
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def bench_config(config: dict, args: argparse.Namespace, systems: list[str]) -> dict:
+    """Generate the inputs of one configuration and measure every system on it.
+
+    Repeats are interleaved (all systems once, then again) so that machine
+    noise hits every system alike. With ``--scaling``, chipflow also runs with
+    a single worker, recorded as ``chipflow_1_worker``.
+    """
+    from benchmarks.baselines import chip_offsets
+
+    start = time.perf_counter()
+    raster, vector = inputs(config, args.workdir)
+    generate_seconds = time.perf_counter() - start
+    base = {
+        "raster": str(raster),
+        "vector": str(vector),
+        "stride": config["stride"],
+        "format": config["format"],
+        "workers": args.workers,
+    }
+    specs = {name: {**base, "system": name} for name in systems}
+    if args.scaling and "chipflow" in systems:
+        specs["chipflow_1_worker"] = {**base, "system": "chipflow", "workers": 1}
+    runs: dict[str, list[dict]] = {name: [] for name in specs}
+    for _ in range(args.repeat):
+        for name, spec in specs.items():
+            print(f"   {name} ...", end=" ", flush=True)
+            runs[name].append(run_once(spec, args.workdir, name))
+            print(f"{runs[name][-1]['seconds']:.2f} s", flush=True)
+    chip_bytes = chip_nbytes(raster)
+    entry = {
+        "config": {**config, "tile": TILE},
+        "inputs": [str(raster), str(vector)],
+        "generate_seconds": generate_seconds,
+        "expected_chips": len(chip_offsets(config["size"], TILE, config["stride"])) ** 2,
+        "systems": {name: summarize(r, chip_bytes) for name, r in runs.items()},
+    }
+    add_comparisons(entry, args.workers)
+    return entry
+
+
+def inputs(config: dict, workdir: Path) -> tuple[Path, Path]:
+    """Generate, or reuse from ``workdir/inputs``, the files of a configuration."""
+    from benchmarks.generate import make_inputs
+
+    return make_inputs(workdir / "inputs", config["size"], config["features"])
+
+
+def chip_nbytes(raster: Path) -> int:
+    """Raw decoded size of one chip of ``raster``, all bands."""
+    import numpy as np
+    import rasterio
+
+    with rasterio.open(raster) as src:
+        return TILE * TILE * src.count * np.dtype(src.dtypes[0]).itemsize
+
+
+def add_comparisons(entry: dict, workers: int) -> None:
+    """Add chip-count agreement, speed ratios and worker scaling to ``entry``."""
+    systems = entry["systems"]
+    counts = {name: s["chips"] for name, s in systems.items()}
+    entry["counts_equal"] = len(set(counts.values())) == 1
+    if not entry["counts_equal"]:
+        print(f"WARNING: systems wrote different numbers of chips: {counts}", file=sys.stderr)
+    if "chipflow" not in systems:
+        return
+    speed = {name: s["chips_per_s"] for name, s in systems.items()}
+    entry["ratios"] = {
+        "chipflow/by_hand": speed["chipflow"] / speed["by_hand"],
+        "chipflow/floor": speed["chipflow"] / speed["floor"],
+    }
+    if "chipflow_1_worker" in speed:
+        entry["scaling"] = {
+            "chips_per_s": {"1": speed["chipflow_1_worker"], str(workers): speed["chipflow"]},
+            "ratio": speed["chipflow"] / speed["chipflow_1_worker"],
+        }
+
+
+def bench_cli(entry: dict, args: argparse.Namespace) -> dict:
+    """Time ``chipflow export`` as a whole process on the inputs of ``entry``."""
+    raster, vector = (Path(p) for p in entry["inputs"])
+    stride = entry["config"]["stride"]
+    runs = []
+    for _ in range(args.repeat):
+        out = fresh_dir(args.workdir, "cli")
+        try:
+            runs.append(run_cli(raster, vector, stride, out))
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+    return {"config": entry["config"], **summarize(runs, chip_nbytes(raster))}
+
+
+def chipflow_import_error() -> str | None:
+    """``None`` if chipflow's entry point imports, else the error as text."""
+    try:
+        from chipflow import export_training_data  # noqa: F401
+    except Exception:  # any failure means chipflow cannot be benchmarked
+        return traceback.format_exc(limit=0).strip()
+    return None
+
+
+def configs(args: argparse.Namespace) -> list[dict]:
+    """Every combination of size, features, stride and format to measure."""
+    return [
+        {"size": size, "features": features, "stride": stride, "format": fmt}
+        for size, features, stride, fmt in itertools.product(
+            args.size, args.features, args.stride, args.format
+        )
+    ]
+
+
+def machine() -> dict:
+    """Description of the machine the numbers come from."""
+    return {
+        "cpus": os.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def print_entry(entry: dict) -> None:
+    """Print the table of one configuration."""
+    print(
+        f"{'system':<18}{'chips':>8}{'wall s':>9}{'chips/s':>10}{'MB/s':>9}"
+        f"{'peak RSS MiB':>14}{'startup s':>11}"
+    )
+    for name, s in entry["systems"].items():
+        startup = f"{s['startup_seconds']:.2f}" if "startup_seconds" in s else "-"
+        print(
+            f"{name:<18}{s['chips']:>8}{s['seconds']:>9.2f}{s['chips_per_s']:>10.1f}"
+            f"{s['mb_per_s']:>9.1f}{s['peak_rss_mb']:>14.0f}{startup:>11}"
+        )
+    for name, value in entry.get("ratios", {}).items():
+        print(f"{name}: {value:.2f}x")
+    if "scaling" in entry:
+        print(
+            f"chipflow scaling {' -> '.join(entry['scaling']['chips_per_s'])} workers: "
+            f"{entry['scaling']['ratio']:.2f}x"
+        )
+    print(flush=True)
+
+
+def label(config: dict) -> str:
+    """Short human-readable name of a configuration."""
+    return f"{config['size']}px {config['features']}f stride {config['stride']} {config['format']}"
+
+
+def plot(report: dict, path: Path) -> None:
+    """Bar chart of chips/s per system and configuration, if matplotlib exists."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed (pip install matplotlib): no plot written", file=sys.stderr)
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    names = list(results[0]["systems"])
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(3.5 + 1.8 * len(results), 4))
+    for i, name in enumerate(names):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(results))]
+        ax.bar(xs, [r["systems"][name]["chips_per_s"] for r in results], width, label=name)
+    ax.set_xticks(range(len(results)), [label(r["config"]) for r in results], fontsize=8)
+    ax.set_ylabel("chips/s")
+    ax.set_title(f"{TILE}x{TILE} chips, {report['settings']['workers']} workers")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line; ``--quick`` overrides sizes, features and repeats."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, action="append", help="raster px (default 8192)")
+    parser.add_argument(
+        "--features", type=int, action="append", help="number of label features (default 20000)"
+    )
+    parser.add_argument("--stride", type=int, action="append", help="chip stride px (default 256)")
+    parser.add_argument("--format", action="append", choices=FORMATS, help="chip format (default TIFF)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per system; medians kept")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="processes for the floor and chipflow (default 2)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1024 px, 200 features, one stride, one repeat (smoke test)",
+    )
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="also run chipflow with 1 worker and report the speed-up",
+    )
+    parser.add_argument(
+        "--cli",
+        action="store_true",
+        help="also time the `chipflow export` command on the first config",
+    )
+    parser.add_argument("--out", type=Path, help="JSON results (default WORKDIR/results.json)")
+    parser.add_argument("--plot", type=Path, help="write a PNG bar chart of chips/s")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/tmp/chipflow-bench"),
+        help="inputs cache and scratch outputs (default /tmp/chipflow-bench)",
+    )
+    args = parser.parse_args(argv)
+    args.size = args.size or [8192]
+    args.features = args.features or [20000]
+    args.stride = args.stride or [256]
+    args.format = args.format or ["TIFF"]
+    if args.quick:
+        args.size, args.features, args.stride, args.repeat = [1024], [200], args.stride[:1], 1
+    args.workdir = args.workdir.resolve()
+    args.out = args.out or args.workdir / "results.json"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; return the process exit code."""
+    args = parse_args(argv)
+    error = chipflow_import_error()
+    if error:
+        print(f"chipflow is unavailable ({error}); measuring the baselines only", file=sys.stderr)
+    systems = [s for s in SYSTEMS if s != "chipflow" or error is None]
+    report = {
+        "machine": machine(),
+        "chipflow_error": error,
+        "results": [],
+        "settings": {
+            "tile": TILE,
+            "repeat": args.repeat,
+            "workers": args.workers,
+            "workdir": str(args.workdir),
+        },
+    }
+    try:
+        for config in configs(args):
+            print(f"== {label(config)}", flush=True)
+            report["results"].append(bench_config(config, args, systems))
+            print_entry(report["results"][-1])
+        if args.cli and error is None:
+            report["cli"] = bench_cli(report["results"][0], args)
+            cli = report["cli"]
+            print(
+                f"chipflow export CLI ({label(cli['config'])}): {cli['seconds']:.2f} s whole "
+                f"process, first chip after {cli['first_file_seconds']:.2f} s"
+            )
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"results written to {args.out}")
+    if args.plot:
+        plot(report, args.plot)
+    if error:
+        print(
+            "error: chipflow is required for a complete benchmark; only the baselines ran",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())
