@@ -8,16 +8,47 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+from distributed.diagnostics.plugin import WorkerPlugin
+
 from ._block import Job, process_block
 from .grid import Block
 from .labels import LabelSet
 from .progress import Progress
 from .stats import BlockResult, merge_all
 
-__all__ = ["cluster_client", "run_blocks"]
+__all__ = ["MallocTuning", "cluster_client", "run_blocks"]
 
 #: Fan-in of the reduction tree.
 SPLIT_EVERY = 8
+
+
+class MallocTuning(WorkerPlugin):
+    """Worker plugin: keep chip-sized buffers in the malloc heap (glibc only).
+
+    distributed starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also
+    freezes glibc's mmap threshold at 128 KiB: every chip buffer (a 256² x 4
+    chip is 256 KiB) is then mmap'd and unmapped, with a page fault per 4 KiB.
+    Measured on a block task: 9x the page faults of a plain process, and about a
+    third of its time. Raising both thresholds restores plain-process speed; a
+    worker keeps at most 128 MiB of freed memory for reuse.
+    """
+
+    name = "chipflow-malloc-tuning"
+    idempotent = True
+
+    def setup(self, worker: Any = None) -> None:
+        """Set the thresholds in this process (no-op where glibc is absent)."""
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+        except OSError:
+            return
+        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 * 2**20)  # M_TRIM_THRESHOLD
+
+    def teardown(self, worker: Any = None) -> None:
+        """Nothing to undo."""
 
 
 @contextlib.contextmanager
@@ -72,6 +103,7 @@ def run_blocks(
     token = uuid.uuid4().hex[:8]
     futures = []
     if todo:
+        client.register_plugin(MallocTuning(), name=MallocTuning.name)
         labels_future = client.scatter(labels, broadcast=True, hash=False)
         futures = client.map(
             process_block, todo, job=job, labels=labels_future,

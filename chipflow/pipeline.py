@@ -45,6 +45,9 @@ class ExportResult:
         Name → path of ``images``, ``labels`` and each metadata file.
     elapsed_seconds : float
         Wall time of the whole call.
+    timings : dict
+        Seconds spent planning (inputs, labels, grid), starting the cluster, running the
+        blocks, and writing the metadata.
     num_blocks : int
         Block tasks run.
     """
@@ -58,6 +61,7 @@ class ExportResult:
     paths: dict[str, str]
     elapsed_seconds: float
     num_blocks: int
+    timings: dict[str, float]
 
     @property
     def chips_per_second(self) -> float:
@@ -143,6 +147,7 @@ def export_training_data(
         edge_policy=edge_policy, overwrite=overwrite,
     )
     plan = plan_export(cfg, in_class_data)
+    timings = {"plan": time.perf_counter() - started}
     source, labels, blocks = plan.source, plan.labels, list(plan.blocks)
     store = Store(cfg.out_folder)
     markers = store.open_run(_run_params(cfg, source, labels, blocks), ["images", "labels"],
@@ -150,8 +155,13 @@ def export_training_data(
     committed = {i: BlockResult.from_json(raw) for i, raw in markers.items()}
     job = plan.job(store)
     fmt = cfg.label_format
+    mark = time.perf_counter()
     with cluster_client(client, scheduler, n_workers) as c:
+        timings["cluster"] = time.perf_counter() - mark
+        mark = time.perf_counter()
         merged = run_blocks(c, blocks, job, labels, committed=committed, progress=progress)
+        timings["run"] = time.perf_counter() - mark
+    mark = time.perf_counter()
     summary = Summary(
         metadata_format=fmt.name,
         output_features=fmt.output_features,
@@ -167,6 +177,7 @@ def export_training_data(
         crs_wkt=source.crs_wkt,
     )
     statistics = _write_metadata(store, summary, merged)
+    timings["metadata"] = time.perf_counter() - mark
     return ExportResult(
         out_folder=cfg.out_folder,
         num_chips=merged.num_chips,
@@ -178,6 +189,7 @@ def export_training_data(
         paths={name: store.path(name) for name in ("images", "labels", *METADATA_FILES)},
         elapsed_seconds=time.perf_counter() - started,
         num_blocks=len(blocks),
+        timings=timings,
     )
 
 
