@@ -27,7 +27,11 @@ __all__ = ["Job", "process_block"]
 
 @dataclass(frozen=True)
 class Job:
-    """Everything a block task needs besides the labels (small, picklable)."""
+    """Everything a block task needs besides the labels (small, picklable).
+
+    ``angles`` are the rotations of each chip (``0`` first); chip ``(row, col)``
+    at angle ``k`` is named ``id_offset + grid.chip_id(row, col) * len(angles) + k``.
+    """
 
     source: RasterSource
     grid: ChipGrid
@@ -38,6 +42,17 @@ class Job:
     only_with_features: bool
     n_classes: int
     class_values: tuple[int, ...]
+    angles: tuple[float, ...] = (0.0,)
+    id_offset: int = 0
+    min_overlap_ratio: float = 0.0
+
+    @property
+    def halo(self) -> int:
+        """Pixels a rotated chip reaches past its window (0 without rotation)."""
+        if len(self.angles) == 1:
+            return 0
+        tx, ty = self.grid.tile_x, self.grid.tile_y
+        return int(np.ceil(np.hypot(tx, ty) / 2 - min(tx, ty) / 2)) + 1
 
 
 def _valid_mask(pixels: np.ndarray, nodata: float | None) -> np.ndarray | None:
@@ -129,113 +144,244 @@ def _band_moments(pixels: np.ndarray, valid: np.ndarray | None, chips: list[tupl
 
 
 def _chip_features(
-    labels: LabelSet, cand: np.ndarray, box: tuple[float, float, float, float]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Features of ``cand`` inside pixel box ``(x0, y0, x1, y1)``.
+    geoms: np.ndarray, bounds: np.ndarray, full_areas: np.ndarray, polygonal: np.ndarray,
+    box: tuple[float, float, float, float], min_ratio: float, want_geoms: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The candidate features inside pixel box ``(x0, y0, x1, y1)``, clipped to it.
 
-    Returns the kept feature indices, their boxes (the pixel box of each feature
-    clipped to the chip, in raster pixels) and clipped areas (pixels²).
+    Returns the positions (into the candidate arrays) of the kept features, their
+    boxes (the pixel box of each feature clipped to the chip), clipped areas
+    (pixels²) and, when asked, the clipped geometries. A feature whose part in
+    the chip is below ``min_ratio`` of its area is dropped.
     """
     x0, y0, x1, y1 = box
-    b = labels.bounds[cand]
-    poly = labels.polygonal[cand]
+    b = bounds
     # Polygons must overlap the chip's interior; points/lines use half-open edges.
-    hit = (b[:, 0] < x1) & (b[:, 1] < y1) & np.where(poly, b[:, 2] > x0, b[:, 2] >= x0) & np.where(
-        poly, b[:, 3] > y0, b[:, 3] >= y0
-    )
-    idx = cand[hit]
-    boxes = b[hit].copy()
-    areas = labels.areas[idx].copy()
+    hit = ((b[:, 0] < x1) & (b[:, 1] < y1) & np.where(polygonal, b[:, 2] > x0, b[:, 2] >= x0)
+           & np.where(polygonal, b[:, 3] > y0, b[:, 3] >= y0))
+    pos = np.flatnonzero(hit)
+    boxes = b[pos].copy()
+    areas = full_areas[pos].copy()
+    clipped = geoms[pos].copy() if want_geoms else None
     partial = (boxes[:, 0] < x0) | (boxes[:, 1] < y0) | (boxes[:, 2] > x1) | (boxes[:, 3] > y1)
     if partial.any():
-        clipped = shapely.intersection(labels.geoms[idx[partial]], shapely.box(x0, y0, x1, y1))
-        boxes[partial] = shapely.bounds(clipped)
-        areas[partial] = shapely.area(clipped)
-        keep = np.ones(len(idx), bool)
-        keep[partial] = ~shapely.is_empty(clipped) & ((areas[partial] > 0) | ~labels.polygonal[idx[partial]])
-        idx, boxes, areas = idx[keep], boxes[keep], areas[keep]
-    return idx, boxes, areas
+        parts = shapely.intersection(geoms[pos[partial]], shapely.box(x0, y0, x1, y1))
+        boxes[partial] = shapely.bounds(parts)
+        areas[partial] = shapely.area(parts)
+        if clipped is not None:
+            clipped[partial] = parts
+        keep = np.ones(len(pos), bool)
+        keep[partial] = ~shapely.is_empty(parts) & ((areas[partial] > 0) | ~polygonal[pos[partial]])
+        if min_ratio > 0:
+            full = full_areas[pos]
+            keep &= (full <= 0) | (areas >= min_ratio * full)
+        pos, boxes, areas = pos[keep], boxes[keep], areas[keep]
+        clipped = None if clipped is None else clipped[keep]
+    return pos, boxes, areas, clipped
 
 
-def _rasterize(labels: LabelSet, cand: np.ndarray, window: tuple[int, int, int, int],
-               values: np.ndarray) -> np.ndarray:
-    """Class values of the block's pixels (0 = background); later features win."""
+def _rasterize(geoms: np.ndarray, values: np.ndarray, shape: tuple[int, int], transform: Affine,
+               dtype: type) -> np.ndarray:
+    """Burn ``values`` of ``geoms`` (pixel coordinates) into a raster; later features win."""
     from rasterio.features import rasterize
 
-    x0, y0, x1, y1 = window
-    dtype = np.uint8 if values.max(initial=0) <= 255 else np.uint16
-    if cand.size == 0:
-        return np.zeros((y1 - y0, x1 - x0), dtype)
-    shapes = zip(labels.geoms[cand].tolist(), values[labels.class_index[cand]].tolist(), strict=True)
-    return rasterize(shapes, out_shape=(y1 - y0, x1 - x0), transform=Affine.translation(x0, y0),
-                     fill=0, dtype=dtype)
+    if len(geoms) == 0:
+        return np.zeros(shape, dtype)
+    return rasterize(zip(geoms.tolist(), values.tolist(), strict=True), out_shape=shape,
+                     transform=transform, fill=0, dtype=dtype)
+
+
+def _rotation(angle: float, tx: int, ty: int, cx: float, cy: float) -> Affine:
+    """Chip pixel → raster pixel for a chip centred on ``(cx, cy)``, rotated by ``angle``°."""
+    return (Affine.translation(cx, cy) @ Affine.rotation(angle)
+            @ Affine.translation(-tx / 2, -ty / 2))
+
+
+class _Block:
+    """One block's decoded pixels, candidate features and per-block rasters."""
+
+    def __init__(self, block: Block, job: Job, labels: LabelSet):
+        src = job.source
+        self.job, self.labels, self.block = job, labels, block
+        self.fmt = get(job.metadata_format)
+        h = job.halo
+        bx0, by0, bx1, by1 = block.window
+        self.window = (bx0 - h, by0 - h, bx1 + h, by1 + h)
+        self.pixels = read_window(src, self.window)
+        self.valid = _valid_mask(self.pixels, src.nodata)
+        self.any_valid = None if self.valid is None else self.valid.any(axis=0)
+        wx0, wy0, wx1, wy1 = self.window
+        self.inside = (max(wx0, 0), max(wy0, 0), min(wx1, src.width), min(wy1, src.height))
+        if self.inside != self.window:  # pixels past the raster's edge are not data
+            in_raster = np.zeros(self.pixels.shape[1:], bool)
+            ix0, iy0, ix1, iy1 = self.inside
+            in_raster[iy0 - wy0:iy1 - wy0, ix0 - wx0:ix1 - wx0] = True
+            self.any_valid = in_raster if self.any_valid is None else self.any_valid & in_raster
+            if self.valid is not None:
+                self.valid &= in_raster
+            else:
+                self.valid = np.broadcast_to(in_raster, self.pixels.shape).copy()
+        self.cand = labels.query(self.inside)
+        self.class_values = np.asarray((0, *job.class_values), dtype=np.int64)  # index 0 unused
+        self.mask_dtype = np.uint8 if self.class_values.max() <= 255 else np.uint16
+        origin = Affine.translation(wx0, wy0)
+        shape = self.pixels.shape[1:]
+        cand_geoms = labels.geoms[self.cand]
+        self.mask = self.instances = None
+        if self.fmt.rasterize:
+            self.mask = _rasterize(cand_geoms, self.class_values[labels.class_index[self.cand] + 1],
+                                   shape, origin, self.mask_dtype)
+        if self.fmt.instances:
+            self.instances = _rasterize(cand_geoms, np.arange(1, len(self.cand) + 1), shape, origin,
+                                        np.uint32)
+        for raster in (self.mask, self.instances):
+            if raster is not None and self.any_valid is not None:
+                raster[~self.any_valid] = 0
+
+    def chips_allowed(self) -> np.ndarray | None:
+        """Per chip of the block: inside the mask polygons (None without a mask)."""
+        if self.labels.mask is None:
+            return None
+        g, (r0, r1), (c0, c1) = self.job.grid, self.block.rows, self.block.cols
+        x0, y0 = np.meshgrid(g.xs[c0:c1], g.ys[r0:r1])
+        boxes = shapely.box(x0, y0, x0 + g.tile_x, y0 + g.tile_y)
+        return shapely.covers(self.labels.mask, boxes)
+
+
+def _sample(pixels: np.ndarray, origin: tuple[int, int], chip_to_raster: Affine, shape: tuple[int, int],
+            nodata: float | None) -> np.ndarray:
+    """Nearest-neighbour sample of a rotated chip from the block's pixels (GDAL's warper)."""
+    from rasterio.crs import CRS
+    from rasterio.warp import Resampling, reproject
+
+    fill = 0 if nodata is None or np.isnan(nodata) and pixels.dtype.kind != "f" else nodata
+    out = np.full((pixels.shape[0], *shape), fill, dtype=pixels.dtype)
+    crs = CRS.from_epsg(3857)  # any CRS: source and chip share it, only the affines differ
+    reproject(pixels, out, src_transform=Affine.translation(*origin), src_crs=crs,
+              dst_transform=chip_to_raster, dst_crs=crs, resampling=Resampling.nearest,
+              src_nodata=nodata, dst_nodata=fill)
+    return out
+
+
+def _direct_moments(chip: np.ndarray, valid: np.ndarray | None) -> tuple:
+    """Band moments of one chip's valid pixels (rotated chips)."""
+    n_bands = chip.shape[0]
+    n = np.zeros(n_bands, np.int64)
+    mean, m2 = np.zeros(n_bands), np.zeros(n_bands)
+    vmin, vmax = np.full(n_bands, np.inf), np.full(n_bands, -np.inf)
+    for i in range(n_bands):
+        vals = chip[i] if valid is None else chip[i][valid[i]]
+        if vals.size:
+            v = vals.astype(np.float64)
+            n[i], mean[i] = v.size, v.mean()
+            m2[i] = float(((v - mean[i]) ** 2).sum())
+            vmin[i], vmax[i] = v.min(), v.max()
+    return n, mean, m2, vmin, vmax
 
 
 def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
-    """Export every chip of ``block`` and return its statistics."""
-    src, grid, fmt = job.source, job.grid, get(job.metadata_format)
-    bx0, by0, bx1, by1 = block.window
-    pixels = read_window(src, block.window)
-    valid = _valid_mask(pixels, src.nodata)
-    any_valid = None if valid is None else valid.any(axis=0)
-    # The raster's own extent inside the block (the block reaches past it under PAD).
-    inside = (max(bx0, 0), max(by0, 0), min(bx1, src.width), min(by1, src.height))
-    if any_valid is None and inside != block.window:
-        any_valid = np.zeros(pixels.shape[1:], bool)
-        any_valid[inside[1] - by0:inside[3] - by0, inside[0] - bx0:inside[2] - bx0] = True
-    cand = labels.query(inside)
-    class_values = np.asarray((0, *job.class_values), dtype=np.int64)  # index 0 unused
-    mask = None
-    if fmt.rasterize:
-        mask = _rasterize(labels, cand, block.window, class_values[1:])
-        if any_valid is not None:
-            mask[~any_valid] = 0
-    result = BlockResult(job.n_classes, src.count)
-    ids: list[int] = []
-    exported: list[tuple[int, int]] = []  # chip origins in block pixels
-    xs, ys = grid.xs, grid.ys
+    """Export every chip of ``block`` (at every angle) and return its statistics."""
+    src, grid = job.source, job.grid
+    b = _Block(block, job, labels)
+    fmt, cand = b.fmt, b.cand
+    wx0, wy0 = b.window[:2]
     tx, ty = grid.tile_x, grid.tile_y
-    a = src.affine
-    for row in range(*block.rows):
-        cy0 = int(ys[row])
-        for col in range(*block.cols):
-            cx0 = int(xs[col])
-            sl = np.s_[cy0 - by0:cy0 - by0 + ty, cx0 - bx0:cx0 - bx0 + tx]
-            if any_valid is not None and not any_valid[sl].any():
-                continue  # entirely nodata: not exported
-            box = (max(cx0, 0), max(cy0, 0), min(cx0 + tx, src.width), min(cy0 + ty, src.height))
-            idx, boxes, areas = _chip_features(labels, cand, box)
-            if job.only_with_features and idx.size == 0:
+    result = BlockResult(job.n_classes, src.count)
+    rows: list[tuple[int, str, str, np.ndarray]] = []
+    exported: list[tuple[int, int]] = []  # unrotated chip origins in window pixels
+    allowed = b.chips_allowed()
+    cand_geoms, cand_bounds = labels.geoms[cand], labels.bounds[cand]
+    cand_areas, cand_poly = labels.areas[cand], labels.polygonal[cand]
+    want_geoms = fmt.needs_geometry
+    n_angles = len(job.angles)
+    for r, row in enumerate(range(*block.rows)):
+        cy0 = int(grid.ys[row])
+        for c, col in enumerate(range(*block.cols)):
+            if allowed is not None and not allowed[r, c]:
                 continue
-            chip_id = grid.chip_id(row, col)
-            stem = f"{chip_id:09d}"
-            transform = a @ Affine.translation(cx0, cy0)
-            for suffix, data in job.encoder.image(pixels[(slice(None), *sl)], transform):
-                job.store.put(f"images/{stem}{suffix}", data)
-            boxes = np.clip(boxes - (cx0, cy0, cx0, cy0), 0, (tx, ty, tx, ty)) + 0.0
-            chip_mask = None if mask is None else mask[sl]
-            label = ChipLabel(
-                stem=stem,
-                image_name=f"{stem}.{job.encoder.extension}",
-                width=tx, height=ty, depth=src.count,
-                values=class_values[labels.class_index[idx] + 1],
-                boxes=boxes,
-                mask=chip_mask,
-                encode_raster=lambda m, t=transform: job.encoder.label(m, t),
-            )
-            job.store.put(f"labels/{stem}.{job.label_extension}", fmt.encode(label))
-            result.add_chip_features(labels.class_index[idx], areas * labels.pixel_area)
-            if chip_mask is not None:
-                counts = np.bincount(chip_mask.ravel(), minlength=int(class_values.max()) + 1)
-                result.add_chip_pixels(counts[class_values[1:]])
-            exported.append((cy0 - by0, cx0 - bx0))
-            ids.append(chip_id)
-    result.chip_ids = np.asarray(ids, np.int64)
-    if ids:
-        if inside != block.window:  # padding is not data
-            pad = np.zeros(pixels.shape, bool) if valid is None else ~valid
-            pad[:, ~any_valid] = True
-            valid = ~pad
-        result.add_band_moments(*_band_moments(pixels, valid, exported, (ty, tx)))
+            cx0 = int(grid.xs[col])
+            for k, angle in enumerate(job.angles):
+                if angle == 0:
+                    sl = np.s_[cy0 - wy0:cy0 - wy0 + ty, cx0 - wx0:cx0 - wx0 + tx]
+                    if b.any_valid is not None and not b.any_valid[sl].any():
+                        continue  # entirely nodata: not exported
+                    box = (max(cx0, 0), max(cy0, 0), min(cx0 + tx, src.width), min(cy0 + ty, src.height))
+                    pos, boxes, areas, geoms = _chip_features(
+                        cand_geoms, cand_bounds, cand_areas, cand_poly, box, job.min_overlap_ratio,
+                        want_geoms or fmt.instances)
+                    if job.only_with_features and pos.size == 0:
+                        continue
+                    to_raster = Affine.translation(cx0, cy0)
+                    shift = Affine.translation(-cx0, -cy0)
+                    boxes = np.clip(boxes - (cx0, cy0, cx0, cy0), 0, (tx, ty, tx, ty)) + 0.0
+                    geoms = None if geoms is None else shapely.transform(geoms, lambda xy, o=(cx0, cy0): xy - o)
+                    chip = b.pixels[(slice(None), *sl)]
+                    mask = None if b.mask is None else b.mask[sl]
+                    inst = None if b.instances is None else b.instances[sl]
+                else:
+                    to_raster = _rotation(angle, tx, ty, cx0 + tx / 2, cy0 + ty / 2)
+                    shift = ~to_raster
+                    chip_valid = _sample(b.any_valid[None].astype(np.uint8), (wx0, wy0), to_raster,
+                                         (ty, tx), None)[0].astype(bool) if b.any_valid is not None else None
+                    if chip_valid is not None and not chip_valid.any():
+                        continue
+                    local = shapely.transform(cand_geoms, lambda xy, m=shift: np.column_stack(
+                        [m.a * xy[:, 0] + m.b * xy[:, 1] + m.c, m.d * xy[:, 0] + m.e * xy[:, 1] + m.f]))
+                    pos, boxes, areas, geoms = _chip_features(
+                        local, shapely.bounds(local).reshape(-1, 4), cand_areas, cand_poly,
+                        (0, 0, tx, ty), job.min_overlap_ratio, True)
+                    if job.only_with_features and pos.size == 0:
+                        continue
+                    boxes = np.clip(boxes, 0, (tx, ty, tx, ty)) + 0.0
+                    chip = _sample(b.pixels, (wx0, wy0), to_raster, (ty, tx), src.nodata)
+                    idx_values = b.class_values[labels.class_index[cand[pos]] + 1]
+                    mask = inst = None
+                    if fmt.rasterize:
+                        mask = _rasterize(geoms, idx_values, (ty, tx), Affine.identity(), b.mask_dtype)
+                    if fmt.instances:
+                        inst = _rasterize(geoms, np.arange(1, len(pos) + 1), (ty, tx), Affine.identity(),
+                                          np.uint32)
+                    for raster in (mask, inst):
+                        if raster is not None and chip_valid is not None:
+                            raster[~chip_valid] = 0
+                chip_id = job.id_offset + grid.chip_id(row, col) * n_angles + k
+                stem = f"{chip_id:09d}"
+                transform = src.affine @ to_raster
+                class_index = labels.class_index[cand[pos]]
+                if inst is not None and angle == 0:
+                    # block-wide instance ids → positions of this chip's features (1-based)
+                    lookup = np.zeros(len(cand) + 1, np.uint32)
+                    lookup[pos + 1] = np.arange(1, len(pos) + 1)
+                    inst = lookup[inst]
+                label = ChipLabel(
+                    stem=stem, image_name=f"{stem}.{job.encoder.extension}",
+                    width=tx, height=ty, depth=src.count,
+                    values=b.class_values[class_index + 1], boxes=boxes, class_index=class_index,
+                    classes=labels.classes, mask=mask, instances=inst,
+                    geoms=geoms if want_geoms else None,
+                    encode_raster=lambda m, t=transform: job.encoder.label(m, t),
+                )
+                image_rel = fmt.image_relpath(label)
+                for suffix, data in job.encoder.image(chip, transform):
+                    job.store.put(f"{image_rel}{suffix}", data)
+                files = fmt.files(label, job.label_extension)
+                for rel, data in files:
+                    job.store.put(rel, data)
+                result.add_chip_features(class_index, areas * labels.pixel_area)
+                if mask is not None:
+                    counts = np.bincount(mask.ravel(), minlength=int(b.class_values.max()) + 1)
+                    result.add_chip_pixels(counts[b.class_values[1:]])
+                if angle == 0:
+                    exported.append((cy0 - wy0, cx0 - wx0))
+                else:
+                    result.add_band_moments(*_direct_moments(
+                        chip, None if chip_valid is None else _valid_mask(chip, src.nodata)))
+                counts = np.bincount(class_index, minlength=job.n_classes)
+                rows.append((chip_id, f"{image_rel}.{job.encoder.extension}",
+                             files[0][0] if files else "", counts))
+    rows.sort(key=lambda t: t[0])
+    result.set_rows(rows)
+    if exported:
+        result.add_band_moments(*_band_moments(b.pixels, b.valid, exported, (ty, tx)))
     job.store.commit_block(block.id, result.to_json())  # after every file of the block
     return result

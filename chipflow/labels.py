@@ -55,12 +55,16 @@ class LabelSet:
         Sorted by value.
     pixel_area : float
         Map units² per pixel, to report feature areas in map units.
+    mask : shapely geometry or None
+        The union of ``in_mask_polygons`` in pixel coordinates: only chips it
+        covers are exported.
     """
 
     geoms: np.ndarray
     class_index: np.ndarray
     classes: tuple[ClassInfo, ...]
     pixel_area: float
+    mask: Any = None
     bounds: np.ndarray = field(init=False)
     areas: np.ndarray = field(init=False)
     polygonal: np.ndarray = field(init=False)
@@ -75,10 +79,12 @@ class LabelSet:
     def __getstate__(self) -> dict[str, Any]:
         # The tree is rebuilt lazily once per worker, never pickled.
         return {"geoms": self.geoms, "class_index": self.class_index,
-                "classes": self.classes, "pixel_area": self.pixel_area}
+                "classes": self.classes, "pixel_area": self.pixel_area, "mask": self.mask}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
+        if self.mask is not None:
+            shapely.prepare(self.mask)
 
     def __len__(self) -> int:
         return len(self.geoms)

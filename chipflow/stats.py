@@ -64,6 +64,9 @@ class BlockResult:
     band_m2: np.ndarray = field(init=False)
     band_min: np.ndarray = field(init=False)
     band_max: np.ndarray = field(init=False)
+    image_paths: list[str] = field(default_factory=list)
+    label_paths: list[str] = field(default_factory=list)
+    chip_class_counts: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         c, b = self.n_classes, self.n_bands
@@ -77,6 +80,14 @@ class BlockResult:
         self.band_m2 = np.zeros(b)
         self.band_min = np.full(b, np.inf)
         self.band_max = np.full(b, -np.inf)
+        self.chip_class_counts = np.zeros((0, c), np.int32)
+
+    def set_rows(self, rows: list[tuple[int, str, str, np.ndarray]]) -> None:
+        """Record the exported chips: id, image path, first label path, features per class."""
+        self.chip_ids = np.asarray([r[0] for r in rows], np.int64)
+        self.image_paths = [r[1] for r in rows]
+        self.label_paths = [r[2] for r in rows]
+        self.chip_class_counts = np.asarray([r[3] for r in rows], np.int32).reshape(len(rows), self.n_classes)
 
     @property
     def num_chips(self) -> int:
@@ -85,11 +96,12 @@ class BlockResult:
 
     _ARRAYS = ("chip_ids", "features_per_image", "images_per_class", "features_per_class",
                "area_per_class", "pixel_images_per_class", "pixels_per_class", "classes_per_image",
-               "band_n", "band_mean", "band_m2", "band_min", "band_max")
+               "band_n", "band_mean", "band_m2", "band_min", "band_max", "chip_class_counts")
 
     def to_json(self) -> bytes:
         """Serialise exactly (floats round-trip; ±inf as ``Infinity``): a block's commit marker."""
-        data: dict[str, Any] = {"n_classes": self.n_classes, "n_bands": self.n_bands}
+        data: dict[str, Any] = {"n_classes": self.n_classes, "n_bands": self.n_bands,
+                                "image_paths": self.image_paths, "label_paths": self.label_paths}
         for name in self._ARRAYS:
             value = getattr(self, name)
             data[name] = {"dtype": value.dtype.str, "shape": list(value.shape),
@@ -100,7 +112,8 @@ class BlockResult:
     def from_json(cls, raw: bytes) -> BlockResult:
         """Inverse of :meth:`to_json`."""
         data = json.loads(raw)
-        out = cls(int(data["n_classes"]), int(data["n_bands"]))
+        out = cls(int(data["n_classes"]), int(data["n_bands"]), image_paths=data["image_paths"],
+                  label_paths=data["label_paths"])
         for name in cls._ARRAYS:
             item = data[name]
             setattr(out, name, np.asarray(item["data"], dtype=np.dtype(item["dtype"])).reshape(item["shape"]))
@@ -148,6 +161,9 @@ def merge(a: BlockResult, b: BlockResult) -> BlockResult:
     """Merge two results (associative; the tree's fixed shape makes it deterministic)."""
     out = BlockResult(a.n_classes, a.n_bands)
     out.chip_ids = np.concatenate([a.chip_ids, b.chip_ids])
+    out.image_paths = a.image_paths + b.image_paths
+    out.label_paths = a.label_paths + b.label_paths
+    out.chip_class_counts = np.concatenate([a.chip_class_counts, b.chip_class_counts])
     out.features_per_image = _merge_summary(a.features_per_image, b.features_per_image)
     out.classes_per_image = _merge_summary(a.classes_per_image, b.classes_per_image)
     for name in ("images_per_class", "features_per_class", "pixel_images_per_class"):
@@ -283,11 +299,13 @@ class Summary:
         return out
 
     def map_txt(self, r: BlockResult) -> bytes:
-        r"""``map.txt``: one ``images\\<stem>.<ext>  labels\\<stem>.<ext> `` line per chip."""
-        ie, le = self.image_extension, self.label_extension
-        return "".join(
-            f"images\\{i:09d}.{ie}  labels\\{i:09d}.{le} \n" for i in np.sort(r.chip_ids).tolist()
-        ).encode()
+        r"""``map.txt``: one ``images\<stem>.<ext>  labels\<stem>.<ext> `` line per chip, by id."""
+        order = np.argsort(r.chip_ids, kind="stable")
+        lines = []
+        for i in order.tolist():
+            image, label = r.image_paths[i].replace("/", "\\"), r.label_paths[i].replace("/", "\\")
+            lines.append(f"{image}  {label} \n" if label else f"{image} \n")
+        return "".join(lines).encode()
 
     def stats_txt(self, r: BlockResult) -> bytes:
         """``stats.txt``: the human-readable summary (never read by the consumer)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -29,9 +29,19 @@ class ChipLabel:
     boxes : numpy.ndarray
         ``(n, 4)`` float64 ``xmin, ymin, xmax, ymax`` in chip pixels (origin
         top-left), the pixel box of each feature clipped to the chip.
+    class_index : numpy.ndarray
+        ``(n,)`` index of each feature's class in ``classes``.
+    classes : tuple of ClassInfo
+        Every class of the export, sorted by value.
     mask : numpy.ndarray or None
         ``(height, width)`` class-value raster (0 = background/nodata), for
         formats with ``rasterize = True``.
+    instances : numpy.ndarray or None
+        ``(height, width)`` raster of feature positions ``1..n`` (0 = none), for
+        formats with ``instances = True``.
+    geoms : numpy.ndarray or None
+        ``(n,)`` shapely geometries clipped to the chip, in chip pixels, for
+        formats with ``needs_geometry = True``.
     encode_raster : callable or None
         Encodes a ``(height, width)`` array as a georeferenced chip in the
         dataset's label raster format.
@@ -44,14 +54,20 @@ class ChipLabel:
     depth: int
     values: np.ndarray
     boxes: np.ndarray
+    class_index: np.ndarray
+    classes: tuple[Any, ...] = ()
     mask: np.ndarray | None = None
+    instances: np.ndarray | None = None
+    geoms: np.ndarray | None = None
     encode_raster: Callable[[np.ndarray], bytes] | None = None
 
 
 class LabelFormat(ABC):
-    """A metadata format: how one chip's features become one label file.
+    """A metadata format: how one chip's features become its label file(s).
 
-    Subclasses set the class attributes and implement :meth:`encode`.
+    Subclasses set the class attributes and implement :meth:`encode` and
+    :meth:`count`; formats with another layout override :meth:`image_relpath`
+    and :meth:`files`.
     """
 
     #: The ESRI ``metadata_format`` spelling.
@@ -60,13 +76,28 @@ class LabelFormat(ABC):
     output_features: ClassVar[bool] = True
     #: Whether the pipeline must rasterize the features into ``ChipLabel.mask``.
     rasterize: ClassVar[bool] = False
+    #: Whether the pipeline must rasterize feature instances into ``ChipLabel.instances``.
+    instances: ClassVar[bool] = False
+    #: Whether the pipeline must pass clipped chip-space geometries in ``ChipLabel.geoms``.
+    needs_geometry: ClassVar[bool] = False
+    #: Which statistics block of ``esri_accumulated_stats.json`` :meth:`count` agrees with.
+    counted: ClassVar[str] = "NumFeaturesPerClass"
 
     def label_extension(self, image_extension: str) -> str:
         """The label file's extension, given the image chips' extension."""
         return "txt"
 
-    #: Which statistics block of ``esri_accumulated_stats.json`` :meth:`count` agrees with.
-    counted: ClassVar[str] = "NumFeaturesPerClass"
+    def image_relpath(self, chip: ChipLabel) -> str:
+        """Where the chip's image goes, without extension (``images/<stem>``)."""
+        return f"images/{chip.stem}"
+
+    def files(self, chip: ChipLabel, label_extension: str) -> list[tuple[str, bytes]]:
+        """The chip's label files as ``(relative path, bytes)``; the first one goes in map.txt."""
+        return [(f"labels/{chip.stem}.{label_extension}", self.encode(chip))]
+
+    def emd_extra(self) -> dict[str, Any]:
+        """Keys this format adds to ``esri_model_definition.emd``."""
+        return {}
 
     @abstractmethod
     def encode(self, chip: ChipLabel) -> bytes:
