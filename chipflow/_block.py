@@ -20,7 +20,7 @@ from .grid import Block, ChipGrid
 from .labels import LabelSet
 from .sources import RasterSource, read_window
 from .stats import BlockResult
-from .store import Store
+from .store import RUN_DIR, Store
 
 __all__ = ["Job", "process_block"]
 
@@ -294,6 +294,7 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
     cand_areas, cand_poly = labels.areas[cand], labels.polygonal[cand]
     want_geoms = fmt.needs_geometry
     n_angles = len(job.angles)
+    part_labels: list[tuple[int, ChipLabel]] = []
     for r, row in enumerate(range(*block.rows)):
         cy0 = int(grid.ys[row])
         for c, col in enumerate(range(*block.cols)):
@@ -314,7 +315,8 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                     to_raster = Affine.translation(cx0, cy0)
                     shift = Affine.translation(-cx0, -cy0)
                     boxes = np.clip(boxes - (cx0, cy0, cx0, cy0), 0, (tx, ty, tx, ty)) + 0.0
-                    geoms = None if geoms is None else shapely.transform(geoms, lambda xy, o=(cx0, cy0): xy - o)
+                    if geoms is not None:
+                        geoms = shapely.transform(geoms, lambda xy, o=(cx0, cy0): xy - o)
                     chip = b.pixels[(slice(None), *sl)]
                     mask = None if b.mask is None else b.mask[sl]
                     inst = None if b.instances is None else b.instances[sl]
@@ -364,6 +366,8 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                 image_rel = fmt.image_relpath(label)
                 for suffix, data in job.encoder.image(chip, transform):
                     job.store.put(f"{image_rel}{suffix}", data)
+                if fmt.has_parts:
+                    part_labels.append((chip_id, label))
                 files = fmt.files(label, job.label_extension)
                 for rel, data in files:
                     job.store.put(rel, data)
@@ -381,6 +385,9 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                              files[0][0] if files else "", counts))
     rows.sort(key=lambda t: t[0])
     result.set_rows(rows)
+    if fmt.has_parts:
+        part = fmt.block_part([lab for _, lab in sorted(part_labels, key=lambda t: t[0])])
+        job.store.put(f"{RUN_DIR}/parts/{block.id:07d}.part", part or b"")
     if exported:
         result.add_band_moments(*_band_moments(b.pixels, b.valid, exported, (ty, tx)))
     job.store.commit_block(block.id, result.to_json())  # after every file of the block

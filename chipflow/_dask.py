@@ -16,7 +16,7 @@ from .labels import LabelSet
 from .progress import Progress
 from .stats import BlockResult, merge_all
 
-__all__ = ["MallocTuning", "cluster_client", "run_blocks"]
+__all__ = ["MallocTuning", "cluster_client", "finalize_format", "run_blocks"]
 
 #: Fan-in of the reduction tree.
 SPLIT_EVERY = 8
@@ -136,3 +136,20 @@ def run_blocks(
             progress.finish()
     root = level[0]
     return root.result() if isinstance(root, Future) else root
+
+
+def _finalize(store: Any, metadata_format: str, block_ids: list[int], classes: tuple[Any, ...]) -> None:
+    from .formats import get
+    from .store import RUN_DIR
+
+    parts = [store.read(f"{RUN_DIR}/parts/{i:07d}.part") or b"" for i in block_ids]
+    get(metadata_format).finalize(store, parts, classes)
+
+
+def finalize_format(client: Any, job: Job, blocks: list[Block], classes: tuple[Any, ...]) -> None:
+    """Build a format's dataset-wide files (COCO annotations...) from the blocks' parts, on a worker."""
+    from .formats import get
+
+    if get(job.metadata_format).has_parts:
+        client.submit(_finalize, job.store, job.metadata_format, [b.id for b in blocks], classes,
+                      key=f"chipflow-finalize-{uuid.uuid4().hex[:8]}", pure=False).result()

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ._dask import cluster_client, run_blocks
+from ._dask import cluster_client, finalize_format, run_blocks
 from ._version import __version__
 from .config import ExportConfig, make_config
 from .grid import Block
@@ -160,6 +160,7 @@ def export_training_data(
         timings["cluster"] = time.perf_counter() - mark
         mark = time.perf_counter()
         merged = run_blocks(c, blocks, job, labels, committed=committed, progress=progress)
+        finalize_format(c, job, blocks, labels.classes)
         timings["run"] = time.perf_counter() - mark
     mark = time.perf_counter()
     summary = Summary(
@@ -175,6 +176,7 @@ def export_training_data(
         cell_size=source.cell_size,
         epsg=source.epsg,
         crs_wkt=source.crs_wkt,
+        emd_extra=fmt.emd_extra(),
     )
     statistics = _write_metadata(store, summary, merged)
     timings["metadata"] = time.perf_counter() - mark

@@ -216,6 +216,8 @@ class Summary:
     cell_size: tuple[float, float]
     epsg: int | None
     crs_wkt: str
+    emd_extra: dict[str, Any] = field(default_factory=dict)
+    image_space: str = "MAP_SPACE"
 
     def band_stats(self, r: BlockResult) -> list[dict[str, Any]]:
         """``AllTilesStats``: Min/Max/Mean/StdDev per band over the exported chips' valid pixels."""
@@ -243,7 +245,7 @@ class Summary:
             "ImageWidth": self.tile_size_x,
             "ExtractBands": list(range(len(self.band_names))),
             "MetaDataMode": self.metadata_format,
-            "ImageSpaceUsed": "MAP_SPACE",
+            "ImageSpaceUsed": self.image_space,
             "IsMultidimensional": False,
             "MinCellSize": self._cell(),
             "MaxCellSize": self._cell(),
@@ -255,6 +257,7 @@ class Summary:
             "AllTilesStats": self.band_stats(r),
             "Classes": [{"Value": c.value, "Name": c.name, "Color": list(c.color)}
                         for c in self.classes],
+            **self.emd_extra,
         }
 
     def accumulated_stats(self, r: BlockResult) -> dict[str, Any]:

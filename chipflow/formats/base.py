@@ -82,6 +82,10 @@ class LabelFormat(ABC):
     needs_geometry: ClassVar[bool] = False
     #: Which statistics block of ``esri_accumulated_stats.json`` :meth:`count` agrees with.
     counted: ClassVar[str] = "NumFeaturesPerClass"
+    #: False for formats that export chips without labels (``in_class_data`` optional).
+    needs_labels: ClassVar[bool] = True
+    #: True for formats with a dataset-wide file built from :meth:`block_part` / :meth:`finalize`.
+    has_parts: ClassVar[bool] = False
 
     def label_extension(self, image_extension: str) -> str:
         """The label file's extension, given the image chips' extension."""
@@ -98,6 +102,17 @@ class LabelFormat(ABC):
     def emd_extra(self) -> dict[str, Any]:
         """Keys this format adds to ``esri_model_definition.emd``."""
         return {}
+
+    def block_part(self, chips: list[ChipLabel]) -> bytes | None:
+        """A block's share of a dataset-wide label file (COCO's annotations), or None.
+
+        Called once per block with the labels of the chips it exported, in chip-id
+        order; the bytes are stored with the block and handed to :meth:`finalize`.
+        """
+        return None
+
+    def finalize(self, store: Any, parts: list[bytes], classes: tuple[Any, ...]) -> None:
+        """Write dataset-wide files from the blocks' parts (in block order), after every block."""
 
     @abstractmethod
     def encode(self, chip: ChipLabel) -> bytes:
