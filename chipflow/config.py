@@ -8,17 +8,23 @@ before the first byte of output.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any, TypeVar
 
-from .errors import InvalidParameterError
+import numpy as np
+
+from .errors import ChipflowDeprecationWarning, InvalidParameterError
 from .formats import LabelFormat
 from .formats import get as get_format
 from .grid import EdgePolicy
 
 __all__ = [
+    "CropMode",
     "ExportConfig",
+    "ProcessingMode",
+    "ReferenceSystem",
     "ImageChipFormat",
     "NoFeatureTiles",
     "check_against_raster",
@@ -46,6 +52,28 @@ class NoFeatureTiles(str, Enum):
     ONLY_TILES_WITH_FEATURES = "ONLY_TILES_WITH_FEATURES"
 
 
+class ReferenceSystem(str, Enum):
+    """ESRI ``reference_system``: the space chips are cut in."""
+
+    MAP_SPACE = "MAP_SPACE"
+    PIXEL_SPACE = "PIXEL_SPACE"
+    IMAGE_SPACE = "IMAGE_SPACE"
+
+
+class ProcessingMode(str, Enum):
+    """ESRI ``processing_mode``: several input rasters as one mosaic, or each on its own."""
+
+    PROCESS_AS_MOSAICKED_IMAGE = "PROCESS_AS_MOSAICKED_IMAGE"
+    PROCESS_ITEMS_SEPARATELY = "PROCESS_ITEMS_SEPARATELY"
+
+
+class CropMode(str, Enum):
+    """ESRI ``crop_mode`` (Labeled_Tiles, Imagenet): chips of the tile size, or the feature's box."""
+
+    FIXED_SIZE = "FIXED_SIZE"
+    BOUNDING_BOX = "BOUNDING_BOX"
+
+
 E = TypeVar("E", bound=Enum)
 
 
@@ -59,6 +87,44 @@ def _enum(cls: type[E], parameter: str, value: Any) -> E:
                 return member
     allowed = ", ".join(m.value for m in cls)
     raise InvalidParameterError(parameter, value, f"must be one of {allowed}")
+
+
+def _number(parameter: str, value: Any, *, low: float, high: float, high_open: bool = False) -> float:
+    """A float (numbers or numeric strings) within ``[low, high]`` (or ``[low, high)``)."""
+    try:
+        number = float(str(value).strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    ok = low <= number < high if high_open else low <= number <= high
+    if isinstance(value, bool) or not ok:
+        bound = f"{low} <= value {'<' if high_open else '<='} {high}"
+        raise InvalidParameterError(parameter, value, f"must be a number with {bound}")
+    return number
+
+
+def _extent(value: Any) -> tuple[float, float, float, float] | None:
+    """``(xmin, ymin, xmax, ymax)`` from a sequence or arcpy's ``"xmin ymin xmax ymax"`` string."""
+    if value is None:
+        return None
+    parts = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+    try:
+        box = tuple(float(v) for v in parts)
+    except (TypeError, ValueError):
+        box = ()
+    if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
+        raise InvalidParameterError(
+            "extent", value, "must be (xmin, ymin, xmax, ymax) in the raster's CRS, with xmin < xmax "
+            "and ymin < ymax")
+    return box  # type: ignore[return-value]
+
+
+def _flag(parameter: str, value: Any, true: str, false: str) -> bool:
+    """ESRI's two-valued keywords, or a bool."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().upper() in (true, false):
+        return value.strip().upper() == true
+    raise InvalidParameterError(parameter, value, f"must be {true} or {false}")
 
 
 def _positive_int(parameter: str, value: Any) -> int:
@@ -92,6 +158,15 @@ class ExportConfig:
     output_nofeature_tiles: NoFeatureTiles = NoFeatureTiles.ONLY_TILES_WITH_FEATURES
     metadata_format: str = "KITTI_rectangles"
     class_value_field: str | None = None
+    buffer_radius: float = 0.0
+    rotation_angle: float = 0.0
+    reference_system: ReferenceSystem = ReferenceSystem.MAP_SPACE
+    processing_mode: ProcessingMode = ProcessingMode.PROCESS_AS_MOSAICKED_IMAGE
+    blacken_around_feature: bool = False
+    crop_mode: CropMode = CropMode.FIXED_SIZE
+    min_polygon_overlap_ratio: float = 0.0
+    cell_size: float | None = None
+    extent: tuple[float, float, float, float] | None = None
     edge_policy: EdgePolicy = EdgePolicy.DROP
     overwrite: bool = False
 
@@ -100,9 +175,18 @@ class ExportConfig:
         """The metadata format's writer."""
         return get_format(self.metadata_format)
 
+    @property
+    def angles(self) -> tuple[float, ...]:
+        """Rotations of each chip: 0, then the angle again and again below 360 (ArcGIS)."""
+        a = self.rotation_angle
+        if a == 0:
+            return (0.0,)
+        return tuple(float(a * k) for k in range(int(np.ceil(360 / a - 1e-9))) if a * k < 360)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready parameters (enums as their ESRI strings)."""
-        return {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self).items()}
+        """JSON-ready parameters (enums as their ESRI strings, tuples as lists)."""
+        return {k: (v.value if isinstance(v, Enum) else list(v) if isinstance(v, tuple) else v)
+                for k, v in asdict(self).items()}
 
 
 def make_config(
@@ -117,6 +201,16 @@ def make_config(
     output_nofeature_tiles: Any = "ONLY_TILES_WITH_FEATURES",
     metadata_format: Any = "KITTI_rectangles",
     class_value_field: Any = None,
+    buffer_radius: Any = 0,
+    rotation_angle: Any = 0,
+    reference_system: Any = "MAP_SPACE",
+    processing_mode: Any = "PROCESS_AS_MOSAICKED_IMAGE",
+    blacken_around_feature: Any = "NO_BLACKEN",
+    crop_mode: Any = "FIXED_SIZE",
+    min_polygon_overlap_ratio: Any = 0,
+    start_index: Any = None,
+    cell_size: Any = None,
+    extent: Any = None,
     edge_policy: Any = "DROP",
     overwrite: bool = False,
 ) -> ExportConfig:
@@ -127,11 +221,18 @@ def make_config(
     InvalidParameterError
         Naming the first parameter whose value cannot be used.
     """
-    for name, value in (("in_raster", in_raster), ("out_folder", out_folder)):
+    rasters = list(in_raster) if isinstance(in_raster, list | tuple) else [in_raster]
+    for name, value in [*(("in_raster", r) for r in rasters), ("out_folder", out_folder)]:
         if not isinstance(value, str | bytes) and not hasattr(value, "__fspath__"):
-            raise InvalidParameterError(name, value, "must be a path or URL")
+            raise InvalidParameterError(name, value, "must be a path or URL (or, for in_raster, a list)")
         if not str(value).strip():
             raise InvalidParameterError(name, value, "must not be empty")
+    if not rasters:
+        raise InvalidParameterError("in_raster", in_raster, "must name at least one raster")
+    if start_index not in (None, "#"):
+        warnings.warn(
+            f"start_index={start_index!r} is deprecated (as in ArcGIS) and ignored: chip names come "
+            "from their grid position", ChipflowDeprecationWarning, stacklevel=3)
     if output_nofeature_tiles is True or output_nofeature_tiles is False:
         # arcpy's Boolean form: True exports every tile.
         output_nofeature_tiles = "ALL_TILES" if output_nofeature_tiles else "ONLY_TILES_WITH_FEATURES"
@@ -143,7 +244,7 @@ def make_config(
             "class_value_field", class_value_field, "must be a field name, or None to detect it"
         )
     return ExportConfig(
-        in_raster=str(in_raster),
+        in_raster=tuple(str(r) for r in rasters),
         out_folder=str(out_folder),
         image_chip_format=_enum(ImageChipFormat, "image_chip_format", image_chip_format),
         tile_size_x=_positive_int("tile_size_x", tile_size_x),
@@ -153,6 +254,18 @@ def make_config(
         output_nofeature_tiles=_enum(NoFeatureTiles, "output_nofeature_tiles", output_nofeature_tiles),
         metadata_format=fmt.name,
         class_value_field=class_value_field.strip() if class_value_field else None,
+        buffer_radius=_number("buffer_radius", buffer_radius, low=0, high=float("inf")),
+        rotation_angle=_number("rotation_angle", rotation_angle, low=0, high=360, high_open=True),
+        reference_system=_enum(ReferenceSystem, "reference_system", reference_system),
+        processing_mode=_enum(ProcessingMode, "processing_mode", processing_mode),
+        blacken_around_feature=_flag("blacken_around_feature", blacken_around_feature,
+                                     "BLACKEN_AROUND_FEATURE", "NO_BLACKEN"),
+        crop_mode=_enum(CropMode, "crop_mode", crop_mode),
+        min_polygon_overlap_ratio=_number("min_polygon_overlap_ratio", min_polygon_overlap_ratio,
+                                          low=0, high=1),
+        cell_size=None if cell_size is None else _number("cell_size", cell_size, low=1e-12,
+                                                           high=float("inf")),
+        extent=_extent(extent),
         edge_policy=_enum(EdgePolicy, "edge_policy", edge_policy),
         overwrite=bool(overwrite),
     )

@@ -47,7 +47,7 @@ def _geokeys(crs_wkt: str) -> tuple[tuple[int, int, int, object, bool], ...]:
 
 def _georef_tags(transform: Affine) -> list[tuple[int, int, int, object, bool]]:
     a, b, c, d, e, f = transform[:6]
-    if b == 0 and d == 0:
+    if b == 0 and d == 0 and a > 0 and e < 0:  # north-up: scale and tie point, as GDAL writes
         return [
             (33550, _DOUBLE, 3, (a, -e, 0.0), True),  # ModelPixelScale
             (33922, _DOUBLE, 6, (0.0, 0.0, 0.0, c, f, 0.0), True),  # ModelTiepoint

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "ChipflowDeprecationWarning",
     "ChipflowError",
     "ChipflowWarning",
     "InputNotFoundError",
@@ -26,6 +27,10 @@ class ChipflowError(Exception):
 
 class ChipflowWarning(UserWarning):
     """Base class of chipflow's warnings."""
+
+
+class ChipflowDeprecationWarning(ChipflowWarning, DeprecationWarning):
+    """A parameter ArcGIS deprecated (``start_index``): accepted and ignored."""
 
 
 class InvalidParameterError(ChipflowError, ValueError):

@@ -18,7 +18,7 @@ import shapely
 from .errors import InputNotFoundError, LabelError
 from .sources import RasterSource
 
-__all__ = ["ClassInfo", "LabelSet", "read_class_data"]
+__all__ = ["ClassInfo", "LabelSet", "empty_labels", "read_class_data", "read_mask"]
 
 # Distinct, readable class colours (ArcGIS-style [r, g, b]); cycled past 20 classes.
 _PALETTE = (
@@ -94,7 +94,7 @@ class LabelSet:
         import hashlib
 
         digest = hashlib.sha256()
-        digest.update(b"".join(shapely.to_wkb(self.geoms, output_dimension=2).tolist()))
+        digest.update(b"".join(shapely.to_wkb(self.geoms, output_dimension=2).tolist()) if len(self) else b"")
         digest.update(np.asarray(self.values, "<i8").tobytes())
         digest.update(repr(self.classes).encode())
         return digest.hexdigest()
@@ -113,26 +113,61 @@ class LabelSet:
         return np.sort(self._tree.query(shapely.box(*window)))
 
 
-def _read_frame(in_class_data: Any) -> Any:
+def _read_frame(data: Any, parameter: str = "in_class_data") -> Any:
     import geopandas as gpd
 
-    if isinstance(in_class_data, gpd.GeoDataFrame):
-        return in_class_data
-    if not isinstance(in_class_data, str | os.PathLike):
-        raise LabelError(
-            f"in_class_data={in_class_data!r} must be a vector file path or a GeoDataFrame"
-        )
-    path = os.fspath(in_class_data)
+    if isinstance(data, gpd.GeoDataFrame):
+        return data
+    if not isinstance(data, str | os.PathLike):
+        raise LabelError(f"{parameter}={data!r} must be a vector file path or a GeoDataFrame")
+    path = os.fspath(data)
     if "://" not in path and not os.path.exists(path):
-        raise InputNotFoundError("in_class_data", path)
+        raise InputNotFoundError(parameter, path)
     try:
         if path.lower().endswith((".parquet", ".geoparquet")):
             return gpd.read_parquet(path)
         return gpd.read_file(path, engine="pyogrio", use_arrow=True)
     except Exception as exc:  # pyogrio/arrow raise many types for unreadable files
-        raise InputNotFoundError(
-            "in_class_data", path, f"cannot be read as vector data ({exc})"
-        ) from None
+        raise InputNotFoundError(parameter, path, f"cannot be read as vector data ({exc})") from None
+
+
+def _repaired(geoms: np.ndarray) -> np.ndarray:
+    """Invalid geometries made valid (keeping their dimension), missing/empty ones dropped."""
+    invalid = ~shapely.is_valid(geoms) & ~shapely.is_missing(geoms)
+    if invalid.any():
+        geoms = geoms.copy()
+        geoms[invalid] = shapely.make_valid(geoms[invalid], method="structure", keep_collapsed=False)
+    return geoms
+
+
+def read_mask(in_mask_polygons: Any, source: RasterSource) -> Any:
+    """The union of the mask polygons in raster pixel space (prepared), or None.
+
+    Raises
+    ------
+    InputNotFoundError, LabelError
+        Unreadable, without CRS, or not polygons.
+    """
+    if in_mask_polygons is None:
+        return None
+    frame = _read_frame(in_mask_polygons, "in_mask_polygons")
+    if frame.crs is None:
+        raise LabelError(f"in_mask_polygons={_describe(in_mask_polygons)} has no coordinate "
+                         "reference system; set one")
+    geoms = _repaired(frame.geometry.to_crs(source.crs_wkt).to_numpy())
+    geoms = geoms[~(shapely.is_missing(geoms) | shapely.is_empty(geoms))]
+    if len(geoms) == 0 or not np.isin(shapely.get_type_id(geoms), (3, 6)).all():
+        raise LabelError(f"in_mask_polygons={_describe(in_mask_polygons)} must hold polygons")
+    mask = shapely.union_all(_to_pixels(geoms, source))
+    shapely.prepare(mask)
+    return mask
+
+
+def empty_labels(source: RasterSource) -> LabelSet:
+    """No class data (Export_Tiles): no features, no classes."""
+    a, b, _, d, e, _ = source.transform
+    return LabelSet(geoms=np.array([], dtype=object), class_index=np.zeros(0, np.int32), classes=(),
+                    pixel_area=abs(a * e - b * d))
 
 
 def _find_field(columns: list[str], wanted: tuple[str, ...]) -> str | None:
@@ -197,7 +232,8 @@ def _to_pixels(geoms: np.ndarray, source: RasterSource) -> np.ndarray:
 
 
 def read_class_data(
-    in_class_data: Any, *, class_value_field: str | None, source: RasterSource
+    in_class_data: Any, *, class_value_field: str | None, source: RasterSource,
+    buffer_radius: float = 0.0,
 ) -> LabelSet:
     """Read the class data, pick its class field, reproject and repair it.
 
@@ -210,6 +246,9 @@ def read_class_data(
         (any case) is used, else every feature is class 1.
     source : RasterSource
         The raster whose CRS and pixel grid the features are moved to.
+    buffer_radius : float
+        Buffer every feature by this distance in the class data's CRS units
+        first (points become circular samples).
 
     Raises
     ------
@@ -224,11 +263,10 @@ def read_class_data(
         )
     values, _ = _class_values(frame, class_value_field)
     names = _class_names(frame, values)
-    geoms = frame.geometry.to_crs(source.crs_wkt).to_numpy()
-    invalid = ~shapely.is_valid(geoms) & ~shapely.is_missing(geoms)
-    if invalid.any():
-        geoms = geoms.copy()
-        geoms[invalid] = shapely.make_valid(geoms[invalid], method="structure", keep_collapsed=False)
+    series = frame.geometry
+    if buffer_radius > 0:
+        series = series.buffer(buffer_radius)
+    geoms = _repaired(series.to_crs(source.crs_wkt).to_numpy())
     keep = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
     geoms, values = geoms[keep], values[keep]
     _check_single_family(geoms, in_class_data)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from ._dask import cluster_client, finalize_format, run_blocks
+import shapely
+
 from ._version import __version__
 from .config import ExportConfig, make_config
 from .grid import Block
@@ -72,7 +75,7 @@ class ExportResult:
 def export_training_data(
     in_raster: Any,
     out_folder: Any,
-    in_class_data: Any,
+    in_class_data: Any = None,
     *,
     image_chip_format: str = "TIFF",
     tile_size_x: int = 256,
@@ -82,6 +85,17 @@ def export_training_data(
     output_nofeature_tiles: str = "ONLY_TILES_WITH_FEATURES",
     metadata_format: str = "KITTI_rectangles",
     class_value_field: str | None = None,
+    buffer_radius: float = 0,
+    in_mask_polygons: Any = None,
+    rotation_angle: float = 0,
+    reference_system: str = "MAP_SPACE",
+    processing_mode: str = "PROCESS_AS_MOSAICKED_IMAGE",
+    blacken_around_feature: str | bool = "NO_BLACKEN",
+    crop_mode: str = "FIXED_SIZE",
+    min_polygon_overlap_ratio: float = 0,
+    start_index: Any = None,
+    cell_size: float | None = None,
+    extent: Any = None,
     edge_policy: str = "DROP",
     overwrite: bool = False,
     client: Any = None,
@@ -112,6 +126,26 @@ def export_training_data(
         Label format.
     class_value_field : str, optional
         Integer class field; default: a ``value`` or ``classvalue`` field, else class 1.
+    buffer_radius : float
+        Buffer features by this distance (class data CRS units): points become discs.
+    in_mask_polygons : str or geopandas.GeoDataFrame, optional
+        Only chips that fall completely inside these polygons are exported.
+    rotation_angle : float
+        Each chip again rotated by this angle, and again, below 360° (extra chips).
+    reference_system : {"MAP_SPACE", "PIXEL_SPACE", "IMAGE_SPACE"}
+        Map space, or the raw pixel grid (see the README).
+    processing_mode : {"PROCESS_AS_MOSAICKED_IMAGE", "PROCESS_ITEMS_SEPARATELY"}
+        Several input rasters as one mosaic, or each on its own grid.
+    blacken_around_feature, crop_mode
+        Labeled_Tiles and Imagenet options (ESRI values).
+    min_polygon_overlap_ratio : float
+        Drop a feature from a chip's label when less than this fraction of it is inside.
+    start_index : int, optional
+        Deprecated in ArcGIS; accepted and ignored with a warning.
+    cell_size : float, optional
+        Resample the raster to this cell size (raster CRS units) first.
+    extent : tuple of float, optional
+        ``(xmin, ymin, xmax, ymax)`` in the raster's CRS: only chips inside it.
     edge_policy : {"DROP", "PAD", "SHIFT"}
         The last partial row/column of chips: see :mod:`chipflow.grid` (chipflow's own).
     overwrite : bool
@@ -144,9 +178,13 @@ def export_training_data(
         image_chip_format=image_chip_format, tile_size_x=tile_size_x, tile_size_y=tile_size_y,
         stride_x=stride_x, stride_y=stride_y, output_nofeature_tiles=output_nofeature_tiles,
         metadata_format=metadata_format, class_value_field=class_value_field,
+        buffer_radius=buffer_radius, rotation_angle=rotation_angle, reference_system=reference_system,
+        processing_mode=processing_mode, blacken_around_feature=blacken_around_feature,
+        crop_mode=crop_mode, min_polygon_overlap_ratio=min_polygon_overlap_ratio,
+        start_index=start_index, cell_size=cell_size, extent=extent,
         edge_policy=edge_policy, overwrite=overwrite,
     )
-    plan = plan_export(cfg, in_class_data)
+    plan = plan_export(cfg, in_class_data, in_mask_polygons)
     timings = {"plan": time.perf_counter() - started}
     source, labels, blocks = plan.source, plan.labels, list(plan.blocks)
     store = Store(cfg.out_folder)
@@ -216,6 +254,8 @@ def _run_params(cfg: ExportConfig, source: RasterSource, labels: LabelSet,
         "parameters": params,
         "in_raster": raster,
         "in_class_data": {"sha256": labels.fingerprint(), "features": len(labels)},
+        "in_mask_polygons": None if labels.mask is None else hashlib.sha256(
+            shapely.to_wkb(labels.mask)).hexdigest(),
         "blocks": [b.id for b in blocks],
     }
 

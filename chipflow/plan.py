@@ -18,7 +18,8 @@ from ._block import Job
 from .config import ExportConfig, NoFeatureTiles, check_against_raster
 from .encode import ChipEncoder
 from .grid import Block, ChipGrid, plan_blocks
-from .labels import LabelSet, read_class_data
+from .errors import InvalidParameterError
+from .labels import LabelSet, empty_labels, read_class_data, read_mask
 from .sources import RasterSource, open_raster
 from .store import Store
 
@@ -41,7 +42,8 @@ class ExportPlan:
     @property
     def only_with_features(self) -> bool:
         """Whether chips without features are skipped."""
-        return self.cfg.output_nofeature_tiles is NoFeatureTiles.ONLY_TILES_WITH_FEATURES
+        return (self.cfg.label_format.needs_labels
+                and self.cfg.output_nofeature_tiles is NoFeatureTiles.ONLY_TILES_WITH_FEATURES)
 
     @property
     def image_extension(self) -> str:
@@ -66,6 +68,8 @@ class ExportPlan:
             only_with_features=self.only_with_features,
             n_classes=len(self.labels.classes),
             class_values=tuple(c.value for c in self.labels.classes),
+            angles=self.cfg.angles,
+            min_overlap_ratio=self.cfg.min_polygon_overlap_ratio,
         )
 
     def chips_with_features(self) -> int | None:
@@ -118,7 +122,7 @@ class ExportPlan:
         }
 
 
-def plan_export(cfg: ExportConfig, in_class_data: Any) -> ExportPlan:
+def plan_export(cfg: ExportConfig, in_class_data: Any, in_mask_polygons: Any = None) -> ExportPlan:
     """Validate against the inputs and lay out the run, reading no pixels.
 
     Raises
@@ -126,13 +130,25 @@ def plan_export(cfg: ExportConfig, in_class_data: Any) -> ExportPlan:
     chipflow.errors.ChipflowError
         Any input that cannot be used, naming the parameter.
     """
-    source = open_raster(cfg.in_raster)
+    fmt = cfg.label_format
+    if in_class_data is None and fmt.needs_labels:
+        raise InvalidParameterError(
+            "in_class_data", None, f"is required for metadata_format={fmt.name!r}; only formats "
+            "without labels (Export_Tiles) run without class data")
+    source = open_raster(cfg.in_raster[0])
     check_against_raster(cfg, width=source.width, height=source.height, count=source.count,
                          dtype=source.dtype)
-    labels = read_class_data(in_class_data, class_value_field=cfg.class_value_field, source=source)
+    if in_class_data is None:
+        labels = empty_labels(source)
+    else:
+        labels = read_class_data(in_class_data, class_value_field=cfg.class_value_field, source=source,
+                                 buffer_radius=cfg.buffer_radius)
+    labels.mask = read_mask(in_mask_polygons, source)
     grid = ChipGrid(source.width, source.height, cfg.tile_size_x, cfg.tile_size_y,
                     cfg.stride_x, cfg.stride_y, cfg.edge_policy)
     blocks = plan_blocks(grid, align=source.block_shape)
-    if cfg.output_nofeature_tiles is NoFeatureTiles.ONLY_TILES_WITH_FEATURES:
+    if labels.mask is not None:  # blocks with no chip inside the mask polygons
+        blocks = [b for b in blocks if shapely.intersects(labels.mask, shapely.box(*b.window))]
+    if fmt.needs_labels and cfg.output_nofeature_tiles is NoFeatureTiles.ONLY_TILES_WITH_FEATURES:
         blocks = [b for b in blocks if labels.query(b.window).size]
     return ExportPlan(cfg, source, labels, grid, tuple(blocks))

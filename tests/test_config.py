@@ -30,6 +30,9 @@ def test_defaults_are_the_esri_tools():
         "tile_size_y": 256, "stride_x": 128, "stride_y": 128,
         "output_nofeature_tiles": "ONLY_TILES_WITH_FEATURES", "metadata_format": "KITTI_rectangles",
         "class_value_field": None, "edge_policy": "DROP", "overwrite": False,
+        "buffer_radius": 0.0, "rotation_angle": 0.0, "reference_system": "MAP_SPACE",
+        "processing_mode": "PROCESS_AS_MOSAICKED_IMAGE", "blacken_around_feature": False,
+        "crop_mode": "FIXED_SIZE", "min_polygon_overlap_ratio": 0.0, "cell_size": None, "extent": None,
     }
 
 
@@ -44,6 +47,16 @@ def test_defaults_are_the_esri_tools():
         ({"metadata_format": "YOLO9000"}, r"metadata_format='YOLO9000'.*Classified_Tiles, KITTI_rectangles"),
         ({"output_nofeature_tiles": "SOME"}, r"output_nofeature_tiles='SOME'.*ALL_TILES"),
         ({"edge_policy": "wrap"}, r"edge_policy='wrap'.*DROP, PAD, SHIFT"),
+        ({"rotation_angle": 360}, r"rotation_angle=360: must be a number with 0 <= value < 360"),
+        ({"rotation_angle": "x"}, r"rotation_angle='x'"),
+        ({"min_polygon_overlap_ratio": 1.5}, r"min_polygon_overlap_ratio=1.5: .*0 <= value <= 1"),
+        ({"buffer_radius": -1}, r"buffer_radius=-1"),
+        ({"cell_size": 0}, r"cell_size=0"),
+        ({"extent": (5, 0, 1, 1)}, r"extent=\(5, 0, 1, 1\): must be \(xmin, ymin, xmax, ymax\)"),
+        ({"reference_system": "GLOBE"}, r"reference_system='GLOBE'.*MAP_SPACE, PIXEL_SPACE, IMAGE_SPACE"),
+        ({"processing_mode": "ALL"}, r"processing_mode='ALL'.*PROCESS_ITEMS_SEPARATELY"),
+        ({"crop_mode": "TIGHT"}, r"crop_mode='TIGHT'.*FIXED_SIZE, BOUNDING_BOX"),
+        ({"blacken_around_feature": "YES"}, r"blacken_around_feature='YES'.*BLACKEN_AROUND_FEATURE or NO_BLACKEN"),
     ],
 )
 def test_bad_parameters_name_the_parameter_and_value(kwargs, match):

@@ -1,0 +1,139 @@
+"""The ArcGIS tool's parameters beyond the core: each changes the output exactly as documented."""
+
+from __future__ import annotations
+
+import json
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+from conftest import KAMPALA_BUILDINGS, KAMPALA_IMAGE, NC, textured
+from labels_io import chip_ids, read_kitti, read_voc, source_window
+from pyproj import Transformer
+from shapely.geometry import Polygon, box
+
+import chipflow
+from chipflow.errors import ChipflowDeprecationWarning
+from test_export import T, px_polygon
+
+
+def test_buffer_radius_turns_points_into_discs(client, tmp_path):
+    out = tmp_path / "buf"
+    chipflow.export_training_data(
+        NC / "landsat_multiband.tif", out, NC / "landsat96_points.shp", class_value_field="id",
+        buffer_radius=100, metadata_format="PASCAL_VOC_rectangles", tile_size_x=64, tile_size_y=64,
+        stride_x=64, stride_y=64, client=client)
+    points = gpd.read_file(NC / "landsat96_points.shp")
+    with rasterio.open(NC / "landsat_multiband.tif") as ds:
+        t, crs = ds.transform, ds.crs
+    to_raster = Transformer.from_crs(points.crs, crs, always_xy=True)
+    r = 100 / 28.5  # the buffer radius in pixels
+    checked = 0
+    for p, value in zip(points.geometry, points["id"], strict=True):
+        col, row = ~t * to_raster.transform(p.x, p.y)
+        c, rw = int(col // 64), int(row // 64)
+        x, y = col - c * 64, row - rw * 64
+        if not (r < x < 64 - r and r < y < 64 - r) or not (0 <= c < 489 // 64 and 0 <= rw < 443 // 64):
+            continue
+        path = out / "labels" / f"{rw * (489 // 64) + c:09d}.xml"
+        if not path.exists():
+            continue  # an all-nodata chip
+        names, boxes = read_voc(path)
+        expected = np.round([x - r, y - r, x + r, y + r], 2)
+        d = np.abs(boxes - expected).max(axis=1)
+        assert d.min() <= 0.03 and names[int(d.argmin())] == value, (path.name, x, y, expected, boxes)
+        checked += 1
+    assert checked > 50
+
+
+def test_mask_polygons_keep_only_chips_completely_inside(client, tmp_path):
+    with rasterio.open(KAMPALA_IMAGE) as ds:
+        t = ds.transform
+    mask = gpd.GeoDataFrame(geometry=[Polygon([t * (100, 50), t * (700, 50), t * (700, 600), t * (100, 600)])],
+                            crs=3857)
+    out = tmp_path / "mask"
+    r = chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, in_mask_polygons=mask,
+                                      output_nofeature_tiles="ALL_TILES", client=client)
+    # chips of 256 at stride 128 fully inside columns 100..700 and rows 50..600
+    cols = [c for c in range(7) if c * 128 >= 100 and c * 128 + 256 <= 700]
+    rows = [rw for rw in range(7) if rw * 128 >= 50 and rw * 128 + 256 <= 600]
+    assert cols == [1, 2, 3] and rows == [1, 2]
+    assert chip_ids(out) == sorted(rw * 7 + c for rw in rows for c in cols) and r.num_chips == 6
+
+
+def test_rotation_angle_adds_rotated_chips_with_rotated_labels(client, make_raster, tmp_path):
+    raster = make_raster(textured((3, 768, 768)))
+    feature = px_polygon([(300, 290), (340, 290), (340, 330), (300, 330)])  # in chip (1, 1) of 256
+    features = gpd.GeoDataFrame({"value": [2]}, geometry=[feature], crs="EPSG:32633")
+    out = tmp_path / "rot"
+    chipflow.export_training_data(raster, out, features, rotation_angle=90, stride_x=256, stride_y=256,
+                                  metadata_format="KITTI_rectangles", client=client)
+    base = (1 * 3 + 1) * 4  # chip (1, 1), 4 angles: ids base + k
+    assert chip_ids(out) == [base, base + 1, base + 2, base + 3]
+    with rasterio.open(out / "images" / f"{base:09d}.tif") as ds:
+        chip0 = ds.read()
+    x0, y0, x1, y1 = 300 - 256, 290 - 256, 340 - 256, 330 - 256
+    n = 256
+    expected = {0: (x0, y0, x1, y1), 1: (y0, n - x1, y1, n - x0), 2: (n - x1, n - y1, n - x0, n - y0),
+                3: (n - y1, x0, n - y0, x1)}
+    for k in range(4):
+        with rasterio.open(out / "images" / f"{base + k:09d}.tif") as ds:
+            np.testing.assert_array_equal(ds.read(), np.rot90(chip0, k, axes=(1, 2)))
+            centre = ds.transform * (128, 128)
+            assert np.allclose(centre, T * (256 + 128, 256 + 128))  # same centre, rotated frame
+        names, boxes = read_kitti(out / "labels" / f"{base + k:09d}.txt")
+        assert names == [2]
+        np.testing.assert_allclose(boxes[0], expected[k], atol=0.01)
+
+
+def test_rotation_at_45_degrees_samples_the_source_and_clips_labels(client, make_raster, tmp_path):
+    raster = make_raster(textured((1, 512, 512), "uint16") + 1, nodata=0)
+    feature = px_polygon([(200, 200), (312, 200), (312, 312), (200, 312)])
+    features = gpd.GeoDataFrame(geometry=[feature], crs="EPSG:32633")
+    out = tmp_path / "rot45"
+    chipflow.export_training_data(raster, out, features, rotation_angle=45, tile_size_x=128,
+                                  tile_size_y=128, stride_x=128, stride_y=128, client=client,
+                                  metadata_format="PASCAL_VOC_rectangles")
+    n_angles = 8
+    for i in chip_ids(out):
+        k = i % n_angles
+        with rasterio.open(out / "images" / f"{i:09d}.tif") as ds:
+            chip = ds.read(1)
+            rows, cols = np.nonzero(chip)
+            rows, cols = rows[::97], cols[::97]  # a spread-out sample of the valid pixels
+            xs, ys = ds.transform * (cols + 0.5, rows + 0.5)
+            with rasterio.open(raster) as src:
+                sampled = np.array(list(src.sample(zip(xs, ys, strict=True))))[:, 0]
+        assert (chip[rows, cols] == sampled).all(), k  # nearest: every pixel is a source pixel
+        _, boxes = read_voc(out / "labels" / f"{i:09d}.xml")
+        assert ((boxes >= 0) & (boxes <= 128)).all()
+
+
+def test_min_polygon_overlap_ratio_drops_small_parts(client, make_raster, tmp_path):
+    raster = make_raster(textured((3, 512, 512)))
+    triangle = gpd.GeoDataFrame(geometry=[px_polygon([(200, 10), (300, 10), (200, 60)])], crs="EPSG:32633")
+    # left part (x < 256): 2016 of 2500 px² (0.81); right part 484 (0.19)
+    for ratio, expected in ((0.0, [0, 1]), (0.5, [0]), (0.9, [])):
+        out = tmp_path / f"r{ratio}"
+        r = chipflow.export_training_data(raster, out, triangle, min_polygon_overlap_ratio=ratio,
+                                          stride_x=256, stride_y=256, client=client)
+        assert chip_ids(out) == expected and r.num_chips == len(expected)
+
+
+def test_start_index_is_accepted_and_ignored_with_a_deprecation_warning(client, tmp_path):
+    with pytest.warns(ChipflowDeprecationWarning, match=r"start_index=5 is deprecated"):
+        r = chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "s", KAMPALA_BUILDINGS, start_index=5,
+                                          stride_x=512, stride_y=512, client=client)
+    assert chip_ids(tmp_path / "s") == [0, 1, 2, 3] and r.num_chips == 4
+
+
+def test_source_window_helper_still_matches(client, tmp_path):
+    out = tmp_path / "plain"
+    chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, stride_x=512, stride_y=512,
+                                  client=client)
+    chip, window = source_window(out / "images" / "000000003.tif", KAMPALA_IMAGE)
+    np.testing.assert_array_equal(chip, window)
+    emd = json.loads((out / "esri_model_definition.emd").read_text())
+    assert emd["ImageSpaceUsed"] == "MAP_SPACE"
+    assert box(0, 0, 1, 1).area == 1
