@@ -207,20 +207,17 @@ class _Block:
         h = job.halo
         bx0, by0, bx1, by1 = block.window
         self.window = (bx0 - h, by0 - h, bx1 + h, by1 + h)
-        self.pixels = read_window(src, self.window)
+        self.pixels, covered = read_window(src, self.window)
         self.valid = _valid_mask(self.pixels, src.nodata)
         self.any_valid = None if self.valid is None else self.valid.any(axis=0)
         wx0, wy0, wx1, wy1 = self.window
         self.inside = (max(wx0, 0), max(wy0, 0), min(wx1, src.width), min(wy1, src.height))
-        if self.inside != self.window:  # pixels past the raster's edge are not data
-            in_raster = np.zeros(self.pixels.shape[1:], bool)
-            ix0, iy0, ix1, iy1 = self.inside
-            in_raster[iy0 - wy0:iy1 - wy0, ix0 - wx0:ix1 - wx0] = True
-            self.any_valid = in_raster if self.any_valid is None else self.any_valid & in_raster
+        if covered is not None:  # pixels no input covers (past the edge, mosaic gaps) are not data
+            self.any_valid = covered if self.any_valid is None else self.any_valid & covered
             if self.valid is not None:
-                self.valid &= in_raster
+                self.valid &= covered
             else:
-                self.valid = np.broadcast_to(in_raster, self.pixels.shape).copy()
+                self.valid = np.broadcast_to(covered, self.pixels.shape).copy()
         self.cand = labels.query(self.inside)
         self.class_values = np.asarray((0, *job.class_values), dtype=np.int64)  # index 0 unused
         self.mask_dtype = np.uint8 if self.class_values.max() <= 255 else np.uint16
@@ -348,7 +345,7 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                             raster[~chip_valid] = 0
                 chip_id = job.id_offset + grid.chip_id(row, col) * n_angles + k
                 stem = f"{chip_id:09d}"
-                transform = src.affine @ to_raster
+                transform = src.chip_affine @ to_raster
                 class_index = labels.class_index[cand[pos]]
                 if inst is not None and angle == 0:
                     # block-wide instance ids → positions of this chip's features (1-based)

@@ -79,38 +79,42 @@ def cluster_client(client: Any = None, scheduler: str | None = None,
 
 def run_blocks(
     client: Any,
-    blocks: list[Block],
-    job: Job,
-    labels: LabelSet,
+    work: list[tuple[Block, Job, LabelSet]],
     *,
     committed: dict[int, BlockResult] | None = None,
     progress: Progress | None = None,
 ) -> BlockResult:
     """Run one task per block not yet committed and tree-merge all results on the cluster.
 
-    The class data is broadcast once to every worker (each deserializes it and
-    builds its spatial index once). ``committed`` blocks (from an interrupted
-    run) are not run again: their stored results take their place in the tree.
-    The tree's shape depends only on the block list, so merged statistics are
-    identical on any cluster and after any resume.
+    ``work`` lists each block with its job and labels (one pair per input item).
+    Each item's class data is broadcast once to every worker (each deserializes
+    it and builds its spatial index once). ``committed`` blocks (from an
+    interrupted run) are not run again: their stored results take their place in
+    the tree. The tree's shape depends only on the block list, so merged
+    statistics are identical on any cluster and after any resume.
     """
     from distributed import Future, as_completed
 
     committed = committed or {}
-    if not blocks:
-        return BlockResult(job.n_classes, job.source.count)
-    todo = [b for b in blocks if b.id not in committed]
+    if not work:
+        return BlockResult(0, 0)
+    first_job = work[0][1]
+    todo = [(b, job, labels) for b, job, labels in work if b.id not in committed]
     token = uuid.uuid4().hex[:8]
     futures = []
     if todo:
         client.register_plugin(MallocTuning(), name=MallocTuning.name)
-        labels_future = client.scatter(labels, broadcast=True, hash=False)
+        scattered: dict[int, Any] = {}
+        for _, _, labels in todo:
+            if id(labels) not in scattered:
+                scattered[id(labels)] = client.scatter(labels, broadcast=True, hash=False)
         futures = client.map(
-            process_block, todo, job=job, labels=labels_future,
-            key=[f"chipflow-block-{token}-{b.id}" for b in todo], retries=3, pure=False,
+            process_block, [b for b, _, _ in todo], [j for _, j, _ in todo],
+            [scattered[id(lab)] for _, _, lab in todo],
+            key=[f"chipflow-block-{token}-{b.id}" for b, _, _ in todo], retries=3, pure=False,
         )
-    by_id = {b.id: f for b, f in zip(todo, futures, strict=True)}
-    level: list[Any] = [by_id.get(b.id, committed.get(b.id)) for b in blocks]
+    by_id = {b.id: f for (b, _, _), f in zip(todo, futures, strict=True)}
+    level: list[Any] = [by_id.get(b.id, committed.get(b.id)) for b, _, _ in work]
     depth = 0
     while len(level) > 1:
         groups = [level[i:i + SPLIT_EVERY] for i in range(0, len(level), SPLIT_EVERY)]
@@ -122,13 +126,15 @@ def run_blocks(
         ]
         depth += 1
     if progress is not None:
-        progress.start(blocks=len(blocks), chips=sum(b.n_chips for b in blocks),
+        angles = len(first_job.angles)
+        progress.start(blocks=len(work), chips=sum(b.n_chips for b, _, _ in work) * angles,
                        dashboard=getattr(client, "dashboard_link", None))
         try:
-            for b in blocks:
+            for b, _, _ in work:
                 if b.id in committed:
-                    progress.update(chips_written=committed[b.id].num_chips, chips_planned=b.n_chips)
-            planned = {f.key: b.n_chips for b, f in zip(todo, futures, strict=True)}
+                    progress.update(chips_written=committed[b.id].num_chips,
+                                    chips_planned=b.n_chips * angles)
+            planned = {f.key: b.n_chips * angles for (b, _, _), f in zip(todo, futures, strict=True)}
             for future in as_completed(futures):
                 progress.update(chips_written=future.result().num_chips,
                                 chips_planned=planned[future.key])
@@ -146,7 +152,8 @@ def _finalize(store: Any, metadata_format: str, block_ids: list[int], classes: t
     get(metadata_format).finalize(store, parts, classes)
 
 
-def finalize_format(client: Any, job: Job, blocks: list[Block], classes: tuple[Any, ...]) -> None:
+def finalize_format(client: Any, job: Job, blocks: list[Block] | tuple[Block, ...],
+                    classes: tuple[Any, ...]) -> None:
     """Build a format's dataset-wide files (COCO annotations...) from the blocks' parts, on a worker."""
     from .formats import get
 

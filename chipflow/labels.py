@@ -222,18 +222,41 @@ def _class_names(frame: Any, values: np.ndarray) -> dict[int, str]:
 
 
 def _to_pixels(geoms: np.ndarray, source: RasterSource) -> np.ndarray:
+    """Map coordinates (the raster's CRS) → the source grid's pixel coordinates.
+
+    Through the affine transform, or in pixel space through the raster's GCPs or
+    RPCs (GDAL's transformers) when it has them; a raster without any
+    georeferencing takes coordinates as pixels already.
+    """
+    if source.pixel_space and (source.gcps or source.rpcs):
+        from rasterio.control import GroundControlPoint
+        from rasterio.rpc import RPC
+        from rasterio.transform import GCPTransformer, RPCTransformer
+
+        if source.gcps:
+            transformer: Any = GCPTransformer([GroundControlPoint(row=r, col=c, x=x, y=y)
+                                               for c, r, x, y in source.gcps])
+        else:
+            transformer = RPCTransformer(RPC(**source.rpcs))
+
+        def apply(xy: np.ndarray) -> np.ndarray:
+            rows, cols = transformer.rowcol(xy[:, 0], xy[:, 1], op=lambda v: v)
+            return np.column_stack([np.asarray(cols, float), np.asarray(rows, float)])
+
+        with transformer:
+            return shapely.transform(geoms, apply)
     inv = ~source.affine
 
-    def apply(xy: np.ndarray) -> np.ndarray:
+    def apply_affine(xy: np.ndarray) -> np.ndarray:
         x, y = xy[:, 0], xy[:, 1]
         return np.column_stack([inv.a * x + inv.b * y + inv.c, inv.d * x + inv.e * y + inv.f])
 
-    return shapely.transform(geoms, apply)
+    return shapely.transform(geoms, apply_affine)
 
 
 def read_class_data(
     in_class_data: Any, *, class_value_field: str | None, source: RasterSource,
-    buffer_radius: float = 0.0,
+    buffer_radius: float = 0.0, require_overlap: bool = True,
 ) -> LabelSet:
     """Read the class data, pick its class field, reproject and repair it.
 
@@ -256,7 +279,7 @@ def read_class_data(
         Unreadable data, no CRS, a bad class field, or no feature over the raster.
     """
     frame = _read_frame(in_class_data)
-    if frame.crs is None:
+    if frame.crs is None and source.crs_wkt:
         raise LabelError(
             f"in_class_data={_describe(in_class_data)} has no coordinate reference system; "
             "set one (e.g. `gdf.set_crs('EPSG:4326')`, or a .prj next to a shapefile)"
@@ -266,11 +289,15 @@ def read_class_data(
     series = frame.geometry
     if buffer_radius > 0:
         series = series.buffer(buffer_radius)
-    geoms = _repaired(series.to_crs(source.crs_wkt).to_numpy())
+    if frame.crs is not None and source.crs_wkt:
+        series = series.to_crs(source.crs_wkt)
+    geoms = _repaired(series.to_numpy())
     keep = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
     geoms, values = geoms[keep], values[keep]
     _check_single_family(geoms, in_class_data)
-    _check_overlap(geoms, source, in_class_data)
+    pixels = _to_pixels(np.asarray(geoms), source)
+    if require_overlap:
+        _check_overlap(pixels, source, in_class_data)
     class_values = np.unique(values)
     classes = tuple(
         ClassInfo(int(v), names.get(int(v), str(int(v))), _PALETTE[i % len(_PALETTE)])
@@ -278,7 +305,7 @@ def read_class_data(
     )
     a, b, _, d, e, _ = source.transform
     return LabelSet(
-        geoms=_to_pixels(np.asarray(geoms), source),
+        geoms=pixels,
         class_index=np.searchsorted(class_values, values).astype(np.int32),
         classes=classes,
         pixel_area=abs(a * e - b * d),
@@ -306,16 +333,17 @@ def _check_single_family(geoms: np.ndarray, in_class_data: Any) -> None:
         )
 
 
-def _check_overlap(geoms: np.ndarray, source: RasterSource, in_class_data: Any) -> None:
-    x0, y0 = source.affine * (0, 0)
-    x1, y1 = source.affine * (source.width, source.height)
-    extent = shapely.box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
-    if len(geoms) == 0:
+def _check_overlap(pixels: np.ndarray, source: RasterSource, in_class_data: Any) -> None:
+    extent = shapely.box(0, 0, source.width, source.height)
+    if len(pixels) == 0:
         raise LabelError(f"in_class_data={_describe(in_class_data)} holds no non-empty feature")
-    if not shapely.intersects(geoms, extent).any():
-        gap = float(shapely.distance(geoms, extent).min())
+    if not shapely.intersects(pixels, extent).any():
+        gap = float(shapely.distance(pixels, extent).min())
+        x0, y0 = source.affine * (0, 0)
+        x1, y1 = source.affine * (source.width, source.height)
+        bounds = tuple(round(v, 6) for v in (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
         raise LabelError(
-            f"in_class_data={_describe(in_class_data)} does not overlap in_raster="
-            f"{source.path!r}: the nearest feature is {gap:.6g} map units (raster CRS) away "
-            f"from the raster's extent {tuple(round(v, 6) for v in extent.bounds)}"
+            f"in_class_data={_describe(in_class_data)} does not overlap in_raster={source.path!r}: "
+            f"the nearest feature is {gap * source.cell_size[0]:.6g} map units ({gap:.6g} pixels) "
+            f"away from the raster's extent {bounds}"
         )

@@ -8,16 +8,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ._dask import cluster_client, finalize_format, run_blocks
 import shapely
 
+from ._dask import cluster_client, finalize_format, run_blocks
 from ._version import __version__
 from .config import ExportConfig, make_config
-from .grid import Block
-from .labels import ClassInfo, LabelSet
-from .plan import plan_export
+from .labels import ClassInfo
+from .plan import ExportPlan, plan_export
 from .progress import Progress
-from .sources import RasterSource
 from .stats import BlockResult, Summary, esri_json
 from .store import Store
 
@@ -188,17 +186,19 @@ def export_training_data(
     timings = {"plan": time.perf_counter() - started}
     source, labels, blocks = plan.source, plan.labels, list(plan.blocks)
     store = Store(cfg.out_folder)
-    markers = store.open_run(_run_params(cfg, source, labels, blocks), ["images", "labels"],
-                             overwrite=cfg.overwrite)
+    markers = store.open_run(_run_params(cfg, plan), ["images", "labels"], overwrite=cfg.overwrite)
     committed = {i: BlockResult.from_json(raw) for i, raw in markers.items()}
-    job = plan.job(store)
+    jobs = [plan.job(item, store) for item in plan.items]
+    work = [(b, job, item.labels) for item, job in zip(plan.items, jobs, strict=True) for b in item.blocks]
     fmt = cfg.label_format
     mark = time.perf_counter()
     with cluster_client(client, scheduler, n_workers) as c:
         timings["cluster"] = time.perf_counter() - mark
         mark = time.perf_counter()
-        merged = run_blocks(c, blocks, job, labels, committed=committed, progress=progress)
-        finalize_format(c, job, blocks, labels.classes)
+        merged = run_blocks(c, work, committed=committed, progress=progress)
+        if not work:
+            merged = BlockResult(len(labels.classes), source.count)
+        finalize_format(c, jobs[0], blocks, labels.classes)
         timings["run"] = time.perf_counter() - mark
     mark = time.perf_counter()
     summary = Summary(
@@ -208,13 +208,15 @@ def export_training_data(
         tile_size_x=cfg.tile_size_x,
         tile_size_y=cfg.tile_size_y,
         image_extension=plan.image_extension,
-        label_extension=job.label_extension,
+        label_extension=plan.label_extension,
         classes=labels.classes,
         band_names=source.band_names,
         cell_size=source.cell_size,
         epsg=source.epsg,
         crs_wkt=source.crs_wkt,
         emd_extra=fmt.emd_extra(),
+        image_space="PIXEL_SPACE" if source.pixel_space else "MAP_SPACE",
+        raster_count=len(plan.items[0].source.items) if len(plan.items) == 1 else len(plan.items),
     )
     statistics = _write_metadata(store, summary, merged)
     timings["metadata"] = time.perf_counter() - mark
@@ -233,8 +235,7 @@ def export_training_data(
     )
 
 
-def _run_params(cfg: ExportConfig, source: RasterSource, labels: LabelSet,
-                blocks: list[Block]) -> dict[str, Any]:
+def _run_params(cfg: ExportConfig, plan: ExportPlan) -> dict[str, Any]:
     """What identifies a run: parameters, input fingerprints, the planned blocks.
 
     A rerun with equal params resumes; anything else must start afresh. No
@@ -243,20 +244,26 @@ def _run_params(cfg: ExportConfig, source: RasterSource, labels: LabelSet,
     params = cfg.to_dict()
     params.pop("overwrite")
     params.pop("out_folder")  # the folder may move between runs
-    raster: dict[str, Any] = {"path": source.path, "width": source.width, "height": source.height,
-                              "count": source.count, "dtype": source.dtype,
-                              "transform": list(source.transform), "crs": source.crs_wkt}
-    if os.path.exists(source.path):
-        stat = os.stat(source.path)
-        raster.update(bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    rasters = []
+    for item in plan.items:
+        src = item.source
+        for part in src.items:
+            entry: dict[str, Any] = {"path": part.path, "width": part.width, "height": part.height,
+                                     "transform": list(part.transform)}
+            if os.path.exists(part.path):
+                stat = os.stat(part.path)
+                entry.update(bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
+            rasters.append(entry)
+    labels = plan.labels
     return {
         "chipflow": __version__,
         "parameters": params,
-        "in_raster": raster,
+        "in_raster": {"items": rasters, "count": plan.source.count, "dtype": plan.source.dtype,
+                      "crs": plan.source.crs_wkt},
         "in_class_data": {"sha256": labels.fingerprint(), "features": len(labels)},
         "in_mask_polygons": None if labels.mask is None else hashlib.sha256(
             shapely.to_wkb(labels.mask)).hexdigest(),
-        "blocks": [b.id for b in blocks],
+        "blocks": [b.id for b in plan.blocks],
     }
 
 

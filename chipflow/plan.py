@@ -1,13 +1,16 @@
 """The plan of an export: plain data, computed before any pixel is read.
 
-``plan_export`` validates the parameters, opens the raster's metadata, reads
-the class data and lays out the chip grid and its blocks (dropping, with
-``ONLY_TILES_WITH_FEATURES``, blocks that no feature touches). The same plan
-drives :func:`chipflow.export_training_data` and ``chipflow plan`` (a dry run).
+``plan_export`` validates the parameters, opens the rasters' metadata, reads
+the class data and lays out each input's chip grid and blocks (dropping blocks
+outside the mask polygons and, with ``ONLY_TILES_WITH_FEATURES``, blocks no
+feature touches). The same plan drives :func:`chipflow.export_training_data`
+and ``chipflow plan`` (a dry run).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,29 +18,55 @@ import numpy as np
 import shapely
 
 from ._block import Job
-from .config import ExportConfig, NoFeatureTiles, check_against_raster
+from .config import ExportConfig, NoFeatureTiles, ProcessingMode, ReferenceSystem, check_against_raster
 from .encode import ChipEncoder
+from .errors import ChipflowWarning, InvalidParameterError, LabelError
 from .grid import Block, ChipGrid, plan_blocks
-from .errors import InvalidParameterError
 from .labels import LabelSet, empty_labels, read_class_data, read_mask
-from .sources import RasterSource, open_raster
+from .sources import RasterSource, open_sources
 from .store import Store
 
-__all__ = ["ExportPlan", "plan_export"]
+__all__ = ["ExportPlan", "PlanItem", "plan_export"]
 
 #: Above this many chips, ``chipflow plan`` reports the upper bound instead of testing every chip.
 _MAX_COUNTED_CHIPS = 5_000_000
 
 
 @dataclass(frozen=True)
-class ExportPlan:
-    """Everything decided before the run: inputs, grid, and the blocks to run."""
+class PlanItem:
+    """One chip grid: a raster (or mosaic), its labels in its pixel space, its blocks.
 
-    cfg: ExportConfig
+    Chip ids of this item start at ``id_offset``, so names stay unique across items.
+    """
+
     source: RasterSource
     labels: LabelSet
     grid: ChipGrid
     blocks: tuple[Block, ...]
+    id_offset: int
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """Everything decided before the run: inputs, grids, and the blocks to run."""
+
+    cfg: ExportConfig
+    items: tuple[PlanItem, ...]
+
+    @property
+    def source(self) -> RasterSource:
+        """The first item's raster (band names, CRS and cell size of the dataset)."""
+        return self.items[0].source
+
+    @property
+    def labels(self) -> LabelSet:
+        """The first item's labels (the classes are the same in every item)."""
+        return self.items[0].labels
+
+    @property
+    def blocks(self) -> tuple[Block, ...]:
+        """Every block of every item (ids unique)."""
+        return tuple(b for item in self.items for b in item.blocks)
 
     @property
     def only_with_features(self) -> bool:
@@ -55,59 +84,70 @@ class ExportPlan:
         """The labels' file extension."""
         return self.cfg.label_format.label_extension(self.image_extension)
 
-    def job(self, store: Store) -> Job:
-        """What each block task needs (small and picklable)."""
-        src = self.source
+    def job(self, item: PlanItem, store: Store) -> Job:
+        """What each block task of ``item`` needs (small and picklable)."""
+        src = item.source
         return Job(
             source=src,
-            grid=self.grid,
+            grid=item.grid,
             store=store,
-            encoder=ChipEncoder(self.image_extension, src.crs_wkt, src.axis_mapping, src.nodata),
+            encoder=ChipEncoder(self.image_extension, "" if src.pixel_space else src.crs_wkt,
+                                src.axis_mapping, src.nodata),
             metadata_format=self.cfg.label_format.name,
             label_extension=self.label_extension,
             only_with_features=self.only_with_features,
-            n_classes=len(self.labels.classes),
-            class_values=tuple(c.value for c in self.labels.classes),
+            n_classes=len(item.labels.classes),
+            class_values=tuple(c.value for c in item.labels.classes),
             angles=self.cfg.angles,
+            id_offset=item.id_offset,
             min_overlap_ratio=self.cfg.min_polygon_overlap_ratio,
         )
 
     def chips_with_features(self) -> int | None:
-        """Chips of the grid whose box meets a feature's bounds (None for huge grids)."""
-        g = self.grid
-        if g.n_chips > _MAX_COUNTED_CHIPS:
-            return None
-        x0, y0 = np.meshgrid(g.xs, g.ys)
-        boxes = shapely.box(x0.ravel(), y0.ravel(), x0.ravel() + g.tile_x, y0.ravel() + g.tile_y)
-        tree = shapely.STRtree(self.labels.geoms)
-        hits, _ = tree.query(boxes, predicate="intersects")
-        return int(np.unique(hits).size)
+        """Chips whose box meets a feature's bounds, over all items (None for huge grids)."""
+        total = 0
+        for item in self.items:
+            g = item.grid
+            if g.n_chips > _MAX_COUNTED_CHIPS:
+                return None
+            if len(item.labels) == 0:
+                continue
+            x0, y0 = np.meshgrid(g.xs, g.ys)
+            boxes = shapely.box(x0.ravel(), y0.ravel(), x0.ravel() + g.tile_x, y0.ravel() + g.tile_y)
+            hits, _ = shapely.STRtree(item.labels.geoms).query(boxes, predicate="intersects")
+            total += int(np.unique(hits).size)
+        return total * len(self.cfg.angles)
 
     def describe(self) -> dict[str, Any]:
         """The dry run's numbers (``chipflow plan``)."""
-        g, src = self.grid, self.source
-        chips_in_blocks = sum(b.n_chips for b in self.blocks)
+        src, n_angles = self.source, len(self.cfg.angles)
+        grids = [item.grid for item in self.items]
+        chips_in_blocks = sum(b.n_chips for b in self.blocks) * n_angles
         with_features = self.chips_with_features()
         expected = (with_features if self.only_with_features and with_features is not None
                     else chips_in_blocks)
-        itemsize = np.dtype(src.dtype).itemsize
-        raw = g.tile_x * g.tile_y * src.count * itemsize
+        raw = grids[0].tile_x * grids[0].tile_y * src.count * np.dtype(src.dtype).itemsize
         per_chip = {"tif": raw + 1024, "png": raw * 0.6, "jpg": raw * 0.15}[self.image_extension]
-        per_label = g.tile_x * g.tile_y if self.cfg.label_format.rasterize else 600
-        inside = self.labels.query((0, 0, src.width, src.height))
-        per_class = np.bincount(self.labels.class_index[inside], minlength=len(self.labels.classes))
-        n_tasks = len(self.blocks)
-        level = n_tasks
+        per_label = grids[0].tile_x * grids[0].tile_y if self.cfg.label_format.rasterize else 600
+        per_class = np.zeros(len(self.labels.classes), np.int64)
+        features = 0
+        for item in self.items:
+            inside = item.labels.query((0, 0, item.source.width, item.source.height))
+            features += int(inside.size)
+            per_class += np.bincount(item.labels.class_index[inside], minlength=len(per_class))
+        n_tasks = level = len(self.blocks)
         while level > 1:
             level = -(-level // 8)
             n_tasks += level
+        g = grids[0]
         return {
             "in_raster": src.path,
+            "items": len(self.items),
             "raster": {"width": src.width, "height": src.height, "bands": src.count, "dtype": src.dtype,
                        "crs_epsg": src.epsg, "cell_size": list(src.cell_size)},
-            "grid": {"rows": g.n_rows, "columns": g.n_cols, "chips": g.n_chips,
+            "grid": {"rows": g.n_rows, "columns": g.n_cols, "chips": sum(x.n_chips for x in grids),
                      "tile": [g.tile_x, g.tile_y], "stride": [g.stride_x, g.stride_y],
-                     "edge_policy": g.edge.value},
+                     "edge_policy": g.edge.value, "angles": list(self.cfg.angles)},
             "blocks": len(self.blocks),
             "tasks": n_tasks,
             "chips_in_blocks": chips_in_blocks,
@@ -116,7 +156,7 @@ class ExportPlan:
             "estimated_bytes": int(expected * (per_chip + per_label)),
             "metadata_format": self.cfg.label_format.name,
             "image_chip_format": self.cfg.image_chip_format.value,
-            "features_over_raster": int(inside.size),
+            "features_over_raster": features,
             "features_per_class": {c.name: int(n) for c, n in zip(self.labels.classes, per_class,
                                                                   strict=True)},
         }
@@ -135,20 +175,39 @@ def plan_export(cfg: ExportConfig, in_class_data: Any, in_mask_polygons: Any = N
         raise InvalidParameterError(
             "in_class_data", None, f"is required for metadata_format={fmt.name!r}; only formats "
             "without labels (Export_Tiles) run without class data")
-    source = open_raster(cfg.in_raster[0])
-    check_against_raster(cfg, width=source.width, height=source.height, count=source.count,
-                         dtype=source.dtype)
-    if in_class_data is None:
-        labels = empty_labels(source)
-    else:
-        labels = read_class_data(in_class_data, class_value_field=cfg.class_value_field, source=source,
-                                 buffer_radius=cfg.buffer_radius)
-    labels.mask = read_mask(in_mask_polygons, source)
-    grid = ChipGrid(source.width, source.height, cfg.tile_size_x, cfg.tile_size_y,
-                    cfg.stride_x, cfg.stride_y, cfg.edge_policy)
-    blocks = plan_blocks(grid, align=source.block_shape)
-    if labels.mask is not None:  # blocks with no chip inside the mask polygons
-        blocks = [b for b in blocks if shapely.intersects(labels.mask, shapely.box(*b.window))]
-    if fmt.needs_labels and cfg.output_nofeature_tiles is NoFeatureTiles.ONLY_TILES_WITH_FEATURES:
-        blocks = [b for b in blocks if labels.query(b.window).size]
-    return ExportPlan(cfg, source, labels, grid, tuple(blocks))
+    if cfg.reference_system is ReferenceSystem.IMAGE_SPACE:
+        warnings.warn(
+            "reference_system='IMAGE_SPACE' needs the sensor model's top-up rotation, which chipflow "
+            "does not read; chips are cut on the raw pixel grid as with PIXEL_SPACE",
+            ChipflowWarning, stacklevel=3)
+    sources = open_sources(
+        cfg.in_raster, mosaic=cfg.processing_mode is ProcessingMode.PROCESS_AS_MOSAICKED_IMAGE,
+        pixel_space=cfg.reference_system is not ReferenceSystem.MAP_SPACE,
+        cell_size=cfg.cell_size, extent=cfg.extent)
+    items: list[PlanItem] = []
+    id_offset = block_offset = 0
+    for source in sources:
+        check_against_raster(cfg, width=source.width, height=source.height, count=source.count,
+                             dtype=source.dtype)
+        if in_class_data is None:
+            labels = empty_labels(source)
+        else:
+            labels = read_class_data(in_class_data, class_value_field=cfg.class_value_field,
+                                     source=source, buffer_radius=cfg.buffer_radius,
+                                     require_overlap=len(sources) == 1)
+        labels.mask = read_mask(in_mask_polygons, source)
+        grid = ChipGrid(source.width, source.height, cfg.tile_size_x, cfg.tile_size_y,
+                        cfg.stride_x, cfg.stride_y, cfg.edge_policy)
+        blocks = plan_blocks(grid, align=source.block_shape)
+        if labels.mask is not None:  # blocks with no chip inside the mask polygons
+            blocks = [b for b in blocks if shapely.intersects(labels.mask, shapely.box(*b.window))]
+        if fmt.needs_labels and cfg.output_nofeature_tiles is NoFeatureTiles.ONLY_TILES_WITH_FEATURES:
+            blocks = [b for b in blocks if labels.query(b.window).size]
+        blocks = [dataclasses.replace(b, id=b.id + block_offset) for b in blocks]
+        items.append(PlanItem(source, labels, grid, tuple(blocks), id_offset))
+        id_offset += grid.n_chips * len(cfg.angles)
+        block_offset += grid.n_chips  # an upper bound on the item's block count
+    if in_class_data is not None and len(items) > 1 and not any(
+            item.labels.query((0, 0, item.source.width, item.source.height)).size for item in items):
+        raise LabelError(f"in_class_data does not overlap any of the {len(items)} input rasters")
+    return ExportPlan(cfg, tuple(items))

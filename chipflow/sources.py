@@ -1,14 +1,19 @@
-"""Lazy raster inputs.
+"""Lazy raster inputs: one file, a folder, a glob, a list or a VRT; mosaicked or item by item.
 
-The raster is opened once in the client with rioxarray, lazily: only its
-metadata is read. The chunked ``DataArray`` (chunks aligned to the block grid and
-the file's internal tiles) is what a user gets from :meth:`RasterSource.to_dataarray`;
-block tasks read their windows through one GDAL dataset per worker thread, so
-only a path travels in the task graph and each block is decoded once.
+The client reads only metadata. A :class:`RasterSource` describes the *virtual
+grid* chips are cut from (the file's own grid, or a mosaic of several files,
+clipped to an ``extent`` and resampled to a ``cell_size``) plus the items that
+fill it; block tasks read their windows through one GDAL dataset per worker
+thread, so only paths travel in the task graph and each block is decoded once.
+:meth:`RasterSource.to_dataarray` gives the same raster as a lazy, chunked
+``xarray.DataArray`` (rioxarray) for users who want to look at it.
 """
 
 from __future__ import annotations
 
+import glob
+import math
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -17,15 +22,33 @@ import numpy as np
 import rasterio
 import rasterio.windows
 from affine import Affine
+from rasterio.enums import Resampling
 
-from .errors import InputNotFoundError, RasterError
+from .errors import InputNotFoundError, InvalidParameterError, RasterError
 
-__all__ = ["RasterSource", "open_raster", "read_window"]
+__all__ = ["RasterSource", "SourceItem", "open_raster", "open_sources", "read_window", "resolve_rasters"]
+
+_RASTER_EXTENSIONS = (".tif", ".tiff", ".vrt", ".img", ".jp2", ".png", ".jpg", ".mrf", ".nc")
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One input file and where its pixels are (its own transform)."""
+
+    path: str
+    transform: tuple[float, ...]
+    width: int
+    height: int
 
 
 @dataclass(frozen=True)
 class RasterSource:
-    """What chipflow needs to know about the input raster (picklable, no handles)."""
+    """The grid chips are cut from, and the files that fill it (picklable, no handles).
+
+    ``transform`` maps the virtual grid's pixels to map coordinates (the raster's
+    CRS). With ``pixel_space``, chips are written in pixel coordinates without a
+    CRS, and labels reach pixels through ``gcps``/``rpcs`` when the raster has them.
+    """
 
     path: str
     width: int
@@ -39,10 +62,15 @@ class RasterSource:
     band_names: tuple[str, ...]
     axis_mapping: str
     epsg: int | None
+    items: tuple[SourceItem, ...] = ()
+    resampling: str = "nearest"
+    pixel_space: bool = False
+    gcps: tuple[tuple[float, float, float, float], ...] = ()
+    rpcs: dict[str, Any] | None = None
 
     @property
     def affine(self) -> Affine:
-        """The raster's pixel → map transform."""
+        """The virtual grid's pixel → map transform."""
         return Affine(*self.transform[:6])
 
     @property
@@ -51,8 +79,13 @@ class RasterSource:
         a, b, _, d, e, _ = self.transform[:6]
         return (float(np.hypot(a, d)), float(np.hypot(b, e)))
 
+    @property
+    def chip_affine(self) -> Affine:
+        """Pixel → chip-file coordinates: the map transform, or the identity in pixel space."""
+        return Affine.identity() if self.pixel_space else self.affine
+
     def to_dataarray(self, chunks: tuple[int, int] | None = None) -> Any:
-        """The raster as a lazy, chunked ``xarray.DataArray`` (rioxarray).
+        """The (first) input as a lazy, chunked ``xarray.DataArray`` (rioxarray).
 
         Parameters
         ----------
@@ -63,62 +96,179 @@ class RasterSource:
 
         cy, cx = chunks or self.block_shape
         return rioxarray.open_rasterio(
-            self.path, chunks={"band": -1, "y": cy, "x": cx}, lock=False, masked=False
+            self.items[0].path if self.items else self.path,
+            chunks={"band": -1, "y": cy, "x": cx}, lock=False, masked=False,
         )
 
 
-def open_raster(path: str) -> RasterSource:
-    """Read the raster's metadata (no pixels) and check it can be chipped.
+def resolve_rasters(in_raster: tuple[str, ...]) -> list[str]:
+    """Expand folders (their raster files) and glob patterns; keep URLs and files as given.
 
     Raises
     ------
     InputNotFoundError
-        ``in_raster`` does not exist or GDAL cannot open it.
-    RasterError
-        It has no CRS (chips in map space need one).
+        A folder or pattern that matches no raster.
     """
+    paths: list[str] = []
+    for entry in in_raster:
+        if "://" in entry and not entry.startswith("file://"):
+            paths.append(entry)
+        elif os.path.isdir(entry):
+            found = sorted(p for p in glob.glob(os.path.join(entry, "*"))
+                           if p.lower().endswith(_RASTER_EXTENSIONS))
+            if not found:
+                raise InputNotFoundError("in_raster", entry, "the folder holds no raster files "
+                                         f"({', '.join(_RASTER_EXTENSIONS)})")
+            paths.extend(found)
+        elif any(ch in entry for ch in "*?["):
+            found = sorted(glob.glob(entry))
+            if not found:
+                raise InputNotFoundError("in_raster", entry, "the pattern matches no file")
+            paths.extend(found)
+        else:
+            paths.append(entry)
+    return paths
+
+
+def _open_item(path: str, *, need_crs: bool) -> dict[str, Any]:
     try:
         with rasterio.open(path) as ds:
-            if ds.crs is None:
-                raise RasterError(
-                    f"in_raster={path!r} has no coordinate reference system; chips in map "
-                    "space need one. Set it with `rio edit-info --crs EPSG:XXXX` or "
-                    "rioxarray's `.rio.write_crs(...)`."
-                )
-            crs = ds.crs
-            names = tuple(
-                d or (ci.name.capitalize() if ci.name not in ("undefined", "gray") else f"Band_{i}")
-                for i, (d, ci) in enumerate(zip(ds.descriptions, ds.colorinterp, strict=True), 1)
-            )
-            by, bx = ds.block_shapes[0]
             try:  # decode the last internal block: catches truncated and corrupt files early
                 ds.read(1, window=rasterio.windows.Window(ds.width - 1, ds.height - 1, 1, 1))
             except rasterio.RasterioIOError as exc:
                 raise RasterError(f"in_raster={path!r} cannot be decoded: {exc}") from None
-            return RasterSource(
-                path=str(path),
-                width=ds.width,
-                height=ds.height,
-                count=ds.count,
-                dtype=ds.dtypes[0],
-                crs_wkt=crs.to_wkt(),
-                transform=tuple(ds.transform)[:6],
-                nodata=ds.nodata,
-                block_shape=(by, bx),
-                band_names=names,
-                axis_mapping=_axis_mapping(crs),
-                epsg=crs.to_epsg(),
+            gcps, gcp_crs = ds.gcps
+            if ds.crs is None and gcp_crs is None and need_crs:
+                raise RasterError(
+                    f"in_raster={path!r} has no coordinate reference system; chips in map space need "
+                    "one. Set it with `rio edit-info --crs EPSG:XXXX` or rioxarray's `.rio.write_crs(...)`, "
+                    "or pass reference_system='PIXEL_SPACE' to cut chips on the raw pixel grid."
+                )
+            names = tuple(
+                d or (ci.name.capitalize() if ci.name not in ("undefined", "gray") else f"Band_{i}")
+                for i, (d, ci) in enumerate(zip(ds.descriptions, ds.colorinterp, strict=True), 1)
             )
+            crs = ds.crs or gcp_crs
+            return {
+                "path": str(path), "width": ds.width, "height": ds.height, "count": ds.count,
+                "dtype": ds.dtypes[0], "crs": crs, "transform": ds.transform, "nodata": ds.nodata,
+                "block_shape": tuple(ds.block_shapes[0]), "band_names": names,
+                "gcps": tuple((g.col, g.row, g.x, g.y) for g in gcps),
+                "rpcs": ds.rpcs.to_dict() if ds.rpcs else None,
+            }
     except rasterio.RasterioIOError as exc:
         raise InputNotFoundError("in_raster", path, str(exc)) from None
 
 
-def _axis_mapping(crs: rasterio.crs.CRS) -> str:
+def _axis_mapping(crs: Any) -> str:
     """GDAL's data-axis mapping: ``2,1`` when the CRS's first axis is northing/latitude."""
     from pyproj import CRS
 
+    if crs is None:
+        return "1,2"
     axes = CRS.from_wkt(crs.to_wkt()).axis_info
     return "2,1" if axes and axes[0].direction in ("north", "south") else "1,2"
+
+
+def _grid(items: list[dict[str, Any]], cell_size: float | None,
+          extent: tuple[float, float, float, float] | None) -> tuple[Affine, int, int]:
+    """The virtual grid over the items' union (clipped to ``extent``), at their or ``cell_size``'s size."""
+    first = items[0]["transform"]
+    res = {(round(abs(i["transform"].a), 12), round(abs(i["transform"].e), 12)) for i in items}
+    if cell_size is None and len(res) > 1:
+        raise InvalidParameterError(
+            "in_raster", [i["path"] for i in items],
+            f"mosaics items of different cell sizes {sorted(res)}; pass cell_size= to resample them "
+            "to one, or processing_mode='PROCESS_ITEMS_SEPARATELY'")
+    if any(i["transform"].b or i["transform"].d or i["transform"].a < 0 or i["transform"].e > 0
+           for i in items):
+        raise RasterError("in_raster has a rotated or flipped geotransform; warp it north-up first "
+                          "(gdalwarp) or use reference_system='PIXEL_SPACE'")
+    left = min(i["transform"].c for i in items)
+    top = max(i["transform"].f for i in items)
+    right = max(i["transform"].c + i["width"] * i["transform"].a for i in items)
+    bottom = min(i["transform"].f + i["height"] * i["transform"].e for i in items)
+    rx, ry = (cell_size, cell_size) if cell_size else (abs(first.a), abs(first.e))
+    if extent is not None:
+        xmin, ymin, xmax, ymax = extent
+        if xmin >= right or xmax <= left or ymin >= top or ymax <= bottom:
+            raise InvalidParameterError(
+                "extent", extent, f"does not overlap the raster's extent {(left, bottom, right, top)}")
+        # snap to the raster's own grid so that clipping alone never resamples
+        c0 = max(0, math.floor((xmin - left) / rx + 1e-9))
+        r0 = max(0, math.floor((top - ymax) / ry + 1e-9))
+        c1 = math.ceil((min(xmax, right) - left) / rx - 1e-9)
+        r1 = math.ceil((top - max(ymin, bottom)) / ry - 1e-9)
+        return Affine(rx, 0, left + c0 * rx, 0, -ry, top - r0 * ry), c1 - c0, r1 - r0
+    width = math.ceil((right - left) / rx - 1e-9)
+    height = math.ceil((top - bottom) / ry - 1e-9)
+    return Affine(rx, 0, left, 0, -ry, top), width, height
+
+
+def open_sources(in_raster: tuple[str, ...], *, mosaic: bool, pixel_space: bool,
+                 cell_size: float | None = None,
+                 extent: tuple[float, float, float, float] | None = None) -> list[RasterSource]:
+    """Open the inputs' metadata (no pixels): one source for a mosaic, else one per item.
+
+    Raises
+    ------
+    InputNotFoundError, RasterError, InvalidParameterError
+        Missing or unreadable files, no CRS in map space, items that cannot be
+        mosaicked or exported together (band counts, data types, CRSs differ).
+    """
+    infos = [_open_item(p, need_crs=not pixel_space) for p in resolve_rasters(in_raster)]
+    first = infos[0]
+    for info in infos[1:]:
+        for key in ("count", "dtype"):
+            if info[key] != first[key]:
+                raise InvalidParameterError(
+                    "in_raster", info["path"],
+                    f"has {key} {info[key]!r} but {first['path']!r} has {first[key]!r}; all inputs of "
+                    "one export need the same band count and data type")
+    if pixel_space and len(infos) > 1 and mosaic:
+        raise InvalidParameterError(
+            "reference_system", "PIXEL_SPACE", "cannot mosaic several rasters (pixel grids do not "
+            "join); use processing_mode='PROCESS_ITEMS_SEPARATELY'")
+    groups = [infos] if mosaic else [[i] for i in infos]
+    if mosaic and len(infos) > 1:
+        crss = {str(i["crs"]) for i in infos}
+        if len({i["crs"] for i in infos}) > 1:
+            raise InvalidParameterError(
+                "in_raster", [i["path"] for i in infos],
+                f"mixes coordinate reference systems ({len(crss)}); reproject them to one first or use "
+                "processing_mode='PROCESS_ITEMS_SEPARATELY'")
+    return [_source(group, pixel_space=pixel_space, cell_size=cell_size, extent=extent)
+            for group in groups]
+
+
+def open_raster(path: str) -> RasterSource:
+    """One raster in map space, on its own grid (see :func:`open_sources`)."""
+    return open_sources((str(path),), mosaic=True, pixel_space=False)[0]
+
+
+def _source(group: list[dict[str, Any]], *, pixel_space: bool, cell_size: float | None,
+            extent: tuple[float, float, float, float] | None) -> RasterSource:
+    first = group[0]
+    simple = len(group) == 1 and cell_size is None and extent is None
+    if simple or (pixel_space and len(group) == 1):
+        transform, width, height = first["transform"], first["width"], first["height"]
+    else:
+        transform, width, height = _grid(group, cell_size, extent)
+    crs = first["crs"]
+    return RasterSource(
+        path=first["path"] if len(group) == 1 else f"mosaic of {len(group)} rasters ({first['path']}, ...)",
+        width=width, height=height, count=first["count"], dtype=first["dtype"],
+        crs_wkt=crs.to_wkt() if crs is not None else "",
+        transform=tuple(transform)[:6], nodata=first["nodata"], block_shape=first["block_shape"],
+        band_names=first["band_names"], axis_mapping=_axis_mapping(crs),
+        epsg=crs.to_epsg() if crs is not None else None,
+        items=tuple(SourceItem(i["path"], tuple(i["transform"])[:6], i["width"], i["height"])
+                    for i in group),
+        resampling="bilinear" if cell_size else "nearest",
+        pixel_space=pixel_space,
+        gcps=first["gcps"] if pixel_space else (),
+        rpcs=first["rpcs"] if pixel_space else None,
+    )
 
 
 _local = threading.local()
@@ -133,17 +283,51 @@ def _dataset(path: str) -> rasterio.DatasetReader:
     return ds
 
 
-def read_window(source: RasterSource, window: tuple[int, int, int, int]) -> np.ndarray:
-    """Read ``(x0, y0, x1, y1)`` as ``(bands, y1 - y0, x1 - x0)``.
+def read_window(source: RasterSource,
+                window: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read virtual-grid pixels ``(x0, y0, x1, y1)`` as ``(bands, y1 - y0, x1 - x0)``.
 
-    Parts past the raster's edge (``EdgePolicy.PAD``) are filled with the nodata
-    value, or 0 without one.
+    Returns the pixels and a mask of the pixels some input covers (None when
+    all are covered). Uncovered pixels (past the edge, gaps between mosaic
+    items) hold the nodata value, or 0 without one. Mosaic items overlap
+    first-come: an earlier item's valid pixels are kept.
     """
     x0, y0, x1, y1 = window
-    ds = _dataset(source.path)
-    win = rasterio.windows.Window(x0, y0, x1 - x0, y1 - y0)
-    inside = x0 >= 0 and y0 >= 0 and x1 <= source.width and y1 <= source.height
-    if inside:
-        return ds.read(window=win)
     fill = source.nodata if source.nodata is not None else 0
-    return ds.read(window=win, boundless=True, fill_value=fill)
+    items = source.items
+    if len(items) == 1 and items[0].transform == source.transform and source.resampling == "nearest":
+        ds = _dataset(items[0].path)  # the file's own grid: a plain windowed read
+        win = rasterio.windows.Window(x0, y0, x1 - x0, y1 - y0)
+        if x0 >= 0 and y0 >= 0 and x1 <= source.width and y1 <= source.height:
+            return ds.read(window=win), None
+        covered = np.zeros((y1 - y0, x1 - x0), bool)
+        covered[max(0, -y0):min(y1, source.height) - y0, max(0, -x0):min(x1, source.width) - x0] = True
+        return ds.read(window=win, boundless=True, fill_value=fill), covered
+    out = np.full((source.count, y1 - y0, x1 - x0), fill, dtype=source.dtype)
+    covered = np.zeros(out.shape[1:], bool)
+    vt = source.affine
+    for item in items:
+        to_virtual = ~vt @ Affine(*item.transform)
+        ix0, iy0 = to_virtual * (0, 0)
+        ix1, iy1 = to_virtual * (item.width, item.height)
+        ox0, oy0 = max(x0, math.floor(min(ix0, ix1) + 1e-9)), max(y0, math.floor(min(iy0, iy1) + 1e-9))
+        ox1, oy1 = min(x1, math.ceil(max(ix0, ix1) - 1e-9)), min(y1, math.ceil(max(iy0, iy1) - 1e-9))
+        if ox0 >= ox1 or oy0 >= oy1:
+            continue
+        to_item = ~to_virtual
+        fx0, fy0 = to_item * (ox0, oy0)
+        fx1, fy1 = to_item * (ox1, oy1)
+        data = _dataset(item.path).read(
+            window=rasterio.windows.Window(fx0, fy0, fx1 - fx0, fy1 - fy0),
+            out_shape=(source.count, oy1 - oy0, ox1 - ox0),
+            resampling=Resampling[source.resampling], boundless=True, fill_value=fill,
+        )
+        sub = np.s_[oy0 - y0:oy1 - y0, ox0 - x0:ox1 - x0]
+        valid = np.ones(data.shape[1:], bool)
+        if source.nodata is not None:
+            valid = ~(data == np.asarray(fill).astype(data.dtype)).all(axis=0)
+        take = valid & ~covered[sub]
+        region = out[(slice(None), *sub)]
+        region[:, take] = data[:, take]
+        covered[sub] |= take
+    return out, (None if covered.all() else covered)

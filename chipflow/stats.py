@@ -218,6 +218,7 @@ class Summary:
     crs_wkt: str
     emd_extra: dict[str, Any] = field(default_factory=dict)
     image_space: str = "MAP_SPACE"
+    raster_count: int = 1
 
     def band_stats(self, r: BlockResult) -> list[dict[str, Any]]:
         """``AllTilesStats``: Min/Max/Mean/StdDev per band over the exported chips' valid pixels."""
@@ -250,7 +251,7 @@ class Summary:
             "MinCellSize": self._cell(),
             "MaxCellSize": self._cell(),
             "InputRastersProps": {
-                "RasterCount": 1,
+                "RasterCount": self.raster_count,
                 "SensorName": "",
                 "BandNames": list(self.band_names),
             },

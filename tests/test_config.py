@@ -44,7 +44,7 @@ def test_defaults_are_the_esri_tools():
         ({"stride_x": 2.5}, r"stride_x=2.5"),
         ({"tile_size_y": "abc"}, r"tile_size_y='abc'"),
         ({"image_chip_format": "GIF"}, r"image_chip_format='GIF'.*TIFF, PNG, JPEG"),
-        ({"metadata_format": "YOLO9000"}, r"metadata_format='YOLO9000'.*Classified_Tiles, KITTI_rectangles"),
+        ({"metadata_format": "YOLO9000"}, r"metadata_format='YOLO9000'.*Classified_Tiles, .*KITTI_rectangles, .*PASCAL_VOC_rectangles"),
         ({"output_nofeature_tiles": "SOME"}, r"output_nofeature_tiles='SOME'.*ALL_TILES"),
         ({"edge_policy": "wrap"}, r"edge_policy='wrap'.*DROP, PAD, SHIFT"),
         ({"rotation_angle": 360}, r"rotation_angle=360: must be a number with 0 <= value < 360"),

@@ -113,6 +113,7 @@ class LabelFormat(ABC):
 
     def finalize(self, store: Any, parts: list[bytes], classes: tuple[Any, ...]) -> None:
         """Write dataset-wide files from the blocks' parts (in block order), after every block."""
+        return None
 
     @abstractmethod
     def encode(self, chip: ChipLabel) -> bytes:
