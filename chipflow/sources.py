@@ -15,11 +15,13 @@ import glob
 import math
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import rasterio
+import rasterio.errors
 import rasterio.windows
 from affine import Affine
 from rasterio.enums import Resampling
@@ -130,9 +132,16 @@ def resolve_rasters(in_raster: tuple[str, ...]) -> list[str]:
     return paths
 
 
+def _open(path: str) -> rasterio.DatasetReader:
+    """``rasterio.open``, quiet about rasters without georeferencing (pixel space is legitimate)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        return rasterio.open(path)
+
+
 def _open_item(path: str, *, need_crs: bool) -> dict[str, Any]:
     try:
-        with rasterio.open(path) as ds:
+        with _open(path) as ds:
             try:  # decode the last internal block: catches truncated and corrupt files early
                 ds.read(1, window=rasterio.windows.Window(ds.width - 1, ds.height - 1, 1, 1))
             except rasterio.RasterioIOError as exc:
@@ -241,6 +250,13 @@ def open_sources(in_raster: tuple[str, ...], *, mosaic: bool, pixel_space: bool,
             for group in groups]
 
 
+def _resampling(cell_size: float | None, native: float) -> str:
+    """Nearest on the native grid; average when coarsening (no aliasing); bilinear when refining."""
+    if cell_size is None or math.isclose(cell_size, native):
+        return "nearest"
+    return "average" if cell_size > native else "bilinear"
+
+
 def open_raster(path: str) -> RasterSource:
     """One raster in map space, on its own grid (see :func:`open_sources`)."""
     return open_sources((str(path),), mosaic=True, pixel_space=False)[0]
@@ -264,7 +280,7 @@ def _source(group: list[dict[str, Any]], *, pixel_space: bool, cell_size: float 
         epsg=crs.to_epsg() if crs is not None else None,
         items=tuple(SourceItem(i["path"], tuple(i["transform"])[:6], i["width"], i["height"])
                     for i in group),
-        resampling="bilinear" if cell_size else "nearest",
+        resampling=_resampling(cell_size, abs(first["transform"].a)),
         pixel_space=pixel_space,
         gcps=first["gcps"] if pixel_space else (),
         rpcs=first["rpcs"] if pixel_space else None,
@@ -279,7 +295,7 @@ def _dataset(path: str) -> rasterio.DatasetReader:
     cache = _local.__dict__.setdefault("datasets", {})
     ds = cache.get(path)
     if ds is None or ds.closed:
-        ds = cache[path] = rasterio.open(path)
+        ds = cache[path] = _open(path)
     return ds
 
 

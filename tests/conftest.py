@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
+import rasterio.errors
 from affine import Affine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +38,7 @@ def make_raster(tmp_path: Path) -> Callable[..., Path]:
     def make(
         data: np.ndarray,
         *,
-        transform: Affine = Affine(2.0, 0, 500000.0, 0, -2.0, 4000000.0),
+        transform: Affine | None = Affine(2.0, 0, 500000.0, 0, -2.0, 4000000.0),
         crs: str | None = "EPSG:32633",
         nodata: float | None = None,
         name: str = "raster.tif",
@@ -45,13 +47,17 @@ def make_raster(tmp_path: Path) -> Callable[..., Path]:
         path = tmp_path / name
         count, height, width = data.shape
         profile = dict(driver="GTiff", width=width, height=height, count=count, dtype=data.dtype,
-                       transform=transform, nodata=nodata, compress="deflate")
+                       nodata=nodata, compress="deflate")
+        if transform is not None:
+            profile["transform"] = transform
         if crs is not None:
             profile["crs"] = crs
         if tiled:
             profile.update(tiled=True, blockxsize=128, blockysize=128)
-        with rasterio.open(path, "w", **profile) as ds:
-            ds.write(data)
+        with warnings.catch_warnings():  # a raster without georeferencing is the point of some tests
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(path, "w", **profile) as ds:
+                ds.write(data)
         return path
 
     return make
