@@ -16,6 +16,7 @@ from .errors import (
     OutputError,
     RasterError,
 )
+from .esri import ExportTrainingDataForDeepLearning
 from .labels import ClassInfo
 from .pipeline import ExportResult, export_training_data
 
@@ -25,6 +26,7 @@ __all__ = [
     "ChipflowWarning",
     "ClassInfo",
     "ExportConfig",
+    "ExportTrainingDataForDeepLearning",
     "ExportResult",
     "InputNotFoundError",
     "InvalidParameterError",

@@ -16,13 +16,13 @@ from affine import Affine
 
 from .encode import ChipEncoder
 from .formats import ChipLabel, get
-from .grid import Block, ChipGrid
+from .grid import Block, ChipGrid, FeatureBlock
 from .labels import LabelSet
 from .sources import RasterSource, read_window
 from .stats import BlockResult
 from .store import RUN_DIR, Store
 
-__all__ = ["Job", "process_block"]
+__all__ = ["Job", "process_block", "process_feature_block", "run_block"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class Job:
     angles: tuple[float, ...] = (0.0,)
     id_offset: int = 0
     min_overlap_ratio: float = 0.0
+    blacken_around_feature: bool = False
 
     @property
     def halo(self) -> int:
@@ -389,3 +390,68 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
         result.add_band_moments(*_band_moments(b.pixels, b.valid, exported, (ty, tx)))
     job.store.commit_block(block.id, result.to_json())  # after every file of the block
     return result
+
+
+def process_feature_block(block: FeatureBlock, job: Job, labels: LabelSet) -> BlockResult:
+    """Export one chip per feature of ``block`` (Labeled_Tiles, Imagenet) and return its statistics.
+
+    Each chip is the feature's window (the tile centred on it, or its bounding
+    box); its label is that feature alone, clipped to the chip. With
+    ``job.blacken_around_feature`` the pixels outside the feature are set to 0.
+    """
+    src = job.source
+    b = _Block(block, job, labels)
+    fmt = b.fmt
+    wx0, wy0 = b.window[:2]
+    result = BlockResult(job.n_classes, src.count)
+    rows: list[tuple[int, str, str, np.ndarray]] = []
+    for f, (x0, y0, x1, y1) in zip(block.features, block.windows, strict=True):
+        sl = np.s_[y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
+        if b.any_valid is not None and not b.any_valid[sl].any():
+            continue
+        w, h = x1 - x0, y1 - y0
+        one = np.array([f])
+        box = (max(x0, 0), max(y0, 0), min(x1, src.width), min(y1, src.height))
+        pos, boxes, areas, geoms = _chip_features(
+            labels.geoms[one], labels.bounds[one], labels.areas[one], labels.polygonal[one], box, 0.0,
+            True)
+        if pos.size == 0:
+            continue
+        chip = b.pixels[(slice(None), *sl)]
+        local = shapely.transform(geoms, lambda xy, o=(x0, y0): xy - o)
+        if job.blacken_around_feature:
+            inside = _rasterize(local, np.ones(1, np.uint8), (h, w), Affine.identity(), np.uint8) > 0
+            chip = np.where(inside, chip, np.zeros((), chip.dtype))
+        class_index = labels.class_index[one]
+        chip_id = job.id_offset + f
+        stem = f"{chip_id:09d}"
+        transform = src.chip_affine @ Affine.translation(x0, y0)
+        label = ChipLabel(
+            stem=stem, image_name=f"{stem}.{job.encoder.extension}", width=w, height=h, depth=src.count,
+            values=b.class_values[class_index + 1],
+            boxes=np.clip(boxes - (x0, y0, x0, y0), 0, (w, h, w, h)) + 0.0,
+            class_index=class_index, classes=labels.classes, geoms=local,
+            encode_raster=lambda m, t=transform: job.encoder.label(m, t),
+        )
+        image_rel = fmt.image_relpath(label)
+        for suffix, data in job.encoder.image(chip, transform):
+            job.store.put(f"{image_rel}{suffix}", data)
+        files = fmt.files(label, job.label_extension)
+        for rel, data in files:
+            job.store.put(rel, data)
+        result.add_chip_features(class_index, areas * labels.pixel_area)
+        valid = None if b.valid is None else b.valid[(slice(None), *sl)]
+        result.add_band_moments(*_direct_moments(chip, valid))
+        rows.append((chip_id, f"{image_rel}.{job.encoder.extension}", files[0][0] if files else "",
+                     np.bincount(class_index, minlength=job.n_classes)))
+    rows.sort(key=lambda t: t[0])
+    result.set_rows(rows)
+    job.store.commit_block(block.id, result.to_json())
+    return result
+
+
+def run_block(block: Block | FeatureBlock, job: Job, labels: LabelSet) -> BlockResult:
+    """The task: grid blocks and feature blocks alike."""
+    if isinstance(block, FeatureBlock):
+        return process_feature_block(block, job, labels)
+    return process_block(block, job, labels)

@@ -10,7 +10,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from ._block import Job, process_block
+from ._block import Job, run_block
 from .grid import Block
 from .labels import LabelSet
 from .progress import Progress
@@ -54,7 +54,7 @@ class MallocTuning(WorkerPlugin):
 @contextlib.contextmanager
 def cluster_client(client: Any = None, scheduler: str | None = None,
                    n_workers: int | None = None) -> Iterator[Any]:
-    """The Dask client to use: the caller's, one for ``scheduler``, or a new LocalCluster.
+    """The Dask client to use: the caller's, one for ``scheduler``, the process's default, or a new one.
 
     The embedded default is a ``distributed.LocalCluster`` with one single-threaded
     worker process per core (GDAL decoding and Python encoding both scale with
@@ -68,6 +68,15 @@ def cluster_client(client: Any = None, scheduler: str | None = None,
     if scheduler is not None:
         with Client(scheduler) as c:
             yield c
+        return
+    from distributed import default_client
+
+    try:  # a client already made in this process (a notebook's): Dask's default
+        existing = default_client()
+    except ValueError:
+        existing = None
+    if existing is not None:
+        yield existing
         return
     workers = n_workers or os.cpu_count() or 1
     with (
@@ -109,7 +118,7 @@ def run_blocks(
             if id(labels) not in scattered:
                 scattered[id(labels)] = client.scatter(labels, broadcast=True, hash=False)
         futures = client.map(
-            process_block, [b for b, _, _ in todo], [j for _, j, _ in todo],
+            run_block, [b for b, _, _ in todo], [j for _, j, _ in todo],
             [scattered[id(lab)] for _, _, lab in todo],
             key=[f"chipflow-block-{token}-{b.id}" for b, _, _ in todo], retries=3, pure=False,
         )

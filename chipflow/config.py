@@ -8,6 +8,7 @@ before the first byte of output.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -127,6 +128,12 @@ def _flag(parameter: str, value: Any, true: str, false: str) -> bool:
     raise InvalidParameterError(parameter, value, f"must be {true} or {false}")
 
 
+def _absolute(path: Any) -> str:
+    """Local paths made absolute (workers may run in another directory); URLs as given."""
+    text = os.fspath(path) if hasattr(path, "__fspath__") else str(path)
+    return text if "://" in text else os.path.abspath(text)
+
+
 def _positive_int(parameter: str, value: Any) -> int:
     """Accept ints and integer strings (the ESRI samples pass ``"256"``)."""
     if isinstance(value, bool):
@@ -244,8 +251,8 @@ def make_config(
             "class_value_field", class_value_field, "must be a field name, or None to detect it"
         )
     return ExportConfig(
-        in_raster=tuple(str(r) for r in rasters),
-        out_folder=str(out_folder),
+        in_raster=tuple(_absolute(r) for r in rasters),
+        out_folder=_absolute(out_folder),
         image_chip_format=_enum(ImageChipFormat, "image_chip_format", image_chip_format),
         tile_size_x=_positive_int("tile_size_x", tile_size_x),
         tile_size_y=_positive_int("tile_size_y", tile_size_y),

@@ -29,7 +29,8 @@ from enum import Enum
 
 import numpy as np
 
-__all__ = ["Block", "ChipGrid", "EdgePolicy", "chip_offsets", "plan_blocks"]
+__all__ = ["Block", "ChipGrid", "EdgePolicy", "FeatureBlock", "chip_offsets", "plan_blocks",
+           "plan_feature_blocks"]
 
 
 class EdgePolicy(str, Enum):
@@ -202,4 +203,68 @@ def plan_blocks(
                 int(ys[r1 - 1]) + grid.tile_y,
             )
             blocks.append(Block(len(blocks), (r0, r1), (c0, c1), window))
+    return blocks
+
+
+@dataclass(frozen=True)
+class FeatureBlock:
+    """Feature-centred chips (Labeled_Tiles, Imagenet) processed by one task.
+
+    ``features`` are feature positions; ``windows`` each one's chip window
+    ``(x0, y0, x1, y1)``; ``window`` their union, read once.
+    """
+
+    id: int
+    features: tuple[int, ...]
+    windows: tuple[tuple[int, int, int, int], ...]
+    window: tuple[int, int, int, int]
+
+    @property
+    def n_chips(self) -> int:
+        """Chips in the block (one per feature)."""
+        return len(self.features)
+
+
+def feature_windows(bounds: np.ndarray, *, tile_x: int, tile_y: int, fixed: bool) -> np.ndarray:
+    """Each feature's chip window: ``tile`` centred on its box (``fixed``), or its box rounded out.
+
+    >>> feature_windows(np.array([[10.0, 20.0, 30.5, 41.0]]), tile_x=64, tile_y=64, fixed=True).tolist()
+    [[-12, -1, 52, 63]]
+    >>> feature_windows(np.array([[10.2, 20.0, 30.5, 41.0]]), tile_x=64, tile_y=64, fixed=False).tolist()
+    [[10, 20, 31, 41]]
+    """
+    if fixed:
+        cx = (bounds[:, 0] + bounds[:, 2]) / 2
+        cy = (bounds[:, 1] + bounds[:, 3]) / 2
+        x0 = np.floor(cx - tile_x / 2 + 0.5).astype(np.int64)
+        y0 = np.floor(cy - tile_y / 2 + 0.5).astype(np.int64)
+        return np.column_stack([x0, y0, x0 + tile_x, y0 + tile_y])
+    x0, y0 = np.floor(bounds[:, 0]).astype(np.int64), np.floor(bounds[:, 1]).astype(np.int64)
+    x1 = np.maximum(np.ceil(bounds[:, 2]).astype(np.int64), x0 + 1)
+    y1 = np.maximum(np.ceil(bounds[:, 3]).astype(np.int64), y0 + 1)
+    return np.column_stack([x0, y0, x1, y1])
+
+
+def plan_feature_blocks(features: np.ndarray, windows: np.ndarray, *, cell: int = 1024,
+                        max_features: int = 128) -> list[FeatureBlock]:
+    """Group feature chips into blocks by the ``cell`` their window's centre falls in.
+
+    The grouping depends only on the features, never on the cluster.
+    """
+    if len(features) == 0:
+        return []
+    cx = (windows[:, 0] + windows[:, 2]) // 2 // cell
+    cy = (windows[:, 1] + windows[:, 3]) // 2 // cell
+    order = np.lexsort((features, cx, cy))
+    blocks: list[FeatureBlock] = []
+    start = 0
+    keys = list(zip(cy[order].tolist(), cx[order].tolist(), strict=True))
+    for i in range(1, len(order) + 1):
+        if i == len(order) or keys[i] != keys[start] or i - start == max_features:
+            sel = order[start:i]
+            w = windows[sel]
+            blocks.append(FeatureBlock(
+                len(blocks), tuple(int(f) for f in features[sel]), tuple(tuple(int(v) for v in r) for r in w),
+                (int(w[:, 0].min()), int(w[:, 1].min()), int(w[:, 2].max()), int(w[:, 3].max()))))
+            start = i
     return blocks

@@ -214,7 +214,7 @@ def export_training_data(
         cell_size=source.cell_size,
         epsg=source.epsg,
         crs_wkt=source.crs_wkt,
-        emd_extra=fmt.emd_extra(),
+        emd_extra={**fmt.emd_extra(), **_feature_chip_keys(cfg)},
         image_space="PIXEL_SPACE" if source.pixel_space else "MAP_SPACE",
         raster_count=len(plan.items[0].source.items) if len(plan.items) == 1 else len(plan.items),
     )
@@ -233,6 +233,15 @@ def export_training_data(
         num_blocks=len(blocks),
         timings=timings,
     )
+
+
+def _feature_chip_keys(cfg: ExportConfig) -> dict[str, Any]:
+    """The emd keys of feature-centred formats (Labeled_Tiles, Imagenet)."""
+    if not cfg.label_format.feature_chips:
+        return {}
+    fixed = cfg.crop_mode.value == "FIXED_SIZE"
+    return {"CropTileMode": "Fixed_Size" if fixed else "Variable_Size",
+            "BlackenAroundFeature": cfg.blacken_around_feature}
 
 
 def _run_params(cfg: ExportConfig, plan: ExportPlan) -> dict[str, Any]:

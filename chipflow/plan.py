@@ -18,10 +18,17 @@ import numpy as np
 import shapely
 
 from ._block import Job
-from .config import ExportConfig, NoFeatureTiles, ProcessingMode, ReferenceSystem, check_against_raster
+from .config import (
+    CropMode,
+    ExportConfig,
+    NoFeatureTiles,
+    ProcessingMode,
+    ReferenceSystem,
+    check_against_raster,
+)
 from .encode import ChipEncoder
 from .errors import ChipflowWarning, InvalidParameterError, LabelError
-from .grid import Block, ChipGrid, plan_blocks
+from .grid import Block, ChipGrid, FeatureBlock, feature_windows, plan_blocks, plan_feature_blocks
 from .labels import LabelSet, empty_labels, read_class_data, read_mask
 from .sources import RasterSource, open_sources
 from .store import Store
@@ -42,7 +49,7 @@ class PlanItem:
     source: RasterSource
     labels: LabelSet
     grid: ChipGrid
-    blocks: tuple[Block, ...]
+    blocks: tuple[Block | FeatureBlock, ...]
     id_offset: int
 
 
@@ -64,7 +71,7 @@ class ExportPlan:
         return self.items[0].labels
 
     @property
-    def blocks(self) -> tuple[Block, ...]:
+    def blocks(self) -> tuple[Block | FeatureBlock, ...]:
         """Every block of every item (ids unique)."""
         return tuple(b for item in self.items for b in item.blocks)
 
@@ -98,9 +105,10 @@ class ExportPlan:
             only_with_features=self.only_with_features,
             n_classes=len(item.labels.classes),
             class_values=tuple(c.value for c in item.labels.classes),
-            angles=self.cfg.angles,
+            angles=(0.0,) if self.cfg.label_format.feature_chips else self.cfg.angles,
             id_offset=item.id_offset,
             min_overlap_ratio=self.cfg.min_polygon_overlap_ratio,
+            blacken_around_feature=self.cfg.blacken_around_feature,
         )
 
     def chips_with_features(self) -> int | None:
@@ -125,7 +133,7 @@ class ExportPlan:
         chips_in_blocks = sum(b.n_chips for b in self.blocks) * n_angles
         with_features = self.chips_with_features()
         expected = (with_features if self.only_with_features and with_features is not None
-                    else chips_in_blocks)
+                    and not self.cfg.label_format.feature_chips else chips_in_blocks)
         raw = grids[0].tile_x * grids[0].tile_y * src.count * np.dtype(src.dtype).itemsize
         per_chip = {"tif": raw + 1024, "png": raw * 0.6, "jpg": raw * 0.15}[self.image_extension]
         per_label = grids[0].tile_x * grids[0].tile_y if self.cfg.label_format.rasterize else 600
@@ -160,6 +168,19 @@ class ExportPlan:
             "features_per_class": {c.name: int(n) for c, n in zip(self.labels.classes, per_class,
                                                                   strict=True)},
         }
+
+
+def _feature_blocks(cfg: ExportConfig, source: RasterSource, labels: LabelSet) -> list[FeatureBlock]:
+    """One chip per feature over the raster (inside the mask polygons, if any)."""
+    extent = shapely.box(0, 0, source.width, source.height)
+    inside = labels.query((0, 0, source.width, source.height))
+    inside = inside[shapely.intersects(labels.geoms[inside], extent)]
+    windows = feature_windows(labels.bounds[inside], tile_x=cfg.tile_size_x, tile_y=cfg.tile_size_y,
+                              fixed=cfg.crop_mode is CropMode.FIXED_SIZE)
+    if labels.mask is not None and len(inside):
+        keep = shapely.covers(labels.mask, shapely.box(*windows.T))
+        inside, windows = inside[keep], windows[keep]
+    return plan_feature_blocks(inside, windows)
 
 
 def plan_export(cfg: ExportConfig, in_class_data: Any, in_mask_polygons: Any = None) -> ExportPlan:
@@ -198,6 +219,13 @@ def plan_export(cfg: ExportConfig, in_class_data: Any, in_mask_polygons: Any = N
         labels.mask = read_mask(in_mask_polygons, source)
         grid = ChipGrid(source.width, source.height, cfg.tile_size_x, cfg.tile_size_y,
                         cfg.stride_x, cfg.stride_y, cfg.edge_policy)
+        if fmt.feature_chips:
+            fblocks = _feature_blocks(cfg, source, labels)
+            fblocks = [dataclasses.replace(b, id=b.id + block_offset) for b in fblocks]
+            items.append(PlanItem(source, labels, grid, tuple(fblocks), id_offset))
+            id_offset += len(labels)
+            block_offset += len(fblocks)
+            continue
         blocks = plan_blocks(grid, align=source.block_shape)
         if labels.mask is not None:  # blocks with no chip inside the mask polygons
             blocks = [b for b in blocks if shapely.intersects(labels.mask, shapely.box(*b.window))]

@@ -69,8 +69,14 @@ class Store:
         """Write ``data`` to ``relpath`` atomically."""
         full = self.path(relpath)
         if self.is_local:
-            tmp = os.path.join(os.path.dirname(full), f".{os.path.basename(full)}.{uuid.uuid4().hex[:8]}.tmp")
-            with open(tmp, "wb") as f:
+            folder = os.path.dirname(full)
+            tmp = os.path.join(folder, f".{os.path.basename(full)}.{uuid.uuid4().hex[:8]}.tmp")
+            try:
+                f = open(tmp, "wb")  # noqa: SIM115 - closed below
+            except FileNotFoundError:  # a subfolder (a class folder) not made yet
+                os.makedirs(folder, exist_ok=True)
+                f = open(tmp, "wb")  # noqa: SIM115
+            with f:
                 f.write(data)
             os.replace(tmp, full)
         else:
@@ -152,10 +158,10 @@ class Store:
     def _remove_temporaries(self, subfolders: list[str]) -> None:
         """Delete temporary files a killed run left behind (never visible under a final name)."""
         for sub in subfolders:
-            folder = self.path(sub)
-            for entry in os.scandir(folder):
-                if entry.name.startswith(".") and entry.name.endswith(".tmp"):
-                    os.remove(entry.path)
+            for folder, _, names in os.walk(self.path(sub)):
+                for name in names:
+                    if name.startswith(".") and name.endswith(".tmp"):
+                        os.remove(os.path.join(folder, name))
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:

@@ -86,6 +86,8 @@ class LabelFormat(ABC):
     needs_labels: ClassVar[bool] = True
     #: True for formats with a dataset-wide file built from :meth:`block_part` / :meth:`finalize`.
     has_parts: ClassVar[bool] = False
+    #: True for formats with one chip per feature, centred on it (Labeled_Tiles, Imagenet).
+    feature_chips: ClassVar[bool] = False
 
     def label_extension(self, image_extension: str) -> str:
         """The label file's extension, given the image chips' extension."""
