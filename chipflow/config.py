@@ -39,11 +39,12 @@ class ImageChipFormat(str, Enum):
     TIFF = "TIFF"
     PNG = "PNG"
     JPEG = "JPEG"
+    MRF = "MRF"
 
     @property
     def extension(self) -> str:
         """File extension, as ArcGIS writes it."""
-        return {"TIFF": "tif", "PNG": "png", "JPEG": "jpg"}[self.value]
+        return {"TIFF": "tif", "PNG": "png", "JPEG": "jpg", "MRF": "mrf"}[self.value]
 
 
 class NoFeatureTiles(str, Enum):
@@ -297,7 +298,7 @@ def check_against_raster(cfg: ExportConfig, *, width: int, height: int, count: i
                     f"<= {size}, or edge_policy='PAD' to pad the single chip",
                 )
     fmt = cfg.image_chip_format
-    if fmt is not ImageChipFormat.TIFF:
+    if fmt in (ImageChipFormat.PNG, ImageChipFormat.JPEG):
         jpeg = fmt is ImageChipFormat.JPEG
         if count not in ((1, 3) if jpeg else (1, 2, 3)):
             raise InvalidParameterError(

@@ -117,6 +117,8 @@ class ChipEncoder:
         """
         if self.extension == "tif":
             return [(".tif", self.geotiff(pixels, transform, self.nodata))]
+        if self.extension == "mrf":
+            return self.mrf(pixels, transform)
         hwc = pixels[0] if pixels.shape[0] == 1 else np.ascontiguousarray(pixels.transpose(1, 2, 0))
         buf = io.BytesIO()
         if self.extension == "png":
@@ -131,6 +133,25 @@ class ChipEncoder:
             (world, world_file(transform)),
             (f".{self.extension}.aux.xml", aux),
         ]
+
+    def mrf(self, pixels: np.ndarray, transform: Affine) -> list[tuple[str, bytes]]:
+        """An MRF chip (GDAL's driver, DEFLATE): the ``.mrf`` header, its ``.idx`` index and data file."""
+        import os
+        import tempfile
+
+        import rasterio
+
+        with tempfile.TemporaryDirectory(prefix="chipflow-mrf-") as tmp:
+            path = os.path.join(tmp, "chip.mrf")
+            with rasterio.open(path, "w", driver="MRF", width=pixels.shape[2], height=pixels.shape[1],
+                               count=pixels.shape[0], dtype=pixels.dtype, crs=self.crs_wkt or None,
+                               transform=transform, nodata=self.nodata, compress="DEFLATE") as ds:
+                ds.write(pixels)
+            parts = []
+            for name in sorted(os.listdir(tmp)):
+                with open(os.path.join(tmp, name), "rb") as f:
+                    parts.append((name[len("chip"):], f.read()))
+        return parts
 
     def label(self, mask: np.ndarray, transform: Affine) -> bytes:
         """Encode a ``(h, w)`` class raster: GeoTIFF for TIFF chips, PNG otherwise."""

@@ -137,3 +137,20 @@ def test_source_window_helper_still_matches(client, tmp_path):
     emd = json.loads((out / "esri_model_definition.emd").read_text())
     assert emd["ImageSpaceUsed"] == "MAP_SPACE"
     assert box(0, 0, 1, 1).area == 1
+
+
+def test_mrf_chips_open_with_gdal_and_equal_the_source(client, tmp_path):
+    out = tmp_path / "mrf"
+    r = chipflow.export_training_data(NC / "landsat_multiband.tif", out, NC / "landsat96_polygons.shp",
+                                      class_value_field="id", image_chip_format="mrf", tile_size_x=128,
+                                      tile_size_y=128, stride_x=128, stride_y=128, client=client)
+    ids = chip_ids(out, "mrf")
+    assert ids and len(ids) == r.num_chips
+    for i in ids:
+        chip, window = source_window(out / "images" / f"{i:09d}.mrf", NC / "landsat_multiband.tif")
+        np.testing.assert_array_equal(chip, window)
+    first = (out / "map.txt").read_text().splitlines()[0]
+    assert first.startswith(f"images\\{ids[0]:09d}.mrf  labels\\")
+    names = sorted(p.name for p in (out / "images").glob(f"{ids[0]:09d}.*"))
+    stem = f"{ids[0]:09d}"
+    assert names == [f"{stem}.idx", f"{stem}.mrf", f"{stem}.mrf.aux.xml", f"{stem}.pzp"]
