@@ -186,7 +186,7 @@ def export_training_data(
     timings = {"plan": time.perf_counter() - started}
     source, labels, blocks = plan.source, plan.labels, list(plan.blocks)
     store = Store(cfg.out_folder)
-    markers = store.open_run(_run_params(cfg, plan), ["images", "labels"], overwrite=cfg.overwrite)
+    markers = store.open_run(_run_params(cfg, plan), ["images"], overwrite=cfg.overwrite)
     committed = {i: BlockResult.from_json(raw) for i, raw in markers.items()}
     jobs = [plan.job(item, store) for item in plan.items]
     work = [(b, job, item.labels) for item, job in zip(plan.items, jobs, strict=True) for b in item.blocks]
@@ -214,7 +214,7 @@ def export_training_data(
         cell_size=source.cell_size,
         epsg=source.epsg,
         crs_wkt=source.crs_wkt,
-        emd_extra={**fmt.emd_extra(), **_feature_chip_keys(cfg)},
+        emd_extra={**fmt.emd_extra(labels.classes), **_feature_chip_keys(cfg)},
         image_space="PIXEL_SPACE" if source.pixel_space else "MAP_SPACE",
         raster_count=len(plan.items[0].source.items) if len(plan.items) == 1 else len(plan.items),
     )

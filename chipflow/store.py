@@ -98,6 +98,16 @@ class Store:
             return []
         return sorted(os.path.basename(p.rstrip("/")) for p in entries)
 
+    def find(self, relpath: str) -> list[str]:
+        """Relative paths of every file below ``relpath`` (recursive; [] when it does not exist)."""
+        base = self.path(relpath).rstrip("/")
+        try:
+            found = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        root = self.root.rstrip("/") + "/"
+        return sorted(p[len(root):] if p.startswith(root) else p.split(root, 1)[-1] for p in found)
+
     def commit_block(self, block_id: int, payload: bytes) -> None:
         """Record that block ``block_id`` wrote all its files (its marker holds its statistics)."""
         self.put(f"{RUN_DIR}/blocks/{block_id:07d}.json", payload)
@@ -149,19 +159,18 @@ class Store:
             for sub in [*subfolders, f"{RUN_DIR}/blocks"]:
                 self.fs.makedirs(self.path(sub), exist_ok=True)
             if self.is_local and committed:
-                self._remove_temporaries(subfolders)
+                self._remove_temporaries()
             self.put(f"{RUN_DIR}/params.json", json.dumps(params, indent=2, sort_keys=True).encode())
         except OSError as exc:
             raise OutputError(f"out_folder={self.url!r} cannot be written: {exc}") from None
         return committed
 
-    def _remove_temporaries(self, subfolders: list[str]) -> None:
+    def _remove_temporaries(self) -> None:
         """Delete temporary files a killed run left behind (never visible under a final name)."""
-        for sub in subfolders:
-            for folder, _, names in os.walk(self.path(sub)):
-                for name in names:
-                    if name.startswith(".") and name.endswith(".tmp"):
-                        os.remove(os.path.join(folder, name))
+        for folder, _, names in os.walk(self.root):
+            for name in names:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    os.remove(os.path.join(folder, name))
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:

@@ -79,9 +79,10 @@ def _check_run(store: Store, report: ValidationReport) -> None:
             report.problems.append(f"block marker {block_id} is unreadable: {exc}")
 
 
-def _check_emd(emd: dict[str, Any], stats: dict[str, Any], report: ValidationReport) -> list[int]:
+def _check_emd(emd: dict[str, Any], stats: dict[str, Any], report: ValidationReport, *,
+               needs_classes: bool) -> list[int]:
     classes = emd.get("Classes")
-    if not isinstance(classes, list) or not classes:
+    if not isinstance(classes, list) or (needs_classes and not classes):
         report.problems.append("esri_model_definition.emd has no Classes")
         return []
     values = []
@@ -119,73 +120,98 @@ def validate_dataset(out_folder: str, *, storage_options: dict[str, Any] | None 
         report.incomplete.append("map.txt is missing")
     if store.read("stats.txt") is None:
         report.incomplete.append("stats.txt is missing")
-    images = sorted(n for n in store.listdir("images") if n.lower().endswith(_IMAGE_EXTENSIONS))
+    images = [p for p in store.find("images") if p.lower().endswith(_IMAGE_EXTENSIONS)
+              and not p.rsplit("/", 1)[-1].startswith(".")]
     report.images = len(images)
     if emd is None or stats is None or map_txt is None:
         return report
-    class_values = _check_emd(emd, stats, report)
     try:
         fmt = get(stats.get("MetaDataMode"))
     except ValueError:
         report.problems.append(f"MetaDataMode {stats.get('MetaDataMode')!r} is not a known format")
         return report
-    lines = [line.split() for line in map_txt.decode().splitlines() if line.strip()]
-    pairs = {}
-    for cols in lines:
-        if len(cols) != 2:
-            report.problems.append(f"map.txt line {' '.join(cols)!r} needs 2 columns")
-            continue
-        pairs[cols[0].replace("\\", "/")] = cols[1].replace("\\", "/")
-    listed = {f"images/{n}" for n in images}
+    class_values = _check_emd(emd, stats, report, needs_classes=fmt.needs_labels)
+    pairs: dict[str, str | None] = {}
+    for line in map_txt.decode().splitlines():
+        cols = [c.replace("\\", "/") for c in line.split()]
+        if len(cols) not in (1, 2):
+            report.problems.append(f"map.txt line {line!r} needs 1 or 2 columns")
+        elif cols:
+            pairs[cols[0]] = cols[1] if len(cols) == 2 else None
+    listed = set(images)
     if set(pairs) != listed:
         report.problems.append(f"map.txt lists {len(pairs)} images, images/ holds {len(listed)} "
                                f"({len(set(pairs) ^ listed)} differ)")
     if stats.get("NumTiles") != len(images):
         report.problems.append(f"NumTiles is {stats.get('NumTiles')} but images/ holds {len(images)}")
-    counts: Counter[int] = Counter()
     size = (stats.get("TileSizeX"), stats.get("TileSizeY"))
+    fixed_size = emd.get("CropTileMode", "Fixed_Size") == "Fixed_Size"
+    label_ext = next((p.rsplit(".", 1)[-1] for p in pairs.values() if p), None)
+    counts: Counter[int] = Counter()
     for image in sorted(listed):
-        _check_image(store, image, size, report)
-        label = pairs.get(image)
-        raw = store.read(label) if label else None
-        if raw is None:
+        shape = _check_image(store, image, size if fixed_size else None, report)
+        if not fmt.per_chip_labels or shape is None:
+            continue
+        stem = image.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        paths = fmt.label_paths(stem, label_ext, emd["Classes"]) if label_ext else []
+        found = [(p, raw) for p in paths if (raw := store.read(p)) is not None]
+        if not found and not fmt.instances:
             report.problems.append(f"{image} has no label file")
             continue
-        report.labels += 1
-        try:
-            per_class = fmt.count(raw, width=size[0], height=size[1])
-        except (ValueError, TypeError, OSError) as exc:
-            report.problems.append(f"{label} does not parse: {exc}")
-            continue
-        unknown = set(per_class) - set(class_values)
-        if unknown:
-            report.problems.append(f"{label} uses class values {sorted(unknown)} not in the emd")
-        counts.update(per_class)
-    block = stats.get("ClassPixelStats" if fmt.counted == "NumPixelsPerClass" else "FeatureStats", {})
-    expected = block.get(fmt.counted)
-    actual = [counts.get(v, 0) for v in class_values]
-    if expected != actual:
-        report.problems.append(f"{fmt.counted} in esri_accumulated_stats.json is {expected}, "
-                               f"the label files hold {actual}")
+        report.labels += bool(found)
+        for label, raw in found:
+            try:
+                per_class = fmt.count(raw, width=shape[0], height=shape[1], path=label,
+                                      classes=emd["Classes"])
+            except (ValueError, TypeError, OSError) as exc:
+                report.problems.append(f"{label} does not parse: {exc}")
+                continue
+            unknown = set(per_class) - set(class_values)
+            if unknown:
+                report.problems.append(f"{label} uses class values {sorted(unknown)} not in the emd")
+            counts.update(per_class)
+    if fmt.per_chip_labels:
+        _check_counts(fmt, stats, class_values, counts, report)
     return report
 
 
-def _check_image(store: Store, image: str, size: tuple[Any, Any], report: ValidationReport) -> None:
+def _check_counts(fmt: Any, stats: dict[str, Any], class_values: list[int], counts: Counter[int],
+                  report: ValidationReport) -> None:
+    """The label files' per-class counts against esri_accumulated_stats.json."""
+    block = stats.get("ClassPixelStats" if fmt.counted == "NumPixelsPerClass" else "FeatureStats", {})
+    expected = block.get(fmt.counted)
+    actual = [counts.get(v, 0) for v in class_values]
+    # instance masks hold only features that cover a pixel: at most the feature counts
+    agrees = (expected is not None and len(expected) == len(actual)
+              and all(a <= e for a, e in zip(actual, expected, strict=True))) if (
+        fmt.instances and fmt.counted == "NumFeaturesPerClass") else expected == actual
+    if not agrees:
+        report.problems.append(f"{fmt.counted} in esri_accumulated_stats.json is {expected}, "
+                               f"the label files hold {actual}")
+
+
+def _check_image(store: Store, image: str, size: tuple[Any, Any] | None,
+                 report: ValidationReport) -> tuple[int, int] | None:
+    """Decode ``image`` (GDAL); its ``(width, height)``, or None when it does not decode."""
+    import warnings
+
     import rasterio
     from rasterio.io import MemoryFile
 
     try:
-        if store.is_local:
-            ds_ctx = rasterio.open(store.path(image))
-            with ds_ctx as ds:
-                shape = (ds.width, ds.height)
-                ds.read()
-        else:
-            with MemoryFile(store.read(image)) as mem, mem.open() as ds:
-                shape = (ds.width, ds.height)
-                ds.read()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            if store.is_local:
+                with rasterio.open(store.path(image)) as ds:
+                    shape = (ds.width, ds.height)
+                    ds.read()
+            else:
+                with MemoryFile(store.read(image)) as mem, mem.open() as ds:
+                    shape = (ds.width, ds.height)
+                    ds.read()
     except Exception as exc:  # any decode failure is the finding
         report.problems.append(f"{image} does not decode: {exc}")
-        return
-    if shape != tuple(size):
+        return None
+    if size is not None and shape != tuple(size):
         report.problems.append(f"{image} is {shape[0]} x {shape[1]}, the tile size is {size[0]} x {size[1]}")
+    return shape

@@ -12,10 +12,10 @@ from conftest import KAMPALA_BUILDINGS, KAMPALA_IMAGE, NC, textured
 from labels_io import chip_ids, read_kitti, read_voc, source_window
 from pyproj import Transformer
 from shapely.geometry import Polygon, box
+from test_export import T, px_polygon
 
 import chipflow
 from chipflow.errors import ChipflowDeprecationWarning
-from test_export import T, px_polygon
 
 
 def test_buffer_radius_turns_points_into_discs(client, tmp_path):

@@ -2,8 +2,8 @@
 
 >>> get("pascal_voc_rectangles").name
 'PASCAL_VOC_rectangles'
->>> names()
-['Classified_Tiles', 'KITTI_rectangles', 'PASCAL_VOC_rectangles']
+>>> names()[:3]
+['COCO', 'Classified_Tiles', 'Export_Tiles']
 """
 
 from __future__ import annotations
@@ -13,7 +13,13 @@ from typing import Any
 from ..errors import InvalidParameterError
 from .base import ChipLabel, LabelFormat
 from .classified_tiles import ClassifiedTiles
+from .coco import COCO
+from .export_tiles import ExportTiles
+from .multilabeled_tiles import MultiLabeledTiles
+from .panoptic import PanopticSegmentation
+from .rcnn_masks import RCNNMasks
 from .rectangles import KittiRectangles, PascalVocRectangles
+from .yolo import Yolo, YoloSegmentation
 
 __all__ = ["ChipLabel", "LabelFormat", "get", "names", "register"]
 
@@ -50,5 +56,11 @@ def get(name: Any) -> LabelFormat:
     return fmt
 
 
-for _fmt in (KittiRectangles(), PascalVocRectangles(), ClassifiedTiles()):
+for _fmt in (KittiRectangles(), PascalVocRectangles(), ClassifiedTiles(), RCNNMasks(), MultiLabeledTiles(),
+             ExportTiles(), PanopticSegmentation(), COCO(), Yolo(), YoloSegmentation()):
+    register(_fmt)
+
+from .labeled_tiles import Imagenet, LabeledTiles  # noqa: E402
+
+for _fmt in (LabeledTiles(), Imagenet()):
     register(_fmt)

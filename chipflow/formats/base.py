@@ -88,6 +88,8 @@ class LabelFormat(ABC):
     has_parts: ClassVar[bool] = False
     #: True for formats with one chip per feature, centred on it (Labeled_Tiles, Imagenet).
     feature_chips: ClassVar[bool] = False
+    #: False for formats without a label file per chip (COCO, Export_Tiles, Imagenet).
+    per_chip_labels: ClassVar[bool] = True
 
     def label_extension(self, image_extension: str) -> str:
         """The label file's extension, given the image chips' extension."""
@@ -101,8 +103,12 @@ class LabelFormat(ABC):
         """The chip's label files as ``(relative path, bytes)``; the first one goes in map.txt."""
         return [(f"labels/{chip.stem}.{label_extension}", self.encode(chip))]
 
-    def emd_extra(self) -> dict[str, Any]:
-        """Keys this format adds to ``esri_model_definition.emd``."""
+    def label_paths(self, stem: str, label_extension: str, classes: Any) -> list[str]:
+        """Every label file chip ``stem`` may have (``validate`` reads those that exist)."""
+        return [f"labels/{stem}.{label_extension}"]
+
+    def emd_extra(self, classes: tuple[Any, ...] = ()) -> dict[str, Any]:
+        """Keys this format adds to ``esri_model_definition.emd``, given the export's classes."""
         return {}
 
     def block_part(self, chips: list[ChipLabel]) -> bytes | None:
@@ -122,8 +128,12 @@ class LabelFormat(ABC):
         """The label file's bytes for one chip."""
 
     @abstractmethod
-    def count(self, data: bytes, *, width: int, height: int) -> dict[int, int]:
+    def count(self, data: bytes, *, width: int, height: int, path: str | None = None,
+              classes: Any = None) -> dict[int, int]:
         """Parse a label file as its consumer would: class value → features (or pixels).
+
+        ``path`` (the file's path in the dataset) and ``classes`` (the emd's
+        ``Classes``) let formats whose files hold no class values map them back.
 
         Raises
         ------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .base import ChipLabel, LabelFormat
@@ -30,7 +32,7 @@ class ClassifiedTiles(LabelFormat):
             raise ValueError("Classified_Tiles needs the chip's rasterized mask")
         return chip.encode_raster(chip.mask)
 
-    def count(self, data: bytes, *, width: int, height: int) -> dict[int, int]:
+    def count(self, data: bytes, *, width: int, height: int, **_: Any) -> dict[int, int]:
         """Pixels per class value (0, background, not counted); one band of the chip's size."""
         from rasterio.io import MemoryFile
 

@@ -31,6 +31,7 @@ class Imagenet(LabelFormat):
     """
 
     name = "Imagenet"
+    per_chip_labels = False
     feature_chips = True
 
     def image_relpath(self, chip: ChipLabel) -> str:
@@ -45,10 +46,7 @@ class Imagenet(LabelFormat):
         """Imagenet chips have no label file."""
         return b""
 
-    def count(self, data: bytes, *, width: int, height: int) -> dict[int, int]:
+    def count(self, data: bytes, *, width: int, height: int, **_: Any) -> dict[int, int]:
         """Imagenet chips have no label file to count."""
         return {}
 
-    def emd_extra(self) -> dict[str, Any]:
-        """Nothing beyond the common keys."""
-        return {}

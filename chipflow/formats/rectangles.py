@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from collections import Counter
+from typing import Any
 
 from .base import ChipLabel, LabelFormat
 
@@ -58,7 +59,7 @@ class KittiRectangles(LabelFormat):
         """KITTI rows for the chip's features (an empty file for none)."""
         return _rows(chip, _KITTI_ROW).encode()
 
-    def count(self, data: bytes, *, width: int, height: int) -> dict[int, int]:
+    def count(self, data: bytes, *, width: int, height: int, **_: Any) -> dict[int, int]:
         """Rows per class; each row 15 numeric columns, no negatives, box inside the chip."""
         counts: Counter[int] = Counter()
         for n, line in enumerate(data.decode().splitlines(), 1):
@@ -84,7 +85,7 @@ class PascalVocRectangles(LabelFormat):
         head = _VOC_HEAD.format(name=chip.image_name, w=chip.width, h=chip.height, d=chip.depth)
         return (head + _rows(chip, _VOC_OBJECT) + "</annotation>\n").encode()
 
-    def count(self, data: bytes, *, width: int, height: int) -> dict[int, int]:
+    def count(self, data: bytes, *, width: int, height: int, **_: Any) -> dict[int, int]:
         """Objects per class; numeric ``<name>`` and a box inside the chip."""
         counts: Counter[int] = Counter()
         for n, obj in enumerate(ET.fromstring(data).findall("object"), 1):

@@ -1,0 +1,461 @@
+"""The instance, multi-label, image-only and non-ESRI formats, end to end and on hand-made chips.
+
+Most exports use one hand-made scene whose pixel boxes, areas and masks are
+computed by hand or by rasterizing the source features independently.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import shapely
+import yaml
+from affine import Affine
+from conftest import KAMPALA_BUILDINGS, KAMPALA_IMAGE, textured
+from labels_io import chip_ids
+from rasterio.features import rasterize
+from shapely.geometry import MultiPolygon, Polygon
+
+import chipflow
+from chipflow.encode import ChipEncoder
+from chipflow.formats import ChipLabel, get
+from chipflow.labels import ClassInfo
+
+T = Affine(2.0, 0, 500000.0, 0, -2.0, 4000000.0)  # 2 m pixels, EPSG:32633
+ROOF, POOL = 3, 7
+POOL_NAME = "../pool"  # not a safe folder name: written as ".._pool"
+POOL_DIR = ".._pool"
+
+
+def px(coords, holes=()) -> Polygon:
+    """A polygon given in raster pixels (col, row), placed in map coordinates with ``T``."""
+    return Polygon([T * c for c in coords], [[T * c for c in h] for h in holes])
+
+
+def rect(x0, y0, x1, y1) -> list[tuple[float, float]]:
+    return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+
+
+# A 512 x 512 raster cut into 4 chips of 256 (stride 256): chip id = row * 2 + col.
+SCENE = gpd.GeoDataFrame(
+    {"Value": [ROOF, ROOF, POOL, ROOF, POOL, ROOF],
+     "ClassName": ["roof", "roof", POOL_NAME, "roof", POOL_NAME, "roof"]},
+    geometry=[
+        px(rect(20, 20, 60, 50)),  # A: chip 0
+        px(rect(100, 100, 140, 120)),  # B: chip 0
+        px([(200, 10), (300, 10), (200, 60)]),  # D: triangle cut by x = 256 (chips 0 and 1)
+        px(rect(20, 300, 120, 400), [rect(50, 330, 90, 370)]),  # E: chip 2, with a hole
+        MultiPolygon([px(rect(300, 300, 320, 320)), px(rect(400, 400, 440, 430))]),  # F: chip 3
+        px(rect(300.1, 100.1, 300.4, 100.4)),  # G: chip 1, covers no pixel centre
+    ],
+    crs="EPSG:32633",
+)
+
+
+@pytest.fixture
+def scene_raster(make_raster) -> Path:
+    return make_raster(textured((3, 512, 512)))
+
+
+def export(raster, out, metadata_format, client, data=SCENE, **kw) -> chipflow.ExportResult:
+    kw.setdefault("stride_x", 256)
+    kw.setdefault("stride_y", 256)
+    return chipflow.export_training_data(raster, out, data, metadata_format=metadata_format,
+                                         client=client, **kw)
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} if folder.exists() else set()
+
+
+def chip_grid(image: Path) -> tuple[Affine, tuple[int, int]]:
+    with rasterio.open(image) as ds:
+        return ds.transform, (ds.height, ds.width)
+
+
+def read_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def burn(geoms, values, image: Path) -> np.ndarray:
+    """Independent rasterization of map-space features on a chip's grid (pixel centres)."""
+    transform, shape = chip_grid(image)
+    return rasterize(list(zip(geoms, values, strict=True)), out_shape=shape, transform=transform,
+                     fill=0, dtype="uint16")
+
+
+def expected_instances(image: Path, value: int, frame=SCENE) -> np.ndarray:
+    """Ids 1..k to the class's features in input order, skipping those without a pixel."""
+    out = np.zeros(chip_grid(image)[1], np.uint16)
+    k = 0
+    for geom in frame.geometry[frame["Value"] == value]:
+        alone = burn([geom], [1], image).astype(bool)
+        if alone.any():
+            k += 1
+            out[alone] = k
+    return out
+
+
+def metadata(out: Path) -> tuple[dict, dict]:
+    return (json.loads((out / "esri_model_definition.emd").read_text()),
+            json.loads((out / "esri_accumulated_stats.json").read_text()))
+
+
+def check_common_metadata(out: Path, fmt: str, n_chips: int, ext: str = "tif") -> tuple[dict, dict]:
+    emd, stats = metadata(out)
+    assert emd["MetaDataMode"] == stats["MetaDataMode"] == fmt
+    assert stats["NumTiles"] == n_chips == len(chip_ids(out, ext))
+    assert [(c["Value"], c["Name"]) for c in emd["Classes"]] == [(ROOF, "roof"), (POOL, POOL_NAME)]
+    return emd, stats
+
+
+def map_lines(out: Path) -> list[str]:
+    return (out / "map.txt").read_text().splitlines(keepends=True)
+
+
+# --------------------------------------------------------------------------- RCNN_Masks
+
+
+def test_rcnn_masks_hold_the_rasterized_instances_per_class_folder(client, scene_raster, tmp_path):
+    out = tmp_path / "rcnn"
+    export(scene_raster, out, "rcnn_masks", client)
+    emd, stats = check_common_metadata(out, "RCNN_Masks", 4)
+    # G (chip 1) covers no pixel centre: no roof instance there, so no roof file for chip 1.
+    assert files_under(out / "labels") == {
+        "roof/000000000.tif", f"{POOL_DIR}/000000000.tif", f"{POOL_DIR}/000000001.tif",
+        "roof/000000002.tif", f"{POOL_DIR}/000000003.tif",
+    }
+    assert not (tmp_path / "pool").exists() and not (out / "pool").exists()  # "../pool" did not escape
+    for rel in files_under(out / "labels"):
+        folder, name = rel.split("/")
+        image = out / "images" / name
+        with rasterio.open(out / "labels" / rel) as lab, rasterio.open(image) as img:
+            mask = lab.read(1)
+            assert lab.count == 1 and mask.dtype == np.uint8
+            assert lab.transform == img.transform and lab.crs == img.crs  # georeferenced like the chip
+        value = ROOF if folder == "roof" else POOL
+        np.testing.assert_array_equal(mask, expected_instances(image, value))
+    with rasterio.open(out / "labels" / "roof" / "000000000.tif") as lab:
+        roof = lab.read(1)
+    assert (roof[20:50, 20:60] == 1).all() and (roof[100:120, 100:140] == 2).all()  # A then B
+    assert roof.sum() == 30 * 40 + 2 * 20 * 40
+    # map.txt names each chip's first class's mask.
+    assert map_lines(out) == [
+        "images\\000000000.tif  labels\\roof\\000000000.tif \n",
+        f"images\\000000001.tif  labels\\{POOL_DIR}\\000000001.tif \n",
+        "images\\000000002.tif  labels\\roof\\000000002.tif \n",
+        f"images\\000000003.tif  labels\\{POOL_DIR}\\000000003.tif \n",
+    ]
+    # Features: roof A, B, E, G; pool D twice (cut by a chip edge), F. Instances exclude G.
+    assert stats["FeatureStats"]["NumFeaturesPerClass"] == [4, 3]
+    fmt, counts = get("RCNN_Masks"), {ROOF: 0, POOL: 0}
+    for stem in ("000000000", "000000001", "000000002", "000000003"):
+        for rel in fmt.label_paths(stem, "tif", emd["Classes"]):
+            if (out / rel).exists():
+                for v, n in fmt.count((out / rel).read_bytes(), width=256, height=256, path=rel,
+                                      classes=emd["Classes"]).items():
+                    counts[v] += n
+    assert counts == {ROOF: 3, POOL: 3}
+
+
+def _chip(n_features: int, instances: np.ndarray, class_index, classes, **kw) -> ChipLabel:
+    enc = ChipEncoder("tif", rasterio.crs.CRS.from_epsg(32633).to_wkt())
+    return ChipLabel(
+        stem="000000005", image_name="000000005.tif", width=instances.shape[1], height=instances.shape[0],
+        depth=3, values=np.array([classes[k].value for k in class_index], np.int64),
+        boxes=np.zeros((n_features, 4)), class_index=np.asarray(class_index, np.int64), classes=classes,
+        instances=instances, encode_raster=lambda m: enc.label(m, T), **kw)
+
+
+def test_rcnn_masks_switch_to_uint16_past_255_instances_and_number_them_in_order():
+    classes = (ClassInfo(1, "a", (1, 2, 3)), ClassInfo(2, "b", (1, 2, 3)))
+    n = 300
+    inst = np.zeros((20, 20), np.uint32)
+    inst.ravel()[:n] = np.arange(1, n + 1)  # feature p at pixel p - 1
+    class_index = [0] * 299 + [1]  # the last feature is class b
+    files = get("RCNN_Masks").files(_chip(n, inst, class_index, classes), "tif")
+    assert [rel for rel, _ in files] == ["labels/a/000000005.tif", "labels/b/000000005.tif"]
+    with rasterio.io.MemoryFile(files[0][1]) as mem, mem.open() as ds:
+        a = ds.read(1)
+    assert a.dtype == np.uint16 and a.ravel()[:299].tolist() == list(range(1, 300)) and a.ravel()[299] == 0
+    with rasterio.io.MemoryFile(files[1][1]) as mem, mem.open() as ds:
+        b = ds.read(1)
+    assert b.dtype == np.uint8 and b.ravel()[299] == 1 and b.sum() == 1
+    fmt = get("RCNN_Masks")
+    assert fmt.count(files[0][1], width=20, height=20, path=files[0][0], classes=classes) == {1: 299}
+    with pytest.raises(ValueError, match="folder"):
+        fmt.count(files[0][1], width=20, height=20)  # the file alone has no class
+    with pytest.raises(ValueError, match="share the label folder"):
+        get("RCNN_Masks").files(_chip(n, inst, class_index, (ClassInfo(1, "a/b", (0, 0, 0)),
+                                                            ClassInfo(2, "a_b", (0, 0, 0)))), "tif")
+
+
+def test_rcnn_mask_count_rejects_gaps_in_instance_ids():
+    enc = ChipEncoder("tif", rasterio.crs.CRS.from_epsg(32633).to_wkt())
+    mask = np.zeros((8, 8), np.uint8)
+    mask[0, 0], mask[1, 1] = 1, 3
+    classes = (ClassInfo(1, "a", (0, 0, 0)),)
+    with pytest.raises(ValueError, match="1..k"):
+        get("RCNN_Masks").count(enc.label(mask, T), width=8, height=8, path="labels/a/x.tif", classes=classes)
+
+
+# --------------------------------------------------------------------------- Panoptic_Segmentation
+
+
+def test_panoptic_writes_class_raster_and_instance_masks(client, scene_raster, tmp_path):
+    out = tmp_path / "panoptic"
+    export(scene_raster, out, "Panoptic_Segmentation", client, image_chip_format="PNG")
+    emd, stats = check_common_metadata(out, "Panoptic_Segmentation", 4, "png")
+    assert files_under(out / "labels") == {f"00000000{i}.png" for i in range(4)}
+    assert files_under(out / "labels2") == {
+        "roof/000000000.png", f"{POOL_DIR}/000000000.png", f"{POOL_DIR}/000000001.png",
+        "roof/000000002.png", f"{POOL_DIR}/000000003.png",
+    }
+    pixels = {ROOF: 0, POOL: 0}
+    for i in range(4):
+        image = out / "images" / f"00000000{i}.png"
+        semantic = read_png(out / "labels" / f"00000000{i}.png")
+        np.testing.assert_array_equal(semantic, burn(SCENE.geometry, SCENE["Value"], image))
+        for v, n in get("Panoptic_Segmentation").count(
+                (out / "labels" / f"00000000{i}.png").read_bytes(), width=256, height=256).items():
+            pixels[v] += n
+    for rel in files_under(out / "labels2"):
+        folder, name = rel.split("/")
+        mask = read_png(out / "labels2" / rel)
+        assert mask.dtype == np.uint8
+        np.testing.assert_array_equal(
+            mask, expected_instances(out / "images" / name, ROOF if folder == "roof" else POOL))
+    assert map_lines(out)[0] == "images\\000000000.png  labels\\000000000.png \n"
+    assert stats["ClassPixelStats"]["NumPixelsPerClass"] == [pixels[ROOF], pixels[POOL]]
+    assert pixels[ROOF] == 40 * 30 + 40 * 20 + 100 * 100 - 40 * 40  # A + B + E (holed); G none
+    assert emd["Panoptic_Segmentation_Instance_Classes"] == [
+        {"Value": ROOF, "Name": "roof"}, {"Value": POOL, "Name": POOL_NAME}]
+
+
+def test_panoptic_emd_extra_lists_every_class():
+    classes = (ClassInfo(2, "tree", (0, 0, 0)), ClassInfo(5, "car", (0, 0, 0)))
+    assert get("Panoptic_Segmentation").emd_extra(classes) == {
+        "Panoptic_Segmentation_Instance_Classes": [{"Value": 2, "Name": "tree"}, {"Value": 5, "Name": "car"}]}
+
+
+# --------------------------------------------------------------------------- MultiLabeled_Tiles
+
+
+def test_multilabeled_tiles_name_the_classes_of_each_chip(client, scene_raster, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    out = tmp_path / "multi"
+    export(scene_raster, out, "MultiLabeled_Tiles", client)
+    emd, stats = check_common_metadata(out, "MultiLabeled_Tiles", 4)
+    expected = {0: f"roof,{POOL_NAME}", 1: f"roof,{POOL_NAME}", 2: "roof", 3: POOL_NAME}  # G is a roof
+    fmt, counts = get("MultiLabeled_Tiles"), {ROOF: 0, POOL: 0}
+    for i, names in expected.items():
+        path = out / "labels" / f"00000000{i}.xml"
+        root = ET.parse(path).getroot()
+        objects = root.findall("object")
+        assert len(objects) == 1
+        assert objects[0].findtext("name") == names  # names, by class value, comma-separated
+        box = objects[0].find("bndbox")
+        assert [box.findtext(k) for k in ("xmin", "ymin", "xmax", "ymax")] == ["0.00", "0.00", "256.00",
+                                                                             "256.00"]
+        assert root.findtext("filename") == f"00000000{i}.tif" and root.findtext("size/depth") == "3"
+        for v, n in fmt.count(path.read_bytes(), width=256, height=256, classes=emd["Classes"]).items():
+            counts[v] += n
+    assert map_lines(out)[1] == "images\\000000001.tif  labels\\000000001.xml \n"
+    assert stats["FeatureStats"]["NumImagesPerClass"] == [counts[ROOF], counts[POOL]] == [3, 3]
+    with pytest.raises(ValueError, match="classes"):
+        fmt.count((out / "labels" / "000000000.xml").read_bytes(), width=256, height=256)
+
+
+def test_multilabeled_commas_in_class_names_cannot_split_a_label():
+    classes = (ClassInfo(1, "trees, shrubs", (0, 0, 0)), ClassInfo(2, "a&b", (0, 0, 0)))
+    chip = ChipLabel(stem="000000000", image_name="000000000.tif", width=64, height=32, depth=1,
+                     values=np.array([2, 1, 2]), boxes=np.zeros((3, 4)), class_index=np.array([1, 0, 1]),
+                     classes=classes)
+    fmt = get("MultiLabeled_Tiles")
+    data = fmt.encode(chip)
+    assert b"<name>trees_ shrubs,a&amp;b</name>" in data and b"<xmax>64.00</xmax>" in data
+    assert fmt.count(data, width=64, height=32, classes=classes) == {1: 1, 2: 1}
+    empty = fmt.encode(ChipLabel(stem="0", image_name="0.tif", width=64, height=32, depth=1,
+                                 values=np.zeros(0, int), boxes=np.zeros((0, 4)),
+                                 class_index=np.zeros(0, int), classes=classes))
+    assert b"<object>" not in empty and fmt.count(empty, width=64, height=32, classes=classes) == {}
+
+
+# --------------------------------------------------------------------------- Export_Tiles
+
+
+def test_export_tiles_writes_images_only(client, scene_raster, tmp_path):
+    out = tmp_path / "tiles"
+    r = export(scene_raster, out, "export_tiles", client, output_nofeature_tiles="ALL_TILES")
+    assert r.num_chips == 4
+    emd, stats = check_common_metadata(out, "Export_Tiles", 4)
+    assert stats["OutputFeatures"] is False
+    # The consumer reads Export_Tiles plus a labels/ folder as Pix2Pix: none may exist.
+    assert not (out / "labels").exists() and not (out / "images2").exists()
+    assert {p.name for p in out.iterdir()} == {
+        "images", ".chipflow", "map.txt", "stats.txt", "esri_model_definition.emd",
+        "esri_accumulated_stats.json"}
+    assert files_under(out / "images") == {f"00000000{i}.tif" for i in range(4)}
+    assert map_lines(out) == [f"images\\00000000{i}.tif \n" for i in range(4)]
+
+
+# --------------------------------------------------------------------------- COCO
+
+
+# pycocotools' Cython decoder trips numpy 2's copy-keyword DeprecationWarning.
+coco_warning = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+
+
+def _coco(out: Path):
+    from pycocotools.coco import COCO
+
+    return COCO(str(out / "annotations.json"))
+
+
+def _seg_polygons(ann) -> list[Polygon]:
+    return [Polygon(np.reshape(p, (-1, 2))) for p in ann["segmentation"]]
+
+
+@coco_warning
+def test_coco_annotations_hand_computed(client, scene_raster, tmp_path):
+    out = tmp_path / "coco"
+    export(scene_raster, out, "COCO", client)
+    check_common_metadata(out, "COCO", 4)
+    coco = _coco(out)
+    raw = json.loads((out / "annotations.json").read_text())
+    assert set(raw) == {"info", "licenses", "images", "annotations", "categories"}
+    assert raw["categories"] == [{"id": ROOF, "name": "roof", "supercategory": ""},
+                                 {"id": POOL, "name": POOL_NAME, "supercategory": ""}]
+    assert sorted(coco.getImgIds()) == [0, 1, 2, 3]
+    for img in raw["images"]:
+        assert img["file_name"] == f"images/{img['id']:09d}.tif" and (out / img["file_name"]).exists()
+        assert (img["width"], img["height"]) == (256, 256)
+    assert [a["id"] for a in raw["annotations"]] == list(range(1, 8))  # A B D | D G | E | F
+    assert all(a["iscrowd"] == 0 for a in raw["annotations"])
+    by_image = {i: coco.loadAnns(coco.getAnnIds(imgIds=[i])) for i in range(4)}
+    a, b, d0 = by_image[0]
+    assert (a["category_id"], a["bbox"], a["area"]) == (ROOF, [20, 20, 40, 30], 1200)
+    assert a["segmentation"] == [[20, 20, 60, 20, 60, 50, 20, 50]]
+    assert (b["bbox"], b["area"]) == ([100, 100, 40, 20], 800)
+    # D's part left of x = 256: (200,10) (256,10) (256,32) (200,60); area 2500 - 484.
+    assert (d0["category_id"], d0["bbox"], d0["area"]) == (POOL, [200, 10, 56, 50], 2016)
+    [left] = _seg_polygons(d0)
+    assert left.equals(Polygon([(200, 10), (256, 10), (256, 32), (200, 60)]))
+    d1, g = by_image[1]
+    assert (d1["bbox"], d1["area"]) == ([0, 10, 44, 22], 484)
+    assert _seg_polygons(d1)[0].equals(Polygon([(0, 10), (44, 10), (0, 32)]))
+    assert g["bbox"] == pytest.approx([44.1, 100.1, 0.3, 0.3]) and g["area"] == pytest.approx(0.09)
+    [e] = by_image[2]  # a hole: uncompressed RLE, read back by pycocotools exactly
+    assert (e["bbox"], e["area"]) == ([20, 44, 100, 100], 100 * 100 - 40 * 40)
+    assert set(e["segmentation"]) == {"size", "counts"} and e["segmentation"]["size"] == [256, 256]
+    image = out / "images" / "000000002.tif"
+    np.testing.assert_array_equal(coco.annToMask(e), burn([SCENE.geometry[3]], [1], image))
+    [f] = by_image[3]
+    assert (f["bbox"], f["area"]) == ([44, 44, 140, 130], 400 + 1200) and len(f["segmentation"]) == 2
+    np.testing.assert_array_equal(coco.annToMask(f), burn([SCENE.geometry[4]], [1], out / "images" / "000000003.tif"))
+    np.testing.assert_array_equal(coco.annToMask(a), burn([SCENE.geometry[0]], [1], out / "images" / "000000000.tif"))
+    # Images only in map.txt (one column), no per-chip label files.
+    assert map_lines(out)[0] == "images\\000000000.tif \n" and files_under(out / "labels") == set()
+    emd, stats = metadata(out)
+    counts = get("COCO").count((out / "annotations.json").read_bytes(), width=256, height=256)
+    assert stats["FeatureStats"]["NumFeaturesPerClass"] == [counts[ROOF], counts[POOL]] == [4, 3]
+
+
+@coco_warning
+def test_coco_masks_match_reprojected_source_buildings(client, tmp_path):
+    """Kampala (EPSG:4326 buildings over an EPSG:3857 image): annToMask vs an independent rasterization."""
+    out = tmp_path / "kampala_coco"
+    export(KAMPALA_IMAGE, out, "COCO", client, data=str(KAMPALA_BUILDINGS))
+    coco = _coco(out)
+    with rasterio.open(KAMPALA_IMAGE) as ds:
+        buildings = gpd.read_file(KAMPALA_BUILDINGS).to_crs(ds.crs)
+    checked = 0
+    for img in coco.loadImgs(coco.getImgIds()):
+        image = out / img["file_name"]
+        transform, shape = chip_grid(image)
+        x0, y1 = transform * (0, 0)
+        x1, y0 = transform * shape[::-1]
+        near = buildings[buildings.intersects(shapely.box(x0, y0, x1, y1))]
+        burnt = [burn([g], [1], image).astype(bool) for g in near.geometry]
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=[img["id"]])):
+            if ann["area"] < 150:
+                continue
+            mask = coco.annToMask(ann).astype(bool)
+            ious = [(mask & m).sum() / (mask | m).sum() for m in burnt]
+            assert max(ious) > 0.98, (img["id"], ann["id"], max(ious))
+            checked += 1
+    assert checked >= 20
+
+
+@coco_warning
+def test_coco_rle_is_column_major_and_starts_with_zeros():
+    from pycocotools import mask as mask_utils
+
+    from chipflow.formats.coco import rle_encode
+
+    m = np.zeros((5, 7), np.uint8)
+    m[1:4, 2:6] = 1
+    m[0, 0] = 1
+    rle = rle_encode(m)
+    assert rle["counts"][0] == 0  # starts with a one: zero zeros first
+    decoded = mask_utils.decode(mask_utils.frPyObjects(rle, 5, 7))
+    np.testing.assert_array_equal(decoded, m)
+
+
+# --------------------------------------------------------------------------- YOLO
+
+
+def test_yolo_rows_are_hand_normalised_boxes(client, scene_raster, tmp_path):
+    out = tmp_path / "yolo"
+    export(scene_raster, out, "YOLO", client)
+    emd, stats = check_common_metadata(out, "YOLO", 4)
+    assert (out / "labels" / "000000000.txt").read_text() == (
+        "0 0.156250 0.136719 0.156250 0.117188\n"  # A (20,20)-(60,50): 40/256, 35/256, 40/256, 30/256
+        "0 0.468750 0.429688 0.156250 0.078125\n"  # B (100,100)-(140,120)
+        "1 0.890625 0.136719 0.218750 0.195312\n"  # D's left part (200,10)-(256,60)
+    )
+    assert (out / "labels" / "000000003.txt").read_text() == "1 0.445312 0.425781 0.546875 0.507812\n"
+    assert yaml.safe_load((out / "data.yaml").read_text()) == {
+        "train": "images", "val": "images", "names": {0: "roof", 1: POOL_NAME}}
+    assert map_lines(out)[0] == "images\\000000000.tif  labels\\000000000.txt \n"
+    fmt, counts = get("YOLO"), {ROOF: 0, POOL: 0}
+    for i in range(4):
+        for v, n in fmt.count((out / "labels" / f"00000000{i}.txt").read_bytes(), width=256, height=256,
+                              classes=emd["Classes"]).items():
+            counts[v] += n
+    assert stats["FeatureStats"]["NumFeaturesPerClass"] == [counts[ROOF], counts[POOL]] == [4, 3]
+    with pytest.raises(ValueError, match="classes"):
+        fmt.count(b"0 0.5 0.5 0.1 0.1\n", width=256, height=256)
+
+
+def test_yolo_segmentation_rows_are_normalised_polygons(client, scene_raster, tmp_path):
+    out = tmp_path / "yoloseg"
+    export(scene_raster, out, "YOLO_segmentation", client)
+    emd, stats = check_common_metadata(out, "YOLO_segmentation", 4)
+    rows = (out / "labels" / "000000000.txt").read_text().splitlines()
+    assert rows[0] == "0 0.078125 0.078125 0.234375 0.078125 0.234375 0.195312 0.078125 0.195312"  # A
+    cls, *xy = rows[2].split()  # D's left part, vertex order as shapely clips it
+    got = Polygon(np.reshape([float(v) * 256 for v in xy], (-1, 2)))
+    expected = Polygon([(200, 10), (256, 10), (256, 32), (200, 60)])
+    assert cls == "1" and got.normalize().equals_exact(expected.normalize(), tolerance=1e-3)
+    # F: only the larger part, (400,400)-(440,430) → chip 3 pixels (144,144)-(184,174).
+    assert (out / "labels" / "000000003.txt").read_text() == (
+        "1 0.562500 0.562500 0.718750 0.562500 0.718750 0.679688 0.562500 0.679688\n")
+    assert yaml.safe_load((out / "data.yaml").read_text())["names"] == {0: "roof", 1: POOL_NAME}
+    fmt = get("YOLO_segmentation")
+    counts = {ROOF: 0, POOL: 0}
+    for i in range(4):
+        for v, n in fmt.count((out / "labels" / f"00000000{i}.txt").read_bytes(), width=256, height=256,
+                              classes=emd["Classes"]).items():
+            counts[v] += n
+    assert stats["FeatureStats"]["NumFeaturesPerClass"] == [counts[ROOF], counts[POOL]] == [4, 3]
