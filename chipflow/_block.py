@@ -14,6 +14,7 @@ import numpy as np
 import shapely
 from affine import Affine
 
+from .class_raster import region_features
 from .encode import ChipEncoder
 from .formats import ChipLabel, get
 from .grid import Block, ChipGrid, FeatureBlock
@@ -226,7 +227,9 @@ class _Block:
         shape = self.pixels.shape[1:]
         cand_geoms = labels.geoms[self.cand]
         self.mask = self.instances = None
-        if self.fmt.rasterize:
+        if labels.raster is not None:  # class raster: its values on this window's pixels
+            self.mask = labels.raster.read(src, self.window).astype(self.mask_dtype)
+        elif self.fmt.rasterize:
             self.mask = _rasterize(cand_geoms, self.class_values[labels.class_index[self.cand] + 1],
                                    shape, origin, self.mask_dtype)
         if self.fmt.instances:
@@ -291,6 +294,8 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
     cand_geoms, cand_bounds = labels.geoms[cand], labels.bounds[cand]
     cand_areas, cand_poly = labels.areas[cand], labels.polygonal[cand]
     want_geoms = fmt.needs_geometry
+    # class rasters: connected regions are the features, except for pure class-map formats
+    regions = not fmt.rasterize or fmt.instances or fmt.needs_geometry
     n_angles = len(job.angles)
     part_labels: list[tuple[int, ChipLabel]] = []
     for r, row in enumerate(range(*block.rows)):
@@ -305,19 +310,25 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                     if b.any_valid is not None and not b.any_valid[sl].any():
                         continue  # entirely nodata: not exported
                     box = (max(cx0, 0), max(cy0, 0), min(cx0 + tx, src.width), min(cy0 + ty, src.height))
-                    pos, boxes, areas, geoms = _chip_features(
-                        cand_geoms, cand_bounds, cand_areas, cand_poly, box, job.min_overlap_ratio,
-                        want_geoms or fmt.instances)
-                    if job.only_with_features and pos.size == 0:
-                        continue
                     to_raster = Affine.translation(cx0, cy0)
-                    shift = Affine.translation(-cx0, -cy0)
-                    boxes = np.clip(boxes - (cx0, cy0, cx0, cy0), 0, (tx, ty, tx, ty)) + 0.0
-                    if geoms is not None:
-                        geoms = shapely.transform(geoms, lambda xy, o=(cx0, cy0): xy - o)
-                    chip = b.pixels[(slice(None), *sl)]
                     mask = None if b.mask is None else b.mask[sl]
+                    if labels.raster is not None:
+                        class_index, boxes, areas, geoms = region_features(
+                            mask, b.class_values[1:], regions=regions)
+                    else:
+                        pos, boxes, areas, geoms = _chip_features(
+                            cand_geoms, cand_bounds, cand_areas, cand_poly, box, job.min_overlap_ratio,
+                            want_geoms or fmt.instances)
+                        class_index = labels.class_index[cand[pos]]
+                        boxes = np.clip(boxes - (cx0, cy0, cx0, cy0), 0, (tx, ty, tx, ty)) + 0.0
+                        if geoms is not None:
+                            geoms = shapely.transform(geoms, lambda xy, o=(cx0, cy0): xy - o)
+                    if job.only_with_features and class_index.size == 0:
+                        continue
+                    chip = b.pixels[(slice(None), *sl)]
                     inst = None if b.instances is None else b.instances[sl]
+                    if mask is not None and not fmt.rasterize:
+                        mask = None  # read only to find the raster's regions
                 else:
                     to_raster = _rotation(angle, tx, ty, cx0 + tx / 2, cy0 + ty / 2)
                     shift = ~to_raster
@@ -325,30 +336,43 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                                          (ty, tx), None)[0].astype(bool) if b.any_valid is not None else None
                     if chip_valid is not None and not chip_valid.any():
                         continue
-                    local = shapely.transform(cand_geoms, lambda xy, m=shift: np.column_stack(
-                        [m.a * xy[:, 0] + m.b * xy[:, 1] + m.c, m.d * xy[:, 0] + m.e * xy[:, 1] + m.f]))
-                    pos, boxes, areas, geoms = _chip_features(
-                        local, shapely.bounds(local).reshape(-1, 4), cand_areas, cand_poly,
-                        (0, 0, tx, ty), job.min_overlap_ratio, True)
-                    if job.only_with_features and pos.size == 0:
+                    if labels.raster is not None:
+                        mask = _sample(b.mask[None], (wx0, wy0), to_raster, (ty, tx), None)[0]
+                        if chip_valid is not None:
+                            mask[~chip_valid] = 0
+                        class_index, boxes, areas, geoms = region_features(
+                            mask, b.class_values[1:], regions=regions)
+                    else:
+                        local = shapely.transform(cand_geoms, lambda xy, m=shift: np.column_stack(
+                            [m.a * xy[:, 0] + m.b * xy[:, 1] + m.c, m.d * xy[:, 0] + m.e * xy[:, 1] + m.f]))
+                        pos, boxes, areas, geoms = _chip_features(
+                            local, shapely.bounds(local).reshape(-1, 4), cand_areas, cand_poly,
+                            (0, 0, tx, ty), job.min_overlap_ratio, True)
+                        class_index = labels.class_index[cand[pos]]
+                        mask = None
+                    if job.only_with_features and class_index.size == 0:
                         continue
                     boxes = np.clip(boxes, 0, (tx, ty, tx, ty)) + 0.0
                     chip = _sample(b.pixels, (wx0, wy0), to_raster, (ty, tx), src.nodata)
-                    idx_values = b.class_values[labels.class_index[cand[pos]] + 1]
-                    mask = inst = None
-                    if fmt.rasterize:
+                    idx_values = b.class_values[class_index + 1]
+                    inst = None
+                    if not fmt.rasterize:
+                        mask = None
+                    elif mask is None:
                         mask = _rasterize(geoms, idx_values, (ty, tx), Affine.identity(), b.mask_dtype)
                     if fmt.instances:
-                        inst = _rasterize(geoms, np.arange(1, len(pos) + 1), (ty, tx), Affine.identity(),
-                                          np.uint32)
+                        inst = _rasterize(geoms, np.arange(1, len(class_index) + 1), (ty, tx),
+                                          Affine.identity(), np.uint32)
                     for raster in (mask, inst):
                         if raster is not None and chip_valid is not None:
                             raster[~chip_valid] = 0
                 chip_id = job.id_offset + grid.chip_id(row, col) * n_angles + k
                 stem = f"{chip_id:09d}"
                 transform = src.chip_affine @ to_raster
-                class_index = labels.class_index[cand[pos]]
-                if inst is not None and angle == 0:
+                if inst is not None and angle == 0 and labels.raster is not None:
+                    inst = _rasterize(geoms, np.arange(1, len(class_index) + 1), (ty, tx),
+                                      Affine.identity(), np.uint32)
+                elif inst is not None and angle == 0:
                     # block-wide instance ids → positions of this chip's features (1-based)
                     lookup = np.zeros(len(cand) + 1, np.uint32)
                     lookup[pos + 1] = np.arange(1, len(pos) + 1)

@@ -58,6 +58,9 @@ class LabelSet:
     mask : shapely geometry or None
         The union of ``in_mask_polygons`` in pixel coordinates: only chips it
         covers are exported.
+    raster : chipflow.class_raster.ClassRaster or None
+        Class data given as a classified raster (then ``geoms`` is empty and each
+        block reads its class values from it).
     """
 
     geoms: np.ndarray
@@ -65,6 +68,7 @@ class LabelSet:
     classes: tuple[ClassInfo, ...]
     pixel_area: float
     mask: Any = None
+    raster: Any = None
     bounds: np.ndarray = field(init=False)
     areas: np.ndarray = field(init=False)
     polygonal: np.ndarray = field(init=False)
@@ -79,7 +83,8 @@ class LabelSet:
     def __getstate__(self) -> dict[str, Any]:
         # The tree is rebuilt lazily once per worker, never pickled.
         return {"geoms": self.geoms, "class_index": self.class_index,
-                "classes": self.classes, "pixel_area": self.pixel_area, "mask": self.mask}
+                "classes": self.classes, "pixel_area": self.pixel_area, "mask": self.mask,
+                "raster": self.raster}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -278,6 +283,14 @@ def read_class_data(
     InputNotFoundError, LabelError
         Unreadable data, no CRS, a bad class field, or no feature over the raster.
     """
+    from .class_raster import is_class_raster, open_class_raster
+
+    if is_class_raster(in_class_data):
+        raster, raster_names, class_values = open_class_raster(os.fspath(in_class_data), source)
+        labels = empty_labels(source)
+        labels.classes = _classes(class_values, raster_names)
+        labels.raster = raster
+        return labels
     frame = _read_frame(in_class_data)
     if frame.crs is None and source.crs_wkt:
         raise LabelError(
@@ -299,10 +312,7 @@ def read_class_data(
     if require_overlap:
         _check_overlap(pixels, source, in_class_data)
     class_values = np.unique(values)
-    classes = tuple(
-        ClassInfo(int(v), names.get(int(v), str(int(v))), _PALETTE[i % len(_PALETTE)])
-        for i, v in enumerate(class_values)
-    )
+    classes = _classes(class_values, names)
     a, b, _, d, e, _ = source.transform
     return LabelSet(
         geoms=pixels,
@@ -310,6 +320,12 @@ def read_class_data(
         classes=classes,
         pixel_area=abs(a * e - b * d),
     )
+
+
+def _classes(values: np.ndarray, names: dict[int, str]) -> tuple[ClassInfo, ...]:
+    """Classes sorted by value, named from ``names`` (else the value), coloured from the palette."""
+    return tuple(ClassInfo(int(v), names.get(int(v), str(int(v))), _PALETTE[i % len(_PALETTE)])
+                 for i, v in enumerate(values))
 
 
 def _describe(in_class_data: Any) -> str:

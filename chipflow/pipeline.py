@@ -203,7 +203,7 @@ def export_training_data(
     mark = time.perf_counter()
     summary = Summary(
         metadata_format=fmt.name,
-        output_features=fmt.output_features,
+        output_features=fmt.output_features and labels.raster is None,
         rasterized=fmt.rasterize,
         tile_size_x=cfg.tile_size_x,
         tile_size_y=cfg.tile_size_y,

@@ -217,6 +217,11 @@ def plan_export(cfg: ExportConfig, in_class_data: Any, in_mask_polygons: Any = N
                                      source=source, buffer_radius=cfg.buffer_radius,
                                      require_overlap=len(sources) == 1)
         labels.mask = read_mask(in_mask_polygons, source)
+        if labels.raster is not None and (fmt.feature_chips or source.pixel_space):
+            raise InvalidParameterError(
+                "in_class_data", in_class_data, "a class raster works with the grid formats in map "
+                f"space; metadata_format={fmt.name!r} / reference_system={cfg.reference_system.value!r} "
+                "need vector class data")
         grid = ChipGrid(source.width, source.height, cfg.tile_size_x, cfg.tile_size_y,
                         cfg.stride_x, cfg.stride_y, cfg.edge_policy)
         if fmt.feature_chips:
@@ -229,7 +234,8 @@ def plan_export(cfg: ExportConfig, in_class_data: Any, in_mask_polygons: Any = N
         blocks = plan_blocks(grid, align=source.block_shape)
         if labels.mask is not None:  # blocks with no chip inside the mask polygons
             blocks = [b for b in blocks if shapely.intersects(labels.mask, shapely.box(*b.window))]
-        if fmt.needs_labels and cfg.output_nofeature_tiles is NoFeatureTiles.ONLY_TILES_WITH_FEATURES:
+        if (fmt.needs_labels and labels.raster is None
+                and cfg.output_nofeature_tiles is NoFeatureTiles.ONLY_TILES_WITH_FEATURES):
             blocks = [b for b in blocks if labels.query(b.window).size]
         blocks = [dataclasses.replace(b, id=b.id + block_offset) for b in blocks]
         items.append(PlanItem(source, labels, grid, tuple(blocks), id_offset))

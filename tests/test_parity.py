@@ -154,3 +154,46 @@ def test_mrf_chips_open_with_gdal_and_equal_the_source(client, tmp_path):
     names = sorted(p.name for p in (out / "images").glob(f"{ids[0]:09d}.*"))
     stem = f"{ids[0]:09d}"
     assert names == [f"{stem}.idx", f"{stem}.mrf", f"{stem}.mrf.aux.xml", f"{stem}.pzp"]
+
+
+def test_classified_raster_as_class_data_for_classified_tiles(client, tmp_path):
+    out = tmp_path / "strata"
+    r = chipflow.export_training_data(NC / "landsat_multiband.tif", out, NC / "strata.tif",
+                                      metadata_format="Classified_Tiles", tile_size_x=128, tile_size_y=128,
+                                      stride_x=128, stride_y=128, client=client)
+    assert [c.value for c in r.classes] == [1, 2, 3, 4, 5, 6, 7]
+    stats = json.loads((out / "esri_accumulated_stats.json").read_text())
+    assert stats["OutputFeatures"] is False
+    agree = total = 0
+    with rasterio.open(NC / "strata.tif") as strata:
+        for i in chip_ids(out):
+            with rasterio.open(out / "labels" / f"{i:09d}.tif") as lab:
+                mask = lab.read(1)
+                col, row = ~strata.transform * (lab.transform.c, lab.transform.f)
+                window = rasterio.windows.Window(round(col), round(row), 128, 128)
+                expected = strata.read(1, window=window).astype(np.int64)
+            expected[expected < 0] = 0  # its nodata (-99999) is background
+            image, _ = source_window(out / "images" / f"{i:09d}.tif", NC / "landsat_multiband.tif")
+            expected[(image == -99999).all(axis=0)] = 0  # and so is the image's nodata
+            agree += (mask == expected).sum()
+            total += mask.size
+    assert agree / total > 0.995  # the same grid, in a CRS whose datum differs by < 1 m
+    assert stats["ClassPixelStats"]["NumPixelsPerClass"][4] > stats["ClassPixelStats"]["NumPixelsPerClass"][1]
+
+
+def test_class_raster_regions_become_boxes(client, make_raster, tmp_path):
+    raster = make_raster(textured((3, 256, 256)))
+    classes = np.zeros((1, 256, 256), np.uint8)
+    classes[0, 10:30, 40:90] = 3  # one region of class 3
+    classes[0, 100:104, 200:256] = 5  # one of class 5, cut by the chip's edge (x = 128 with tile 128)
+    class_raster = make_raster(classes, name="classes.tif")
+    out = tmp_path / "regions"
+    chipflow.export_training_data(raster, out, class_raster, metadata_format="PASCAL_VOC_rectangles",
+                                  tile_size_x=128, tile_size_y=128, stride_x=128, stride_y=128, client=client)
+    names, boxes = read_voc(out / "labels" / "000000000.xml")
+    assert names == [3]
+    np.testing.assert_allclose(boxes, [[40, 10, 90, 30]])
+    names, boxes = read_voc(out / "labels" / "000000001.xml")
+    assert names == [5]
+    np.testing.assert_allclose(boxes, [[72, 100, 128, 104]])
+    assert chip_ids(out) == [0, 1]  # the two chips without a class pixel are skipped
