@@ -288,7 +288,7 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
     wx0, wy0 = b.window[:2]
     tx, ty = grid.tile_x, grid.tile_y
     result = BlockResult(job.n_classes, src.count)
-    rows: list[tuple[int, str, str, np.ndarray]] = []
+    rows: list[tuple[int, str, str, np.ndarray, np.ndarray]] = []
     exported: list[tuple[int, int]] = []  # unrotated chip origins in window pixels
     allowed = b.chips_allowed()
     cand_geoms, cand_bounds = labels.geoms[cand], labels.bounds[cand]
@@ -394,17 +394,18 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                 for rel, data in files:
                     job.store.put(rel, data)
                 result.add_chip_features(class_index, areas * labels.pixel_area)
+                pixel_counts = np.zeros(job.n_classes, np.int64)
                 if mask is not None:
                     counts = np.bincount(mask.ravel(), minlength=int(b.class_values.max()) + 1)
-                    result.add_chip_pixels(counts[b.class_values[1:]])
+                    pixel_counts = counts[b.class_values[1:]]
+                    result.add_chip_pixels(pixel_counts)
                 if angle == 0:
                     exported.append((cy0 - wy0, cx0 - wx0))
                 else:
                     result.add_band_moments(*_direct_moments(
                         chip, None if chip_valid is None else _valid_mask(chip, src.nodata)))
-                counts = np.bincount(class_index, minlength=job.n_classes)
-                rows.append((chip_id, f"{image_rel}.{job.encoder.extension}",
-                             files[0][0] if files else "", counts))
+                rows.append((chip_id, f"{image_rel}.{job.encoder.extension}", files[0][0] if files else "",
+                             np.bincount(class_index, minlength=job.n_classes), pixel_counts))
     rows.sort(key=lambda t: t[0])
     result.set_rows(rows)
     if fmt.has_parts:
@@ -428,7 +429,7 @@ def process_feature_block(block: FeatureBlock, job: Job, labels: LabelSet) -> Bl
     fmt = b.fmt
     wx0, wy0 = b.window[:2]
     result = BlockResult(job.n_classes, src.count)
-    rows: list[tuple[int, str, str, np.ndarray]] = []
+    rows: list[tuple[int, str, str, np.ndarray, np.ndarray]] = []
     for f, (x0, y0, x1, y1) in zip(block.features, block.windows, strict=True):
         sl = np.s_[y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
         if b.any_valid is not None and not b.any_valid[sl].any():
@@ -467,7 +468,7 @@ def process_feature_block(block: FeatureBlock, job: Job, labels: LabelSet) -> Bl
         valid = None if b.valid is None else b.valid[(slice(None), *sl)]
         result.add_band_moments(*_direct_moments(chip, valid))
         rows.append((chip_id, f"{image_rel}.{job.encoder.extension}", files[0][0] if files else "",
-                     np.bincount(class_index, minlength=job.n_classes)))
+                     np.bincount(class_index, minlength=job.n_classes), np.zeros(job.n_classes, np.int64)))
     rows.sort(key=lambda t: t[0])
     result.set_rows(rows)
     job.store.commit_block(block.id, result.to_json())

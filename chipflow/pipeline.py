@@ -13,6 +13,7 @@ import shapely
 from ._dask import cluster_client, finalize_format, run_blocks
 from ._version import __version__
 from .config import ExportConfig, make_config
+from .index import chip_index
 from .labels import ClassInfo
 from .plan import ExportPlan, plan_export
 from .progress import Progress
@@ -218,6 +219,7 @@ def export_training_data(
         image_space="PIXEL_SPACE" if source.pixel_space else "MAP_SPACE",
         raster_count=len(plan.items[0].source.items) if len(plan.items) == 1 else len(plan.items),
     )
+    store.put("chips.parquet", chip_index(plan, merged))
     statistics = _write_metadata(store, summary, merged)
     timings["metadata"] = time.perf_counter() - mark
     return ExportResult(

@@ -67,6 +67,7 @@ class BlockResult:
     image_paths: list[str] = field(default_factory=list)
     label_paths: list[str] = field(default_factory=list)
     chip_class_counts: np.ndarray = field(init=False)
+    chip_pixel_counts: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         c, b = self.n_classes, self.n_bands
@@ -81,13 +82,15 @@ class BlockResult:
         self.band_min = np.full(b, np.inf)
         self.band_max = np.full(b, -np.inf)
         self.chip_class_counts = np.zeros((0, c), np.int32)
+        self.chip_pixel_counts = np.zeros((0, c), np.int64)
 
-    def set_rows(self, rows: list[tuple[int, str, str, np.ndarray]]) -> None:
-        """Record the exported chips: id, image path, first label path, features per class."""
+    def set_rows(self, rows: list[tuple[int, str, str, np.ndarray, np.ndarray]]) -> None:
+        """Record the exported chips: id, image path, first label path, features and pixels per class."""
         self.chip_ids = np.asarray([r[0] for r in rows], np.int64)
         self.image_paths = [r[1] for r in rows]
         self.label_paths = [r[2] for r in rows]
         self.chip_class_counts = np.asarray([r[3] for r in rows], np.int32).reshape(len(rows), self.n_classes)
+        self.chip_pixel_counts = np.asarray([r[4] for r in rows], np.int64).reshape(len(rows), self.n_classes)
 
     @property
     def num_chips(self) -> int:
@@ -96,7 +99,8 @@ class BlockResult:
 
     _ARRAYS = ("chip_ids", "features_per_image", "images_per_class", "features_per_class",
                "area_per_class", "pixel_images_per_class", "pixels_per_class", "classes_per_image",
-               "band_n", "band_mean", "band_m2", "band_min", "band_max", "chip_class_counts")
+               "band_n", "band_mean", "band_m2", "band_min", "band_max", "chip_class_counts",
+               "chip_pixel_counts")
 
     def to_json(self) -> bytes:
         """Serialise exactly (floats round-trip; ±inf as ``Infinity``): a block's commit marker."""
@@ -164,6 +168,7 @@ def merge(a: BlockResult, b: BlockResult) -> BlockResult:
     out.image_paths = a.image_paths + b.image_paths
     out.label_paths = a.label_paths + b.label_paths
     out.chip_class_counts = np.concatenate([a.chip_class_counts, b.chip_class_counts])
+    out.chip_pixel_counts = np.concatenate([a.chip_pixel_counts, b.chip_pixel_counts])
     out.features_per_image = _merge_summary(a.features_per_image, b.features_per_image)
     out.classes_per_image = _merge_summary(a.classes_per_image, b.classes_per_image)
     for name in ("images_per_class", "features_per_class", "pixel_images_per_class"):

@@ -1,0 +1,79 @@
+"""``chips.parquet``: the chip index (GeoParquet), one row per exported chip.
+
+Columns: ``chip_id``, ``image_path``, ``label_path``, ``source`` (the input
+raster), ``rotation`` (degrees), ``split`` (when splits were asked for),
+``features_<value>`` and, for class-map formats, ``pixels_<value>`` per class,
+and ``geometry``: the chip's footprint polygon in the raster's CRS (rotated
+chips are rotated squares). Users filter and map it with geopandas.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import shapely
+
+from ._block import _rotation
+from .grid import feature_windows
+from .stats import BlockResult
+
+__all__ = ["chip_index", "footprints"]
+
+
+def footprints(plan: Any, chip_ids: np.ndarray) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Footprint polygons (raster CRS), source paths and rotations of chips, from their ids alone."""
+    cfg = plan.cfg
+    offsets = np.array([item.id_offset for item in plan.items])
+    polygons = np.empty(len(chip_ids), dtype=object)
+    sources: list[str] = [""] * len(chip_ids)
+    rotations = np.zeros(len(chip_ids))
+    feature_chips = cfg.label_format.feature_chips
+    angles = (0.0,) if feature_chips else cfg.angles
+    for n, chip_id in enumerate(chip_ids.tolist()):
+        item = plan.items[int(np.searchsorted(offsets, chip_id, side="right")) - 1]
+        local = chip_id - item.id_offset
+        src, g = item.source, item.grid
+        if feature_chips:
+            x0, y0, x1, y1 = feature_windows(item.labels.bounds[[local]], tile_x=g.tile_x, tile_y=g.tile_y,
+                                             fixed=cfg.crop_mode.value == "FIXED_SIZE")[0].tolist()
+            corners = [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+            transform = src.affine
+        else:
+            cell, k = divmod(local, len(angles))
+            row, col = divmod(cell, g.n_cols)
+            cx0, cy0 = int(g.xs[col]), int(g.ys[row])
+            transform = src.affine @ _rotation(angles[k], g.tile_x, g.tile_y, cx0 + g.tile_x / 2,
+                                               cy0 + g.tile_y / 2)
+            corners = [(0, 0), (g.tile_x, 0), (g.tile_x, g.tile_y), (0, g.tile_y)]
+            rotations[n] = angles[k]
+        polygons[n] = shapely.Polygon([transform * c for c in corners])
+        sources[n] = src.path
+    return polygons, sources, rotations
+
+
+def chip_index(plan: Any, merged: BlockResult) -> bytes:
+    """The GeoParquet bytes of the chip index."""
+    import geopandas as gpd
+    import pandas as pd
+
+    order = np.argsort(merged.chip_ids, kind="stable")
+    ids = merged.chip_ids[order]
+    polygons, sources, rotations = footprints(plan, ids)
+    columns: dict[str, Any] = {
+        "chip_id": ids,
+        "image_path": [merged.image_paths[i] for i in order.tolist()],
+        "label_path": [merged.label_paths[i] for i in order.tolist()],
+        "source": sources,
+        "rotation": rotations,
+    }
+    for k, c in enumerate(plan.labels.classes):
+        columns[f"features_{c.value}"] = merged.chip_class_counts[order, k]
+        if plan.cfg.label_format.rasterize or plan.labels.raster is not None:
+            columns[f"pixels_{c.value}"] = merged.chip_pixel_counts[order, k]
+    frame = gpd.GeoDataFrame(pd.DataFrame(columns), geometry=list(polygons),
+                             crs=plan.source.crs_wkt or None)
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    return buf.getvalue()
