@@ -9,6 +9,7 @@ cut by the chip's edge, two encodes and two writes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import shapely
@@ -47,6 +48,9 @@ class Job:
     id_offset: int = 0
     min_overlap_ratio: float = 0.0
     blacken_around_feature: bool = False
+    splits: tuple[tuple[str, float], ...] = ()
+    split_block: int = 0
+    seed: int = 0
 
     @property
     def halo(self) -> int:
@@ -280,6 +284,91 @@ def _direct_moments(chip: np.ndarray, valid: np.ndarray | None) -> tuple:
     return n, mean, m2, vmin, vmax
 
 
+def split_of(job: Job, window: tuple[int, int, int, int]) -> str | None:
+    """The split of a chip window: that of the split cell holding it whole; ``""`` when it straddles.
+
+    Split cells are squares of ``job.split_block`` pixels on the item's grid; each is
+    assigned to a split by a seeded hash of its position, so overlapping chips
+    (all inside one cell) always share a split. None when no splits were asked for.
+    """
+    if not job.splits:
+        return None
+    import hashlib
+
+    s = job.split_block
+    x0, y0, x1, y1 = window
+    cx, cy = x0 // s, y0 // s
+    if (x1 - 1) // s != cx or (y1 - 1) // s != cy:
+        return ""  # across a split boundary: dropped, so no chip leaks into two splits
+    digest = hashlib.blake2b(f"{job.seed}:{job.id_offset}:{cx}:{cy}".encode(), digest_size=8).digest()
+    u = int.from_bytes(digest, "big") / 2**64
+    total = 0.0
+    for name, fraction in job.splits:
+        total += fraction
+        if u < total:
+            return name
+    return job.splits[-1][0]
+
+
+class _Output:
+    """Where a block's chips go (a split's folder when splitting) and their statistics."""
+
+    def __init__(self, job: Job, n_bands: int):
+        self.job = job
+        self.result = BlockResult(job.n_classes, n_bands)
+        self.rows: list[tuple[str | None, int, str, str, np.ndarray, np.ndarray]] = []
+        self.exported: dict[str | None, list[tuple[int, int]]] = {}
+
+    def write(self, split: str | None, label: ChipLabel, chip: np.ndarray, transform: Affine,
+              fmt: Any) -> tuple[str, list[tuple[str, bytes]]]:
+        """Write the chip's image and label files; returns their paths (relative to the split)."""
+        job = self.job
+        prefix = f"{split}/" if split else ""
+        image_rel = fmt.image_relpath(label)
+        for suffix, data in job.encoder.image(chip, transform):
+            job.store.put(f"{prefix}{image_rel}{suffix}", data)
+        files = fmt.files(label, job.label_extension)
+        for rel, data in files:
+            job.store.put(f"{prefix}{rel}", data)
+        return f"{image_rel}.{job.encoder.extension}", files
+
+    def record(self, split: str | None, chip_id: int, image: str, files: list[tuple[str, bytes]],
+               class_index: np.ndarray, areas: np.ndarray, pixel_counts: np.ndarray | None,
+               moments: tuple | None = None, origin: tuple[int, int] | None = None) -> None:
+        """Account one exported chip (with its direct band moments, or its grid origin)."""
+        targets = [self.result] + ([self.result.children.setdefault(
+            split, BlockResult(self.result.n_classes, self.result.n_bands))] if split else [])
+        for target in targets:
+            target.add_chip_features(class_index, areas)
+            if pixel_counts is not None:
+                target.add_chip_pixels(pixel_counts)
+            if moments is not None:
+                target.add_band_moments(*moments)
+        if origin is not None:
+            self.exported.setdefault(split, []).append(origin)
+        n = self.result.n_classes
+        self.rows.append((split, chip_id, image, files[0][0] if files else "",
+                          np.bincount(class_index, minlength=n),
+                          np.zeros(n, np.int64) if pixel_counts is None else pixel_counts))
+
+    def finish(self, block: Any, pixels: np.ndarray | None, valid: np.ndarray | None,
+               tile: tuple[int, int]) -> BlockResult:
+        """Rows, grid chips' band moments, and the block's commit marker."""
+        rows = sorted(self.rows, key=lambda t: t[1])
+        self.result.set_rows([(r[1], f"{r[0]}/{r[2]}" if r[0] else r[2],
+                               (f"{r[0]}/{r[3]}" if r[0] else r[3]) if r[3] else "", r[4], r[5])
+                              for r in rows])
+        for split, child in self.result.children.items():
+            child.set_rows([r[1:] for r in rows if r[0] == split])
+        for split, origins in self.exported.items():
+            moments = _band_moments(pixels, valid, origins, tile)
+            self.result.add_band_moments(*moments)
+            if split:
+                self.result.children[split].add_band_moments(*moments)
+        self.job.store.commit_block(block.id, self.result.to_json())  # after every file of the block
+        return self.result
+
+
 def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
     """Export every chip of ``block`` (at every angle) and return its statistics."""
     src, grid = job.source, job.grid
@@ -287,9 +376,7 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
     fmt, cand = b.fmt, b.cand
     wx0, wy0 = b.window[:2]
     tx, ty = grid.tile_x, grid.tile_y
-    result = BlockResult(job.n_classes, src.count)
-    rows: list[tuple[int, str, str, np.ndarray, np.ndarray]] = []
-    exported: list[tuple[int, int]] = []  # unrotated chip origins in window pixels
+    out = _Output(job, src.count)
     allowed = b.chips_allowed()
     cand_geoms, cand_bounds = labels.geoms[cand], labels.bounds[cand]
     cand_areas, cand_poly = labels.areas[cand], labels.polygonal[cand]
@@ -304,6 +391,9 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
             if allowed is not None and not allowed[r, c]:
                 continue
             cx0 = int(grid.xs[col])
+            split = split_of(job, (cx0, cy0, cx0 + tx, cy0 + ty))
+            if split == "":
+                continue
             for k, angle in enumerate(job.angles):
                 if angle == 0:
                     sl = np.s_[cy0 - wy0:cy0 - wy0 + ty, cx0 - wx0:cx0 - wx0 + tx]
@@ -385,36 +475,24 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                     geoms=geoms if want_geoms else None,
                     encode_raster=lambda m, t=transform: job.encoder.label(m, t),
                 )
-                image_rel = fmt.image_relpath(label)
-                for suffix, data in job.encoder.image(chip, transform):
-                    job.store.put(f"{image_rel}{suffix}", data)
+                image, files = out.write(split, label, chip, transform, fmt)
                 if fmt.has_parts:
                     part_labels.append((chip_id, label))
-                files = fmt.files(label, job.label_extension)
-                for rel, data in files:
-                    job.store.put(rel, data)
-                result.add_chip_features(class_index, areas * labels.pixel_area)
-                pixel_counts = np.zeros(job.n_classes, np.int64)
+                pixel_counts = None
                 if mask is not None:
                     counts = np.bincount(mask.ravel(), minlength=int(b.class_values.max()) + 1)
                     pixel_counts = counts[b.class_values[1:]]
-                    result.add_chip_pixels(pixel_counts)
                 if angle == 0:
-                    exported.append((cy0 - wy0, cx0 - wx0))
+                    out.record(split, chip_id, image, files, class_index, areas * labels.pixel_area,
+                               pixel_counts, origin=(cy0 - wy0, cx0 - wx0))
                 else:
-                    result.add_band_moments(*_direct_moments(
-                        chip, None if chip_valid is None else _valid_mask(chip, src.nodata)))
-                rows.append((chip_id, f"{image_rel}.{job.encoder.extension}", files[0][0] if files else "",
-                             np.bincount(class_index, minlength=job.n_classes), pixel_counts))
-    rows.sort(key=lambda t: t[0])
-    result.set_rows(rows)
+                    out.record(split, chip_id, image, files, class_index, areas * labels.pixel_area,
+                               pixel_counts, moments=_direct_moments(
+                                   chip, None if chip_valid is None else _valid_mask(chip, src.nodata)))
     if fmt.has_parts:
         part = fmt.block_part([lab for _, lab in sorted(part_labels, key=lambda t: t[0])])
         job.store.put(f"{RUN_DIR}/parts/{block.id:07d}.part", part or b"")
-    if exported:
-        result.add_band_moments(*_band_moments(b.pixels, b.valid, exported, (ty, tx)))
-    job.store.commit_block(block.id, result.to_json())  # after every file of the block
-    return result
+    return out.finish(block, b.pixels, b.valid, (ty, tx))
 
 
 def process_feature_block(block: FeatureBlock, job: Job, labels: LabelSet) -> BlockResult:
@@ -428,9 +506,11 @@ def process_feature_block(block: FeatureBlock, job: Job, labels: LabelSet) -> Bl
     b = _Block(block, job, labels)
     fmt = b.fmt
     wx0, wy0 = b.window[:2]
-    result = BlockResult(job.n_classes, src.count)
-    rows: list[tuple[int, str, str, np.ndarray, np.ndarray]] = []
+    out = _Output(job, src.count)
     for f, (x0, y0, x1, y1) in zip(block.features, block.windows, strict=True):
+        split = split_of(job, (x0, y0, x1, y1))
+        if split == "":
+            continue
         sl = np.s_[y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
         if b.any_valid is not None and not b.any_valid[sl].any():
             continue
@@ -458,21 +538,11 @@ def process_feature_block(block: FeatureBlock, job: Job, labels: LabelSet) -> Bl
             class_index=class_index, classes=labels.classes, geoms=local,
             encode_raster=lambda m, t=transform: job.encoder.label(m, t),
         )
-        image_rel = fmt.image_relpath(label)
-        for suffix, data in job.encoder.image(chip, transform):
-            job.store.put(f"{image_rel}{suffix}", data)
-        files = fmt.files(label, job.label_extension)
-        for rel, data in files:
-            job.store.put(rel, data)
-        result.add_chip_features(class_index, areas * labels.pixel_area)
+        image, files = out.write(split, label, chip, transform, fmt)
         valid = None if b.valid is None else b.valid[(slice(None), *sl)]
-        result.add_band_moments(*_direct_moments(chip, valid))
-        rows.append((chip_id, f"{image_rel}.{job.encoder.extension}", files[0][0] if files else "",
-                     np.bincount(class_index, minlength=job.n_classes), np.zeros(job.n_classes, np.int64)))
-    rows.sort(key=lambda t: t[0])
-    result.set_rows(rows)
-    job.store.commit_block(block.id, result.to_json())
-    return result
+        out.record(split, chip_id, image, files, class_index, areas * labels.pixel_area, None,
+                   moments=_direct_moments(chip, valid))
+    return out.finish(block, None, None, (0, 0))
 
 
 def run_block(block: Block | FeatureBlock, job: Job, labels: LabelSet) -> BlockResult:

@@ -120,6 +120,25 @@ def _extent(value: Any) -> tuple[float, float, float, float] | None:
     return box  # type: ignore[return-value]
 
 
+def _splits(value: Any) -> tuple[tuple[str, float], ...]:
+    """``"train=0.8,val=0.1,test=0.1"`` or a mapping → ``(("train", 0.8), ...)`` summing to 1."""
+    if value is None or value == "" or value == {}:
+        return ()
+    items = (value.items() if isinstance(value, dict)
+             else (part.split("=", 1) for part in str(value).split(",") if part.strip()))
+    try:
+        pairs = tuple((str(k).strip(), float(v)) for k, v in items)
+    except (TypeError, ValueError):
+        pairs = ()
+    ok = (pairs and all(k and k.replace("_", "").replace("-", "").isalnum() and v > 0 for k, v in pairs)
+          and abs(sum(v for _, v in pairs) - 1) < 1e-6 and len({k for k, _ in pairs}) == len(pairs))
+    if not ok:
+        raise InvalidParameterError(
+            "split", value, "must name splits and fractions summing to 1, like 'train=0.8,val=0.1,test=0.1' "
+            "(names of letters, digits, _ and -)")
+    return pairs
+
+
 def _flag(parameter: str, value: Any, true: str, false: str) -> bool:
     """ESRI's two-valued keywords, or a bool."""
     if isinstance(value, bool):
@@ -175,6 +194,9 @@ class ExportConfig:
     min_polygon_overlap_ratio: float = 0.0
     cell_size: float | None = None
     extent: tuple[float, float, float, float] | None = None
+    split: tuple[tuple[str, float], ...] = ()
+    split_block_size: int = 8
+    seed: int = 0
     edge_policy: EdgePolicy = EdgePolicy.DROP
     overwrite: bool = False
 
@@ -193,8 +215,10 @@ class ExportConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready parameters (enums as their ESRI strings, tuples as lists)."""
-        return {k: (v.value if isinstance(v, Enum) else list(v) if isinstance(v, tuple) else v)
-                for k, v in asdict(self).items()}
+        out = {k: (v.value if isinstance(v, Enum) else list(v) if isinstance(v, tuple) else v)
+               for k, v in asdict(self).items()}
+        out["split"] = dict(self.split)
+        return out
 
 
 def make_config(
@@ -219,6 +243,9 @@ def make_config(
     start_index: Any = None,
     cell_size: Any = None,
     extent: Any = None,
+    split: Any = None,
+    split_block_size: Any = 8,
+    seed: Any = 0,
     edge_policy: Any = "DROP",
     overwrite: bool = False,
 ) -> ExportConfig:
@@ -274,6 +301,9 @@ def make_config(
         cell_size=None if cell_size is None else _number("cell_size", cell_size, low=1e-12,
                                                            high=float("inf")),
         extent=_extent(extent),
+        split=_splits(split),
+        split_block_size=_positive_int("split_block_size", split_block_size),
+        seed=int(_number("seed", seed, low=0, high=2**63)),
         edge_policy=_enum(EdgePolicy, "edge_policy", edge_policy),
         overwrite=bool(overwrite),
     )

@@ -68,6 +68,8 @@ def chip_index(plan: Any, merged: BlockResult) -> bytes:
         "source": sources,
         "rotation": rotations,
     }
+    if plan.cfg.split:
+        columns["split"] = [merged.image_paths[i].split("/", 1)[0] for i in order.tolist()]
     for k, c in enumerate(plan.labels.classes):
         columns[f"features_{c.value}"] = merged.chip_class_counts[order, k]
         if plan.cfg.label_format.rasterize or plan.labels.raster is not None:

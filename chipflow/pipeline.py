@@ -10,6 +10,7 @@ from typing import Any
 
 import shapely
 
+from . import _cloud
 from ._dask import cluster_client, finalize_format, run_blocks
 from ._version import __version__
 from .config import ExportConfig, make_config
@@ -95,12 +96,16 @@ def export_training_data(
     start_index: Any = None,
     cell_size: float | None = None,
     extent: Any = None,
+    split: Any = None,
+    split_block_size: int = 8,
+    seed: int = 0,
     edge_policy: str = "DROP",
     overwrite: bool = False,
     client: Any = None,
     scheduler: str | None = None,
     n_workers: int | None = None,
     progress: Progress | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Cut a raster into image chips with labels, as ArcGIS's *Export Training Data For Deep Learning*.
 
@@ -145,6 +150,11 @@ def export_training_data(
         Resample the raster to this cell size (raster CRS units) first.
     extent : tuple of float, optional
         ``(xmin, ymin, xmax, ymax)`` in the raster's CRS: only chips inside it.
+    split : str or dict, optional
+        Leak-free splits, like ``"train=0.8,val=0.1,test=0.1"``: whole spatial cells of
+        ``split_block_size`` x stride pixels go to one split (chosen by a hash of the cell
+        and ``seed``); chips crossing a cell edge are dropped, so overlapping chips never
+        straddle splits. Each split is a complete ArcGIS dataset in ``out_folder/<split>``.
     edge_policy : {"DROP", "PAD", "SHIFT"}
         The last partial row/column of chips: see :mod:`chipflow.grid` (chipflow's own).
     overwrite : bool
@@ -159,6 +169,13 @@ def export_training_data(
     progress : chipflow.progress.Progress, optional
         Told when the run starts and as each block finishes (the CLI passes a
         live progress bar).
+    storage_options : dict, optional
+        fsspec options for object-store URLs (``s3://``, ``gs://``, ``az://``) in
+        ``out_folder``, ``in_raster`` and ``in_class_data``: for s3fs e.g.
+        ``{"endpoint_url": "http://127.0.0.1:9000", "key": ..., "secret": ...}``.
+        Without them the standard credential chains apply. They reach the workers
+        inside the output ``Store`` and are never written to ``out_folder`` (see the
+        README's *Object storage*).
 
     Returns
     -------
@@ -180,13 +197,16 @@ def export_training_data(
         buffer_radius=buffer_radius, rotation_angle=rotation_angle, reference_system=reference_system,
         processing_mode=processing_mode, blacken_around_feature=blacken_around_feature,
         crop_mode=crop_mode, min_polygon_overlap_ratio=min_polygon_overlap_ratio,
-        start_index=start_index, cell_size=cell_size, extent=extent,
+        start_index=start_index, cell_size=cell_size, extent=extent, split=split,
+        split_block_size=split_block_size, seed=seed,
         edge_policy=edge_policy, overwrite=overwrite,
     )
-    plan = plan_export(cfg, in_class_data, in_mask_polygons)
+    options = _cloud.freeze(storage_options)
+    with _cloud.use(options):  # the client reads the inputs' metadata and the class data
+        plan = plan_export(cfg, in_class_data, in_mask_polygons)
     timings = {"plan": time.perf_counter() - started}
     source, labels, blocks = plan.source, plan.labels, list(plan.blocks)
-    store = Store(cfg.out_folder)
+    store = Store(cfg.out_folder, options)  # carries the options to the workers
     markers = store.open_run(_run_params(cfg, plan), ["images"], overwrite=cfg.overwrite)
     committed = {i: BlockResult.from_json(raw) for i, raw in markers.items()}
     jobs = [plan.job(item, store) for item in plan.items]
@@ -220,7 +240,14 @@ def export_training_data(
         raster_count=len(plan.items[0].source.items) if len(plan.items) == 1 else len(plan.items),
     )
     store.put("chips.parquet", chip_index(plan, merged))
-    statistics = _write_metadata(store, summary, merged)
+    if cfg.split:
+        for name, _ in cfg.split:
+            part = merged.children.get(name, BlockResult(len(labels.classes), source.count))
+            split_store = Store(f"{cfg.out_folder.rstrip('/')}/{name}", store.storage_options)
+            _write_metadata(split_store, summary, part)
+        statistics = summary.accumulated_stats(merged)
+    else:
+        statistics = _write_metadata(store, summary, merged)
     timings["metadata"] = time.perf_counter() - mark
     return ExportResult(
         out_folder=cfg.out_folder,

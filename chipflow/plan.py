@@ -109,7 +109,18 @@ class ExportPlan:
             id_offset=item.id_offset,
             min_overlap_ratio=self.cfg.min_polygon_overlap_ratio,
             blacken_around_feature=self.cfg.blacken_around_feature,
+            splits=self.cfg.split,
+            split_block=self.split_block,
+            seed=self.cfg.seed,
         )
+
+    @property
+    def split_block(self) -> int:
+        """The side, in pixels, of the cells whole chips are assigned to splits by."""
+        cfg = self.cfg
+        step = (max(cfg.tile_size_x, cfg.tile_size_y) if cfg.label_format.feature_chips
+                else max(cfg.stride_x, cfg.stride_y))
+        return cfg.split_block_size * step
 
     def chips_with_features(self) -> int | None:
         """Chips whose box meets a feature's bounds, over all items (None for huge grids)."""
@@ -196,6 +207,18 @@ def plan_export(cfg: ExportConfig, in_class_data: Any, in_mask_polygons: Any = N
         raise InvalidParameterError(
             "in_class_data", None, f"is required for metadata_format={fmt.name!r}; only formats "
             "without labels (Export_Tiles) run without class data")
+    if cfg.split:
+        if fmt.has_parts:
+            raise InvalidParameterError(
+                "split", dict(cfg.split), f"is not supported with metadata_format={fmt.name!r} yet (its "
+                "dataset-wide file); use the chip index's split column, or an ArcGIS format")
+        step = max(cfg.stride_x, cfg.stride_y) if not fmt.feature_chips else max(cfg.tile_size_x,
+                                                                                  cfg.tile_size_y)
+        if cfg.split_block_size * step < max(cfg.tile_size_x, cfg.tile_size_y):
+            raise InvalidParameterError(
+                "split_block_size", cfg.split_block_size,
+                f"gives split cells of {cfg.split_block_size * step} px, smaller than a chip "
+                f"({max(cfg.tile_size_x, cfg.tile_size_y)} px); use a larger split_block_size")
     if cfg.reference_system is ReferenceSystem.IMAGE_SPACE:
         warnings.warn(
             "reference_system='IMAGE_SPACE' needs the sensor model's top-up rotation, which chipflow "

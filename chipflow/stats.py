@@ -68,6 +68,7 @@ class BlockResult:
     label_paths: list[str] = field(default_factory=list)
     chip_class_counts: np.ndarray = field(init=False)
     chip_pixel_counts: np.ndarray = field(init=False)
+    children: dict[str, BlockResult] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         c, b = self.n_classes, self.n_bands
@@ -105,7 +106,8 @@ class BlockResult:
     def to_json(self) -> bytes:
         """Serialise exactly (floats round-trip; ±inf as ``Infinity``): a block's commit marker."""
         data: dict[str, Any] = {"n_classes": self.n_classes, "n_bands": self.n_bands,
-                                "image_paths": self.image_paths, "label_paths": self.label_paths}
+                                "image_paths": self.image_paths, "label_paths": self.label_paths,
+                                "children": {k: json.loads(v.to_json()) for k, v in self.children.items()}}
         for name in self._ARRAYS:
             value = getattr(self, name)
             data[name] = {"dtype": value.dtype.str, "shape": list(value.shape),
@@ -115,12 +117,13 @@ class BlockResult:
     @classmethod
     def from_json(cls, raw: bytes) -> BlockResult:
         """Inverse of :meth:`to_json`."""
-        data = json.loads(raw)
+        data = json.loads(raw) if isinstance(raw, bytes | str) else raw
         out = cls(int(data["n_classes"]), int(data["n_bands"]), image_paths=data["image_paths"],
                   label_paths=data["label_paths"])
         for name in cls._ARRAYS:
             item = data[name]
             setattr(out, name, np.asarray(item["data"], dtype=np.dtype(item["dtype"])).reshape(item["shape"]))
+        out.children = {k: cls.from_json(v) for k, v in data.get("children", {}).items()}
         return out
 
     def add_chip_features(self, class_index: np.ndarray, areas: np.ndarray) -> None:
@@ -169,6 +172,11 @@ def merge(a: BlockResult, b: BlockResult) -> BlockResult:
     out.label_paths = a.label_paths + b.label_paths
     out.chip_class_counts = np.concatenate([a.chip_class_counts, b.chip_class_counts])
     out.chip_pixel_counts = np.concatenate([a.chip_pixel_counts, b.chip_pixel_counts])
+    for key in sorted(set(a.children) | set(b.children)):
+        if key in a.children and key in b.children:
+            out.children[key] = merge(a.children[key], b.children[key])
+        else:
+            out.children[key] = a.children.get(key) or b.children[key]
     out.features_per_image = _merge_summary(a.features_per_image, b.features_per_image)
     out.classes_per_image = _merge_summary(a.classes_per_image, b.classes_per_image)
     for name in ("images_per_class", "features_per_class", "pixel_images_per_class"):

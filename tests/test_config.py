@@ -33,6 +33,7 @@ def test_defaults_are_the_esri_tools():
         "buffer_radius": 0.0, "rotation_angle": 0.0, "reference_system": "MAP_SPACE",
         "processing_mode": "PROCESS_AS_MOSAICKED_IMAGE", "blacken_around_feature": False,
         "crop_mode": "FIXED_SIZE", "min_polygon_overlap_ratio": 0.0, "cell_size": None, "extent": None,
+        "split": {}, "split_block_size": 8, "seed": 0,
     }
 
 

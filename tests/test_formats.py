@@ -303,7 +303,7 @@ def test_export_tiles_writes_images_only(client, scene_raster, tmp_path):
     assert not (out / "labels").exists() and not (out / "images2").exists()
     assert {p.name for p in out.iterdir()} == {
         "images", ".chipflow", "map.txt", "stats.txt", "esri_model_definition.emd",
-        "esri_accumulated_stats.json"}
+        "esri_accumulated_stats.json", "chips.parquet"}
     assert files_under(out / "images") == {f"00000000{i}.tif" for i in range(4)}
     assert map_lines(out) == [f"images\\00000000{i}.tif \n" for i in range(4)]
 

@@ -1,0 +1,62 @@
+"""Leak-free splits: whole spatial cells per split, overlapping chips never in two splits."""
+
+from __future__ import annotations
+
+import itertools
+
+import geopandas as gpd
+import pytest
+from conftest import KAMPALA_BUILDINGS, KAMPALA_IMAGE
+
+import chipflow
+from chipflow.validate import validate_dataset
+
+
+def export(client, out, seed=0):
+    return chipflow.export_training_data(
+        KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, split="train=0.5,val=0.25,test=0.25", split_block_size=4,
+        seed=seed, output_nofeature_tiles="ALL_TILES", metadata_format="PASCAL_VOC_rectangles", client=client)
+
+
+def test_splits_are_whole_cells_and_complete_datasets(client, tmp_path):
+    r = export(client, tmp_path / "s")
+    # cells of 4 x 128 = 512 px: chips at x0 = 384 straddle the cell edge and are dropped (6 of 7 per axis)
+    assert r.num_chips == 36
+    index = gpd.read_parquet(tmp_path / "s" / "chips.parquet")
+    assert sorted(index["chip_id"]) == sorted(row * 7 + col for row in range(7) for col in range(7)
+                                              if row != 3 and col != 3)
+    for name in ("train", "val", "test"):
+        part = index[index["split"] == name]
+        for path in part["image_path"]:
+            assert (tmp_path / "s" / path).exists() and path.startswith(f"{name}/images/")
+        if len(part):
+            report = validate_dataset(str(tmp_path / "s" / name))
+            assert report.ok, report.summary()
+            assert report.images == len(part)
+    for a, b in itertools.combinations(index.itertuples(), 2):
+        if a.split != b.split:
+            assert a.geometry.intersection(b.geometry).area == pytest.approx(0, abs=1e-6)
+    cells = {(row // 4, col // 4): split for row, col, split in
+             ((i // 7, i % 7, s) for i, s in zip(index["chip_id"], index["split"], strict=True))}
+    assert len(cells) == 4  # every chip of a cell shares its split
+    assert index.groupby(index["chip_id"].map(lambda i: (i // 7 // 4, i % 7 // 4)))["split"].nunique().max() == 1
+
+
+def test_splits_are_deterministic_given_the_seed(client, tmp_path):
+    a = gpd.read_parquet(export(client, tmp_path / "a").paths["images"].rsplit("/", 1)[0] + "/chips.parquet")
+    b = gpd.read_parquet(export(client, tmp_path / "b").paths["images"].rsplit("/", 1)[0] + "/chips.parquet")
+    assert a["split"].tolist() == b["split"].tolist()
+    seeds = [gpd.read_parquet(export(client, tmp_path / f"s{s}", seed=s).paths["images"].rsplit("/", 1)[0]
+                              + "/chips.parquet")["split"].tolist() for s in (1, 2, 3)]
+    assert any(s != a["split"].tolist() for s in seeds)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"split": "train=0.8,val=0.3"}, r"split='train=0.8,val=0.3': must name splits and fractions summing to 1"),
+    ({"split": "train=1", "split_block_size": 1}, r"split_block_size=1: gives split cells of 128 px"),
+    ({"split": "train=1", "metadata_format": "COCO"}, r"split=\{'train': 1.0\}: is not supported with"),
+])
+def test_bad_split_parameters(tmp_path, kwargs, match):
+    with pytest.raises(chipflow.InvalidParameterError, match=match):
+        chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "o", KAMPALA_BUILDINGS, **kwargs)
+    assert not (tmp_path / "o").exists()
