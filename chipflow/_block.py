@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import shapely
 from affine import Affine
+from distributed.metrics import context_meter
 
 from .class_raster import region_features
 from .encode import ChipEncoder
@@ -213,7 +214,8 @@ class _Block:
         h = job.halo
         bx0, by0, bx1, by1 = block.window
         self.window = (bx0 - h, by0 - h, bx1 + h, by1 + h)
-        self.pixels, covered = read_window(src, self.window)
+        with context_meter.meter("read"):
+            self.pixels, covered = read_window(src, self.window)
         self.valid = _valid_mask(self.pixels, src.nodata)
         self.any_valid = None if self.valid is None else self.valid.any(axis=0)
         wx0, wy0, wx1, wy1 = self.window
@@ -224,6 +226,13 @@ class _Block:
                 self.valid &= covered
             else:
                 self.valid = np.broadcast_to(covered, self.pixels.shape).copy()
+        with context_meter.meter("labels"):
+            self._labels(labels)
+
+    def _labels(self, labels: LabelSet) -> None:
+        """Candidate features, and the block's class and instance rasters."""
+        src, job = self.job.source, self.job
+        wx0, wy0 = self.window[:2]
         self.cand = labels.query(self.inside)
         self.class_values = np.asarray((0, *job.class_values), dtype=np.int64)  # index 0 unused
         self.mask_dtype = np.uint8 if self.class_values.max() <= 255 else np.uint16
@@ -322,6 +331,11 @@ class _Output:
     def write(self, split: str | None, label: ChipLabel, chip: np.ndarray, transform: Affine,
               fmt: Any) -> tuple[str, list[tuple[str, bytes]]]:
         """Write the chip's image and label files; returns their paths (relative to the split)."""
+        with context_meter.meter("write"):
+            return self._write(split, label, chip, transform, fmt)
+
+    def _write(self, split: str | None, label: ChipLabel, chip: np.ndarray, transform: Affine,
+               fmt: Any) -> tuple[str, list[tuple[str, bytes]]]:
         job = self.job
         prefix = f"{split}/" if split else ""
         image_rel = fmt.image_relpath(label)
