@@ -1,0 +1,41 @@
+"""Scale: a 200,000² raster plans from block geometry alone; large class data is partitioned."""
+
+from __future__ import annotations
+
+import math
+import tracemalloc
+
+import geopandas as gpd
+import numpy as np
+import rasterio
+from affine import Affine
+from shapely.geometry import box
+
+from chipflow.config import make_config
+from chipflow.plan import plan_export
+
+
+def test_a_200k_raster_plans_in_blocks_within_client_memory(tmp_path):
+    path = tmp_path / "huge.tif"  # a sparse GeoTIFF: 200,000² pixels in about a megabyte
+    with rasterio.open(path, "w", driver="GTiff", width=200_000, height=200_000, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=Affine(0.5, 0, 500000, 0, -0.5, 4100000), tiled=True,
+                       blockxsize=512, blockysize=512, compress="deflate", sparse_ok=True) as ds:
+        ds.write(np.full((3, 512, 512), 7, np.uint8), window=rasterio.windows.Window(0, 0, 512, 512))
+    assert path.stat().st_size < 5_000_000
+    features = gpd.GeoDataFrame(geometry=[box(500000 + 100 * i, 4000100, 500020 + 100 * i, 4000120)
+                                          for i in range(50)], crs=32633)
+    tracemalloc.start()
+    plan = plan_export(make_config(str(path), str(tmp_path / "out"), stride_x=256, stride_y=256,
+                                   output_nofeature_tiles="ALL_TILES"), features)
+    described = plan.describe()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    n = (200_000 - 256) // 256 + 1
+    assert described["grid"]["chips"] == n * n == 609_961  # about 600k chips ...
+    assert sum(b.n_chips for b in plan.blocks) == n * n
+    k = max(b.rows[1] - b.rows[0] for b in plan.blocks)
+    assert len(plan.blocks) == math.ceil(n / k) ** 2  # ... in blocks: one task each
+    assert described["tasks"] > len(plan.blocks)  # plus the reduce tree
+    assert peak < 1 << 30
+    assert described["chips_with_features"] == 50
+    assert not (tmp_path / "out").exists()
