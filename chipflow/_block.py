@@ -16,6 +16,7 @@ import shapely
 from affine import Affine
 from distributed.metrics import context_meter
 
+from . import zarr_store
 from .class_raster import region_features
 from .encode import ChipEncoder
 from .formats import ChipLabel, get
@@ -338,6 +339,8 @@ class _Output:
                fmt: Any) -> tuple[str, list[tuple[str, bytes]]]:
         job = self.job
         prefix = f"{split}/" if split else ""
+        if job.encoder.extension == zarr_store.EXTENSION:  # into chips.zarr, not a file per chip
+            return zarr_store.write_chip(job.store, prefix, label, chip, fmt, job.label_extension)
         image_rel = fmt.image_relpath(label)
         for suffix, data in job.encoder.image(chip, transform):
             job.store.put(f"{prefix}{image_rel}{suffix}", data)
@@ -559,8 +562,12 @@ def process_feature_block(block: FeatureBlock, job: Job, labels: LabelSet) -> Bl
     return out.finish(block, None, None, (0, 0))
 
 
-def run_block(block: Block | FeatureBlock, job: Job, labels: LabelSet) -> BlockResult:
-    """The task: grid blocks and feature blocks alike."""
+def run_block(block: Block | FeatureBlock, job: Job, labels: Any) -> BlockResult:
+    """The task: grid blocks and feature blocks alike (labels whole, or partitioned)."""
+    if hasattr(labels, "subset"):  # partitioned class data: only the parts this block meets
+        h = job.halo
+        x0, y0, x1, y1 = block.window
+        labels = labels.subset((x0 - h, y0 - h, x1 + h, y1 + h))
     if isinstance(block, FeatureBlock):
         return process_feature_block(block, job, labels)
     return process_block(block, job, labels)

@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from . import formats
-from .config import ImageChipFormat, NoFeatureTiles, make_config
+from .config import CropMode, ImageChipFormat, NoFeatureTiles, ProcessingMode, ReferenceSystem, make_config
 from .errors import ChipflowError
 from .grid import EdgePolicy
 from .pipeline import export_training_data
@@ -70,6 +70,60 @@ def load_job_config(path: str) -> dict[str, Any]:
     return config
 
 
+def parse_storage_options(values: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """``--storage-option KEY=VALUE`` flags as fsspec ``storage_options``.
+
+    A dotted key nests (``client_kwargs.region_name=eu-west-1``); a value that
+    parses as JSON is taken as JSON (``anon=true``, ``max_concurrency=4``, ``'key="123"'``
+    for a string of digits), anything else as a string. Values are never echoed: they
+    may be secrets.
+
+    Raises
+    ------
+    click.BadParameter
+        A flag without ``=`` or with an empty key.
+    """
+    options: dict[str, Any] = {}
+    for i, item in enumerate(values, 1):
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise click.BadParameter(f"flag number {i} is not KEY=VALUE (value not shown)",
+                                     param_hint="--storage-option")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        *parents, leaf = key.split(".")
+        target = options
+        for name in parents:
+            target = target.setdefault(name, {})
+            if not isinstance(target, dict):
+                raise click.BadParameter(f"{key!r} nests into a key that already has a value",
+                                         param_hint="--storage-option")
+        target[leaf] = value
+    return options
+
+
+def _storage_option_flag(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--storage-option KEY=VALUE`` (repeatable)."""
+    return click.option(
+        "--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+        help="fsspec option for s3:// (gs://, az://) paths, repeatable: e.g. "
+             "endpoint_url=http://127.0.0.1:9000. Never printed or stored.",
+    )(f)
+
+
+def _merged_storage_options(config: dict[str, Any], flags: tuple[str, ...]) -> dict[str, Any] | None:
+    """The config file's ``storage_options`` updated by the command line's flags."""
+    base = config.get("storage_options") or {}
+    if not isinstance(base, dict):
+        raise click.BadParameter("'storage_options' in the config file must be a mapping",
+                                 param_hint="--config")
+    merged = {**base, **parse_storage_options(flags)}
+    return merged or None
+
+
 def _export_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The export parameters, shared by ``export`` and ``plan`` (ESRI names in kebab case)."""
     options = [
@@ -88,8 +142,34 @@ def _export_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Integer class field (default: a value/classvalue field, else class 1)."),
         click.option("--edge-policy", default="DROP", show_default=True,
                      help="Last partial row/column of chips. " + _values([e.value for e in EdgePolicy])),
+        click.option("--buffer-radius", type=float, default=None,
+                     help="Buffer features by this distance (class data CRS units): points become discs."),
+        click.option("--in-mask-polygons", default=None,
+                     help="Only chips completely inside these polygons (a vector file)."),
+        click.option("--rotation-angle", type=float, default=None,
+                     help="Extra chips rotated by this angle, again and again below 360."),
+        click.option("--reference-system", default=None,
+                     help=_values([r.value for r in ReferenceSystem])),
+        click.option("--processing-mode", default=None, help=_values([m.value for m in ProcessingMode])),
+        click.option("--blacken-around-feature", default=None,
+                     help="Labeled_Tiles/Imagenet: NO_BLACKEN or BLACKEN_AROUND_FEATURE."),
+        click.option("--crop-mode", default=None, help="Labeled_Tiles/Imagenet: " + _values(
+            [m.value for m in CropMode])),
+        click.option("--min-polygon-overlap-ratio", type=float, default=None,
+                     help="Leave out features with less than this fraction inside the chip."),
+        click.option("--start-index", default=None, help="Deprecated in ArcGIS: accepted and ignored."),
+        click.option("--cell-size", type=float, default=None,
+                     help="Resample the raster to this cell size (raster CRS units)."),
+        click.option("--extent", default=None,
+                     help='Clip to "xmin ymin xmax ymax" (raster CRS).'),
+        click.option("--split", default=None,
+                     help='Leak-free splits, e.g. "train=0.8,val=0.1,test=0.1" (one dataset per split).'),
+        click.option("--split-block-size", type=int, default=None,
+                     help="Side of the spatial cells assigned whole to one split, in chips (default 8)."),
+        click.option("--seed", type=int, default=None, help="Seed of the split assignment (default 0)."),
         click.option("--config", "config_path", type=click.Path(dir_okay=False),
                      help="A YAML job file with the same keys as the Python API; flags override it."),
+        _storage_option_flag,
     ]
     for option in reversed(options):
         f = option(f)
@@ -100,6 +180,10 @@ def _gather(ctx: click.Context, positional: dict[str, Any], kwargs: dict[str, An
     """Merge the config file with the flags actually given on the command line."""
     config_path = kwargs.pop("config_path")
     params = load_job_config(config_path) if config_path else {}
+    storage_options = _merged_storage_options(params, kwargs.pop("storage_option", ()))
+    params.pop("storage_options", None)
+    if storage_options:
+        params["storage_options"] = storage_options
     for name, value in {**positional, **kwargs}.items():
         source = ctx.get_parameter_source(name)
         given = source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
@@ -107,7 +191,11 @@ def _gather(ctx: click.Context, positional: dict[str, Any], kwargs: dict[str, An
             params[name] = value
         elif name not in params and value is not None:
             params[name] = value
-    for name in ("in_raster", "in_class_data"):
+    try:
+        needs_labels = formats.get(params.get("metadata_format", "KITTI_rectangles")).needs_labels
+    except ChipflowError:
+        needs_labels = False  # the export reports the unknown format, naming the valid ones
+    for name in ("in_raster", "in_class_data") if needs_labels else ("in_raster",):
         if not params.get(name):
             flag = "IN_RASTER" if name == "in_raster" else "--in-class-data"
             raise click.UsageError(f"{flag} is required (on the command line or as {name!r} in --config)")
@@ -132,6 +220,8 @@ def main(verbose: int) -> None:
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
         for name in ("chipflow", "distributed"):
             logging.getLogger(name).setLevel(level)
+        for name in ("botocore", "aiobotocore", "boto3", "s3fs"):  # their debug lines show request
+            logging.getLogger(name).setLevel(max(level, logging.INFO))  # headers (access key ids)
 
 
 @main.command()
@@ -153,7 +243,7 @@ def export(ctx: click.Context, in_raster: str | None, out_folder: str | None, qu
     started = time.perf_counter()
     try:
         result = export_training_data(
-            params.pop("in_raster"), params.pop("out_folder"), params.pop("in_class_data"),
+            params.pop("in_raster"), params.pop("out_folder"), params.pop("in_class_data", None),
             progress=None if quiet else RichProgress(), **params,
         )
     except Exception as exc:
@@ -180,14 +270,18 @@ def export(ctx: click.Context, in_raster: str | None, out_folder: str | None, qu
 @click.pass_context
 def plan(ctx: click.Context, in_raster: str | None, as_json: bool, **kwargs: Any) -> None:
     """Dry run: chips, blocks, tasks, output size and class balance, writing nothing."""
+    from . import _cloud
     from .plan import plan_export
 
     params = _gather(ctx, {"in_raster": in_raster}, kwargs)
-    in_class_data = params.pop("in_class_data")
+    in_class_data = params.pop("in_class_data", None)
+    in_mask_polygons = params.pop("in_mask_polygons", None)
+    options = params.pop("storage_options", None)
     params = {k: v for k, v in params.items() if k in inspect.signature(make_config).parameters}
     params.setdefault("out_folder", "(dry run)")
     try:
-        described = plan_export(make_config(**params), in_class_data).describe()
+        with _cloud.use(_cloud.freeze(options)):
+            described = plan_export(make_config(**params), in_class_data, in_mask_polygons).describe()
     except Exception as exc:
         _fail(exc)
     if as_json:
@@ -212,11 +306,13 @@ def plan(ctx: click.Context, in_raster: str | None, as_json: bool, **kwargs: Any
 @main.command()
 @click.argument("out_folder")
 @click.option("--json", "as_json", is_flag=True, help="Print esri_accumulated_stats.json and AllTilesStats.")
-def stats(out_folder: str, as_json: bool) -> None:
+@_storage_option_flag
+def stats(out_folder: str, as_json: bool, storage_option: tuple[str, ...]) -> None:
     """Print a dataset's statistics: classes, counts, band statistics."""
+    from . import _cloud
     from .store import Store
 
-    store = Store(out_folder)
+    store = Store(out_folder, _cloud.freeze(parse_storage_options(storage_option)))
     raw_stats, raw_emd = store.read("esri_accumulated_stats.json"), store.read("esri_model_definition.emd")
     if raw_stats is None or raw_emd is None:
         click.echo(f"chipflow: error: out_folder={out_folder!r} holds no chipflow/ArcGIS statistics "
@@ -247,12 +343,13 @@ def stats(out_folder: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("out_folder")
-def validate(out_folder: str) -> None:
+@_storage_option_flag
+def validate(out_folder: str, storage_option: tuple[str, ...]) -> None:
     """Check that OUT_FOLDER is a complete, consistent dataset (exit 0 only then)."""
     from .validate import validate_dataset
 
     try:
-        report = validate_dataset(out_folder)
+        report = validate_dataset(out_folder, storage_options=parse_storage_options(storage_option))
     except ChipflowError as exc:
         click.echo(f"chipflow: error: {exc}", err=True)
         sys.exit(2)

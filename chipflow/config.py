@@ -40,11 +40,13 @@ class ImageChipFormat(str, Enum):
     PNG = "PNG"
     JPEG = "JPEG"
     MRF = "MRF"
+    #: chipflow's own: every chip in one Zarr v3 store, ``chips.zarr`` (see :mod:`chipflow.zarr_store`).
+    ZARR = "ZARR"
 
     @property
     def extension(self) -> str:
-        """File extension, as ArcGIS writes it."""
-        return {"TIFF": "tif", "PNG": "png", "JPEG": "jpg", "MRF": "mrf"}[self.value]
+        """File extension, as ArcGIS writes it (``zarr``: the store's, no file per chip)."""
+        return {"TIFF": "tif", "PNG": "png", "JPEG": "jpg", "MRF": "mrf", "ZARR": "zarr"}[self.value]
 
 
 class NoFeatureTiles(str, Enum):
@@ -278,10 +280,16 @@ def make_config(
         raise InvalidParameterError(
             "class_value_field", class_value_field, "must be a field name, or None to detect it"
         )
+    chip_format = _enum(ImageChipFormat, "image_chip_format", image_chip_format)
+    if chip_format is ImageChipFormat.ZARR and fmt.feature_chips:
+        raise InvalidParameterError(
+            "image_chip_format", "ZARR", "stacks chips of one size by grid position, but "
+            f"metadata_format={fmt.name!r} cuts one chip per feature (of any size with BOUNDING_BOX); "
+            "use image_chip_format='TIFF'")
     return ExportConfig(
         in_raster=tuple(_absolute(r) for r in rasters),
         out_folder=_absolute(out_folder),
-        image_chip_format=_enum(ImageChipFormat, "image_chip_format", image_chip_format),
+        image_chip_format=chip_format,
         tile_size_x=_positive_int("tile_size_x", tile_size_x),
         tile_size_y=_positive_int("tile_size_y", tile_size_y),
         stride_x=_positive_int("stride_x", stride_x),

@@ -1,10 +1,18 @@
 """``chips.parquet``: the chip index (GeoParquet), one row per exported chip.
 
 Columns: ``chip_id``, ``image_path``, ``label_path``, ``source`` (the input
-raster), ``rotation`` (degrees), ``split`` (when splits were asked for),
-``features_<value>`` and, for class-map formats, ``pixels_<value>`` per class,
-and ``geometry``: the chip's footprint polygon in the raster's CRS (rotated
+raster), ``rotation`` (degrees), ``transform``, ``split`` (when splits were asked
+for), ``features_<value>`` and, for class-map formats, ``pixels_<value>`` per
+class, and ``geometry``: the chip's footprint polygon in the raster's CRS (rotated
 chips are rotated squares). Users filter and map it with geopandas.
+
+``image_path`` is the chip's file relative to the output folder
+(``images/000000042.tif``; ``train/images/...`` with splits) or, with
+``image_chip_format="ZARR"``, its place in the store: ``chips.zarr#images[42]``,
+index 42 of array ``images`` of ``chips.zarr`` (see :mod:`chipflow.zarr_store`).
+``transform`` is the chip's pixel → CRS affine transform as the six numbers
+``(a, b, c, d, e, f)`` of ``affine.Affine`` (rasterio's order), the one a GeoTIFF
+chip carries (pixel coordinates in ``PIXEL_SPACE``): ``Affine(*row.transform)``.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import shapely
+from affine import Affine
 
 from ._block import _rotation
 from .grid import feature_windows
@@ -24,11 +33,17 @@ __all__ = ["chip_index", "footprints"]
 
 def footprints(plan: Any, chip_ids: np.ndarray) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Footprint polygons (raster CRS), source paths and rotations of chips, from their ids alone."""
+    return _chips(plan, chip_ids)[:3]
+
+
+def _chips(plan: Any, chip_ids: np.ndarray) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """:func:`footprints`, and each chip's transform as an ``(n, 6)`` array (as its GeoTIFF has it)."""
     cfg = plan.cfg
     offsets = np.array([item.id_offset for item in plan.items])
     polygons = np.empty(len(chip_ids), dtype=object)
     sources: list[str] = [""] * len(chip_ids)
     rotations = np.zeros(len(chip_ids))
+    transforms = np.zeros((len(chip_ids), 6))
     feature_chips = cfg.label_format.feature_chips
     angles = (0.0,) if feature_chips else cfg.angles
     for n, chip_id in enumerate(chip_ids.tolist()):
@@ -40,17 +55,20 @@ def footprints(plan: Any, chip_ids: np.ndarray) -> tuple[np.ndarray, list[str], 
                                              fixed=cfg.crop_mode.value == "FIXED_SIZE")[0].tolist()
             corners = [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
             transform = src.affine
+            transforms[n] = tuple(src.chip_affine @ Affine.translation(x0, y0))[:6]
         else:
             cell, k = divmod(local, len(angles))
             row, col = divmod(cell, g.n_cols)
             cx0, cy0 = int(g.xs[col]), int(g.ys[row])
-            transform = src.affine @ _rotation(angles[k], g.tile_x, g.tile_y, cx0 + g.tile_x / 2,
-                                               cy0 + g.tile_y / 2)
+            to_raster = (Affine.translation(cx0, cy0) if angles[k] == 0 else  # as the block task has it
+                         _rotation(angles[k], g.tile_x, g.tile_y, cx0 + g.tile_x / 2, cy0 + g.tile_y / 2))
+            transform = src.affine @ to_raster
+            transforms[n] = tuple(src.chip_affine @ to_raster)[:6]
             corners = [(0, 0), (g.tile_x, 0), (g.tile_x, g.tile_y), (0, g.tile_y)]
             rotations[n] = angles[k]
         polygons[n] = shapely.Polygon([transform * c for c in corners])
         sources[n] = src.path
-    return polygons, sources, rotations
+    return polygons, sources, rotations, transforms
 
 
 def chip_index(plan: Any, merged: BlockResult) -> bytes:
@@ -60,13 +78,14 @@ def chip_index(plan: Any, merged: BlockResult) -> bytes:
 
     order = np.argsort(merged.chip_ids, kind="stable")
     ids = merged.chip_ids[order]
-    polygons, sources, rotations = footprints(plan, ids)
+    polygons, sources, rotations, transforms = _chips(plan, ids)
     columns: dict[str, Any] = {
         "chip_id": ids,
         "image_path": [merged.image_paths[i] for i in order.tolist()],
         "label_path": [merged.label_paths[i] for i in order.tolist()],
         "source": sources,
         "rotation": rotations,
+        "transform": list(transforms),
     }
     if plan.cfg.split:
         columns["split"] = [merged.image_paths[i].split("/", 1)[0] for i in order.tolist()]

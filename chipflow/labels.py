@@ -130,7 +130,9 @@ def _read_frame(data: Any, parameter: str = "in_class_data") -> Any:
         raise InputNotFoundError(parameter, path)
     try:
         if path.lower().endswith((".parquet", ".geoparquet")):
-            return gpd.read_parquet(path)
+            from ._cloud import vector_input
+
+            return gpd.read_parquet(vector_input(path) if "://" in path else path)
         return gpd.read_file(path, engine="pyogrio", use_arrow=True)
     except Exception as exc:  # pyogrio/arrow raise many types for unreadable files
         raise InputNotFoundError(parameter, path, f"cannot be read as vector data ({exc})") from None

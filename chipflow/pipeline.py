@@ -10,8 +10,9 @@ from typing import Any
 
 import shapely
 
-from . import _cloud
+from . import _cloud, zarr_store
 from ._dask import cluster_client, finalize_format, run_blocks
+from ._partition import PARTITION_THRESHOLD, partition_labels
 from ._version import __version__
 from .config import ExportConfig, make_config
 from .index import chip_index
@@ -45,7 +46,8 @@ class ExportResult:
     statistics : dict
         The content of ``esri_accumulated_stats.json``.
     paths : dict
-        Name → path of ``images``, ``labels`` and each metadata file.
+        Name → path of ``images``, ``labels`` and each metadata file (and of ``chips.zarr``
+        with ``image_chip_format="ZARR"``).
     elapsed_seconds : float
         Wall time of the whole call.
     timings : dict
@@ -117,9 +119,10 @@ def export_training_data(
         The dataset folder to create (must be empty or absent unless ``overwrite``).
     in_class_data : str or geopandas.GeoDataFrame
         Vector class data (GeoPackage, GeoJSON, Shapefile, GeoParquet), any CRS.
-    image_chip_format : {"TIFF", "PNG", "JPEG"}
+    image_chip_format : {"TIFF", "PNG", "JPEG", "MRF", "ZARR"}
         Chip format. PNG/JPEG hold at most 3 bands of uint8 and get a world file
-        and a ``.aux.xml`` with the CRS.
+        and a ``.aux.xml`` with the CRS. ZARR puts every chip into one Zarr v3 store,
+        ``chips.zarr`` (see :mod:`chipflow.zarr_store`).
     tile_size_x, tile_size_y : int
         Chip size in pixels.
     stride_x, stride_y : int
@@ -207,11 +210,15 @@ def export_training_data(
     timings = {"plan": time.perf_counter() - started}
     source, labels, blocks = plan.source, plan.labels, list(plan.blocks)
     store = Store(cfg.out_folder, options)  # carries the options to the workers
-    markers = store.open_run(_run_params(cfg, plan), ["images"], overwrite=cfg.overwrite)
+    markers = store.open_run(_run_params(cfg, plan), [] if zarr_store.enabled(cfg) else ["images"],
+                             overwrite=cfg.overwrite)
+    zarr_store.create(store, plan)  # image_chip_format="ZARR": chips.zarr, before any block task
     committed = {i: BlockResult.from_json(raw) for i, raw in markers.items()}
     jobs = [plan.job(item, store) for item in plan.items]
-    work = [(b, job, item.labels) for item, job in zip(plan.items, jobs, strict=True) for b in item.blocks]
     fmt = cfg.label_format
+    shipped = [_shipped(item.labels, store, fmt) for item in plan.items]
+    work = [(b, job, labels_) for item, job, labels_ in zip(plan.items, jobs, shipped, strict=True)
+            for b in item.blocks]
     mark = time.perf_counter()
     with cluster_client(client, scheduler, n_workers) as c:
         timings["cluster"] = time.perf_counter() - mark
@@ -239,6 +246,7 @@ def export_training_data(
         image_space="PIXEL_SPACE" if source.pixel_space else "MAP_SPACE",
         raster_count=len(plan.items[0].source.items) if len(plan.items) == 1 else len(plan.items),
     )
+    store.remove_temporaries()  # a killed worker's half-written files (their blocks were re-run)
     store.put("chips.parquet", chip_index(plan, merged))
     if cfg.split:
         for name, _ in cfg.split:
@@ -257,11 +265,19 @@ def export_training_data(
         features_per_class={c.name: int(n) for c, n in zip(labels.classes, merged.features_per_class,
                                                            strict=True)},
         statistics=statistics,
-        paths={name: store.path(name) for name in ("images", "labels", *METADATA_FILES)},
+        paths={name: store.path(name) for name in (
+            "images", "labels", *METADATA_FILES, *((zarr_store.NAME,) if zarr_store.enabled(cfg) else ()))},
         elapsed_seconds=time.perf_counter() - started,
         num_blocks=len(blocks),
         timings=timings,
     )
+
+
+def _shipped(labels: Any, store: Store, fmt: Any) -> Any:
+    """The class data as the block tasks get it: whole (broadcast), or partitioned when large."""
+    if len(labels) > PARTITION_THRESHOLD and not fmt.feature_chips and labels.raster is None:
+        return partition_labels(labels, store)
+    return labels
 
 
 def _feature_chip_keys(cfg: ExportConfig) -> dict[str, Any]:

@@ -82,6 +82,14 @@ class ExportPlan:
                 and self.cfg.output_nofeature_tiles is NoFeatureTiles.ONLY_TILES_WITH_FEATURES)
 
     @property
+    def n_chip_ids(self) -> int:
+        """One past the largest chip id of any item (ids are stable, so the exported ones have gaps)."""
+        last = self.items[-1]
+        ids = len(last.labels) if self.cfg.label_format.feature_chips else last.grid.n_chips * len(
+            self.cfg.angles)
+        return last.id_offset + ids
+
+    @property
     def image_extension(self) -> str:
         """The chips' file extension."""
         return self.cfg.image_chip_format.extension
@@ -146,7 +154,9 @@ class ExportPlan:
         expected = (with_features if self.only_with_features and with_features is not None
                     and not self.cfg.label_format.feature_chips else chips_in_blocks)
         raw = grids[0].tile_x * grids[0].tile_y * src.count * np.dtype(src.dtype).itemsize
-        per_chip = {"tif": raw + 1024, "png": raw * 0.6, "jpg": raw * 0.15}[self.image_extension]
+        per_chip = {"tif": raw + 1024, "png": raw * 0.6, "jpg": raw * 0.15, "zarr": raw * 0.8,
+                    "mrf": raw * 0.8}[
+            self.image_extension]
         per_label = grids[0].tile_x * grids[0].tile_y if self.cfg.label_format.rasterize else 600
         per_class = np.zeros(len(self.labels.classes), np.int64)
         features = 0

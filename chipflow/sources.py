@@ -26,6 +26,7 @@ import rasterio.windows
 from affine import Affine
 from rasterio.enums import Resampling
 
+from . import _cloud
 from .errors import InputNotFoundError, InvalidParameterError, RasterError
 
 __all__ = ["RasterSource", "SourceItem", "open_raster", "open_sources", "read_window", "resolve_rasters"]
@@ -106,6 +107,10 @@ class RasterSource:
 def resolve_rasters(in_raster: tuple[str, ...]) -> list[str]:
     """Expand folders (their raster files) and glob patterns; keep URLs and files as given.
 
+    Object-store URLs (``s3://bucket/prefix/*.tif``, ``s3://bucket/prefix/``) expand
+    alike, listed through fsspec with the storage options in force; ``http(s)://``
+    URLs and GDAL ``/vsi`` paths are kept as given.
+
     Raises
     ------
     InputNotFoundError
@@ -113,8 +118,8 @@ def resolve_rasters(in_raster: tuple[str, ...]) -> list[str]:
     """
     paths: list[str] = []
     for entry in in_raster:
-        if "://" in entry and not entry.startswith("file://"):
-            paths.append(entry)
+        if _cloud.is_remote(entry):
+            paths.extend(_cloud.expand_url(entry, _RASTER_EXTENSIONS))
         elif os.path.isdir(entry):
             found = sorted(p for p in glob.glob(os.path.join(entry, "*"))
                            if p.lower().endswith(_RASTER_EXTENSIONS))
@@ -133,8 +138,14 @@ def resolve_rasters(in_raster: tuple[str, ...]) -> list[str]:
 
 
 def _open(path: str) -> rasterio.DatasetReader:
-    """``rasterio.open``, quiet about rasters without georeferencing (pixel space is legitimate)."""
-    with warnings.catch_warnings():
+    """``rasterio.open``, quiet about rasters without georeferencing (pixel space is legitimate).
+
+    ``s3://`` URLs open through GDAL's ``/vsis3/`` (range requests) inside a
+    ``rasterio.Env`` holding the storage options in force (:func:`chipflow._cloud.raster_env`);
+    the open dataset keeps its endpoint and credentials for later reads. ``http(s)://``
+    URLs open through ``/vsicurl/``.
+    """
+    with warnings.catch_warnings(), _cloud.raster_env(path):
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         return rasterio.open(path)
 
@@ -291,7 +302,12 @@ _local = threading.local()
 
 
 def _dataset(path: str) -> rasterio.DatasetReader:
-    """One open GDAL dataset per path and thread (GDAL handles are not thread-safe)."""
+    """One open GDAL dataset per path and thread (GDAL handles are not thread-safe).
+
+    In a worker the storage options in force are those of the task's ``Store``
+    (remembered when it was unpickled), so an ``s3://`` item is opened with the
+    export's endpoint and credentials, not the worker's environment only.
+    """
     cache = _local.__dict__.setdefault("datasets", {})
     ds = cache.get(path)
     if ds is None or ds.closed:

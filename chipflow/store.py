@@ -1,8 +1,14 @@
-"""Output through fsspec: local folders now, object stores (``s3://``...) alike.
+"""Output through fsspec: local folders and object stores (``s3://``, ``gs://``, ``az://``) alike.
 
 A file never appears under its final name half-written: locally it is written
 to a hidden temporary name in the same folder and renamed; on object stores a
 single PUT is atomic.
+
+A ``Store`` carries the export's storage options (fsspec's keyword arguments:
+endpoint, credentials) to the Dask workers, pickled with each block task; it never
+shows them (not in its ``repr``) and never writes them into the folder. Unpickled
+in a worker, it also makes them the options the worker opens its ``s3://`` rasters
+with (see :mod:`chipflow._cloud`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from . import _cloud
 from .errors import OutputError
 
 __all__ = ["RUN_DIR", "Store", "safe_name"]
@@ -26,10 +33,15 @@ RUN_DIR = ".chipflow"
 
 @dataclass(frozen=True)
 class Store:
-    """The output folder; picklable, opened lazily in each process that writes."""
+    """The output folder; picklable, opened lazily in each process that writes.
+
+    ``storage_options`` are ``(key, value)`` pairs (see :func:`chipflow._cloud.freeze`):
+    fsspec's options for an object store (ignored for a local folder), and the
+    options the export's ``s3://`` inputs are read with. Secrets: left out of ``repr``.
+    """
 
     url: str
-    storage_options: tuple[tuple[str, Any], ...] = ()
+    storage_options: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
     _fs: list[Any] = field(default_factory=list, compare=False, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -39,10 +51,14 @@ class Store:
         object.__setattr__(self, "url", state["url"])
         object.__setattr__(self, "storage_options", state["storage_options"])
         object.__setattr__(self, "_fs", [])
+        # Unpickled in a worker: the block tasks' s3:// rasters are opened with these options.
+        _cloud.remember(self.storage_options)
 
     def _resolve(self) -> tuple[Any, str]:
         if not self._fs:
-            fs, root = fsspec.core.url_to_fs(self.url, **dict(self.storage_options))
+            local = fsspec.utils.get_protocol(self.url) in ("file", "local")
+            options = {} if local else dict(self.storage_options)
+            fs, root = fsspec.core.url_to_fs(self.url, **options)
             self._fs.append((fs, root.rstrip("/")))
         return self._fs[0]
 
@@ -92,6 +108,7 @@ class Store:
     def listdir(self, relpath: str = "") -> list[str]:
         """Names of the entries of the folder (or a subfolder); [] when it does not exist."""
         path = self.path(relpath).rstrip("/") if relpath else self.root
+        self.fs.invalidate_cache(path)  # object stores: other processes (the workers) wrote here
         try:
             entries = self.fs.ls(path, detail=False)
         except FileNotFoundError:
@@ -101,6 +118,7 @@ class Store:
     def find(self, relpath: str) -> list[str]:
         """Relative paths of every file below ``relpath`` (recursive; [] when it does not exist)."""
         base = self.path(relpath).rstrip("/")
+        self.fs.invalidate_cache(base)
         try:
             found = self.fs.find(base)
         except FileNotFoundError:
@@ -164,6 +182,11 @@ class Store:
         except OSError as exc:
             raise OutputError(f"out_folder={self.url!r} cannot be written: {exc}") from None
         return committed
+
+    def remove_temporaries(self) -> None:
+        """Delete temporary files a killed writer left behind (local folders; none on object stores)."""
+        if self.is_local:
+            self._remove_temporaries()
 
     def _remove_temporaries(self) -> None:
         """Delete temporary files a killed run left behind (never visible under a final name)."""

@@ -4,6 +4,12 @@ Reads the folder as its consumer would: the three files ``arcgis.learn`` needs,
 every image decoded, every label parsed by its format, counts compared with the
 statistics, ``map.txt`` compared with the files, and, for chipflow runs, every
 planned block committed. Works on any fsspec URL.
+
+A folder with ``chips.zarr`` (``image_chip_format="ZARR"``) is checked through the
+store instead of image files: every chip with a chunk in ``images`` is decoded
+(and its size compared with the tile size), ``map.txt`` must list exactly those
+chips (``chips.zarr#images[n]``), and for formats with ``rasterize = True`` each
+chip's class raster is ``labels[n]`` of the store, counted like a label file.
 """
 
 from __future__ import annotations
@@ -13,6 +19,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from . import zarr_store
 from .errors import InputNotFoundError
 from .formats import get
 from .stats import BlockResult
@@ -120,8 +129,16 @@ def validate_dataset(out_folder: str, *, storage_options: dict[str, Any] | None 
         report.incomplete.append("map.txt is missing")
     if store.read("stats.txt") is None:
         report.incomplete.append("stats.txt is missing")
-    images = [p for p in store.find("images") if p.lower().endswith(_IMAGE_EXTENSIONS)
-              and not p.rsplit("/", 1)[-1].startswith(".")]
+    try:
+        chips = zarr_store.open_chips(store)
+    except Exception as exc:  # an unreadable store is the finding
+        report.problems.append(f"{zarr_store.NAME} does not open: {exc}")
+        return report
+    if chips is None:
+        images = [p for p in store.find("images") if p.lower().endswith(_IMAGE_EXTENSIONS)
+                  and not p.rsplit("/", 1)[-1].startswith(".")]
+    else:
+        images = [zarr_store.image_ref(i) for i in chips.chip_ids.tolist()]
     report.images = len(images)
     if emd is None or stats is None or map_txt is None:
         return report
@@ -139,20 +156,30 @@ def validate_dataset(out_folder: str, *, storage_options: dict[str, Any] | None 
         elif cols:
             pairs[cols[0]] = cols[1] if len(cols) == 2 else None
     listed = set(images)
+    where = "images/" if chips is None else f"{zarr_store.NAME}/images"
     if set(pairs) != listed:
-        report.problems.append(f"map.txt lists {len(pairs)} images, images/ holds {len(listed)} "
+        report.problems.append(f"map.txt lists {len(pairs)} images, {where} holds {len(listed)} "
                                f"({len(set(pairs) ^ listed)} differ)")
     if stats.get("NumTiles") != len(images):
-        report.problems.append(f"NumTiles is {stats.get('NumTiles')} but images/ holds {len(images)}")
+        report.problems.append(f"NumTiles is {stats.get('NumTiles')} but {where} holds {len(images)}")
     size = (stats.get("TileSizeX"), stats.get("TileSizeY"))
     fixed_size = emd.get("CropTileMode", "Fixed_Size") == "Fixed_Size"
-    label_ext = next((p.rsplit(".", 1)[-1] for p in pairs.values() if p), None)
+    label_ext = next((p.rsplit(".", 1)[-1] for p in pairs.values()
+                      if p and zarr_store.parse_ref(p) is None), None)
     counts: Counter[int] = Counter()
+    if chips is not None:
+        _check_zarr(chips, fmt, size, class_values, counts, report)
     for image in sorted(listed):
-        shape = _check_image(store, image, size if fixed_size else None, report)
+        if chips is None:
+            shape = _check_image(store, image, size if fixed_size else None, report)
+            stem = image.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        elif fmt.rasterize:
+            continue  # the chip and its class raster are in the store: checked by _check_zarr
+        else:  # the chip was decoded by _check_zarr; its label files are files
+            shape = (chips.images.shape[3], chips.images.shape[2])
+            stem = f"{zarr_store.parse_ref(image)[1]:09d}"  # type: ignore[index]
         if not fmt.per_chip_labels or shape is None:
             continue
-        stem = image.rsplit("/", 1)[-1].rsplit(".", 1)[0]
         paths = fmt.label_paths(stem, label_ext, emd["Classes"]) if label_ext else []
         found = [(p, raw) for p in paths if (raw := store.read(p)) is not None]
         if not found and not fmt.instances:
@@ -188,6 +215,39 @@ def _check_counts(fmt: Any, stats: dict[str, Any], class_values: list[int], coun
     if not agrees:
         report.problems.append(f"{fmt.counted} in esri_accumulated_stats.json is {expected}, "
                                f"the label files hold {actual}")
+
+
+def _check_zarr(chips: zarr_store.ZarrChips, fmt: Any, size: tuple[Any, Any], class_values: list[int],
+                counts: Counter[int], report: ValidationReport) -> None:
+    """Decode every chip of ``chips.zarr`` and, for raster label formats, count its class raster."""
+    _, _, height, width = chips.images.shape
+    if (width, height) != tuple(size):
+        report.problems.append(f"{zarr_store.NAME}/images holds {width} x {height} chips, the tile size is "
+                               f"{size[0]} x {size[1]}")
+    rasters = fmt.rasterize and fmt.per_chip_labels
+    if rasters and chips.labels is None:
+        report.problems.append(f"{zarr_store.NAME} has no labels array for {fmt.name}")
+        rasters = False
+    if rasters:
+        report.labels = len(set(chips.label_ids.tolist()) & set(chips.chip_ids.tolist()))
+        missing = len(chips.chip_ids) - report.labels
+        if missing:
+            report.problems.append(f"{missing} chips of {zarr_store.NAME} have no labels chunk")
+    for chip_id in chips.chip_ids.tolist():
+        try:
+            chips.images[chip_id]
+            mask = chips.labels[chip_id] if rasters else None
+        except Exception as exc:  # any decode failure is the finding
+            report.problems.append(f"{zarr_store.image_ref(chip_id)} does not decode: {exc}")
+            continue
+        if mask is not None:
+            values, n = np.unique(mask, return_counts=True)
+            per_class = {int(v): int(c) for v, c in zip(values, n, strict=True) if v != 0}
+            unknown = set(per_class) - set(class_values)
+            if unknown:
+                report.problems.append(f"{zarr_store.label_ref(chip_id)} uses class values "
+                                       f"{sorted(unknown)} not in the emd")
+            counts.update(per_class)
 
 
 def _check_image(store: Store, image: str, size: tuple[Any, Any] | None,

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from click.testing import CliRunner
 from conftest import KAMPALA_BUILDINGS, KAMPALA_IMAGE, NC
 
@@ -102,3 +103,27 @@ def test_stats_prints_the_datasets_numbers(client, tmp_path):
     assert "pixels" in res.output and len(res.output.splitlines()) == 2 + 7 + 1 + 5
     as_json = json.loads(CliRunner().invoke(main, ["stats", str(out), "--json"]).output)
     assert as_json["accumulated_stats"] == stats and len(as_json["AllTilesStats"]) == 5
+
+
+@pytest.mark.filterwarnings("ignore:Geometry is in a geographic CRS")  # buffering the 4326 sample
+def test_every_parameter_has_its_option(client, tmp_path):
+    out = tmp_path / "all"
+    res = CliRunner().invoke(main, [
+        "export", str(KAMPALA_IMAGE), str(out), "--in-class-data", str(KAMPALA_BUILDINGS),
+        "--rotation-angle", "90", "--buffer-radius", "0.5", "--min-polygon-overlap-ratio", "0.2",
+        "--reference-system", "map_space", "--processing-mode", "PROCESS_AS_MOSAICKED_IMAGE",
+        "--crop-mode", "FIXED_SIZE", "--blacken-around-feature", "NO_BLACKEN", "--cell-size", "0.1492910708",
+        "--extent", "3627854.236 38753.573 3627930.673 38830.010", "--edge-policy", "SHIFT",
+        "--split", "train=0.5,val=0.5", "--split-block-size", "2", "--seed", "3",
+        "--stride-x", "256", "--stride-y", "256", "--scheduler", client.scheduler.address, "-q",
+    ])
+    assert res.exit_code == 0, res.output
+    params = json.loads((out / ".chipflow" / "params.json").read_text())["parameters"]
+    assert params["rotation_angle"] == 90 and params["buffer_radius"] == 0.5
+    assert params["min_polygon_overlap_ratio"] == 0.2 and params["cell_size"] == 0.1492910708
+    assert params["split"] == {"train": 0.5, "val": 0.5} and params["seed"] == 3
+    assert params["edge_policy"] == "SHIFT" and params["extent"][0] == 3627854.236
+    res = CliRunner().invoke(main, ["export", str(KAMPALA_IMAGE), str(tmp_path / "t"), "-q",
+                                    "--metadata-format", "Export_Tiles", "--stride-x", "512", "--stride-y", "512",
+                                    "--scheduler", client.scheduler.address])
+    assert res.exit_code == 0, res.output  # no class data needed

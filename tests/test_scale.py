@@ -41,3 +41,31 @@ def test_a_200k_raster_plans_in_blocks_within_client_memory(tmp_path):
     touched = {c for i in range(50) for c in range(n) if c * 256 < 200 * i + 40 and c * 256 + 256 > 200 * i}
     assert described["chips_with_features"] == len(touched)
     assert not (tmp_path / "out").exists()
+
+
+def test_partitioned_class_data_gives_the_same_dataset(client, tmp_path, monkeypatch):
+    from conftest import KAMPALA_BUILDINGS, KAMPALA_IMAGE
+
+    import chipflow
+    import chipflow._partition
+    import chipflow.pipeline
+
+    args = dict(metadata_format="Classified_Tiles", client=client)
+    chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "whole", KAMPALA_BUILDINGS, **args)
+    monkeypatch.setattr(chipflow.pipeline, "PARTITION_THRESHOLD", 50)
+    monkeypatch.setattr(chipflow._partition, "PARTITION_SIZE", 30)
+    chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "parts", KAMPALA_BUILDINGS, **args)
+    parts = sorted((tmp_path / "parts" / ".chipflow" / "labels").glob("part-*.parquet"))
+    assert len(parts) >= 5  # 206 features in partitions of 30
+    bounds = np.array([gpd.read_parquet(p).total_bounds for p in parts])
+    area = (bounds[:, 2] - bounds[:, 0]) * (bounds[:, 3] - bounds[:, 1])
+    total = (bounds[:, 2].max() - bounds[:, 0].min()) * (bounds[:, 3].max() - bounds[:, 1].min())
+    assert area.mean() < 0.5 * total  # spatially compact (Hilbert order), not the whole extent each
+
+    def tree(folder):
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+                if p.is_file() and "labels/part-" not in str(p)}
+
+    whole, partitioned = tree(tmp_path / "whole"), tree(tmp_path / "parts")
+    assert sorted(whole) == sorted(partitioned)
+    assert [k for k in whole if whole[k] != partitioned[k]] == []

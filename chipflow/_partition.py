@@ -1,0 +1,96 @@
+"""Large class data, spatially partitioned: each block reads only the partitions it needs.
+
+Up to ``PARTITION_THRESHOLD`` features, the class data is broadcast whole to every
+worker (deserialised and indexed once per worker). Beyond it, dask-geopandas
+shuffles the features along a Hilbert curve into spatially compact partitions,
+each written once to the run folder (``.chipflow/labels/part-NNNNN.parquet``,
+through the output store, so it works on object storage too); a block task gets
+only the partitions' bounds and reads, caches and indexes just the partitions
+that meet its window. Worker memory then follows the block, not the class data.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import shapely
+
+from .labels import LabelSet
+from .store import RUN_DIR, Store
+
+__all__ = ["PARTITION_THRESHOLD", "PartitionedLabels", "partition_labels"]
+
+#: Class data with more features than this is partitioned instead of broadcast.
+PARTITION_THRESHOLD = 100_000
+#: Features per partition.
+PARTITION_SIZE = 50_000
+
+
+@dataclass(frozen=True)
+class PartitionedLabels:
+    """Where the partitions are, their bounds, and what every block needs besides (small, picklable)."""
+
+    store: Store
+    parts: tuple[tuple[str, tuple[float, float, float, float]], ...]
+    classes: tuple[Any, ...]
+    pixel_area: float
+    mask: Any = None
+
+    def subset(self, window: tuple[float, float, float, float]) -> LabelSet:
+        """The features of the partitions whose bounds meet ``window``, as one LabelSet."""
+        x0, y0, x1, y1 = window
+        geoms, index, fids = [np.array([], dtype=object)], [np.zeros(0, np.int32)], [np.zeros(0, np.int64)]
+        for rel, (bx0, by0, bx1, by1) in self.parts:
+            if bx0 <= x1 and bx1 >= x0 and by0 <= y1 and by1 >= y0:
+                g, i, f = _read_part(self.store.url, self.store.storage_options, rel)
+                geoms.append(g)
+                index.append(i)
+                fids.append(f)
+        order = np.argsort(np.concatenate(fids), kind="stable")  # the class data's own order
+        labels = LabelSet(geoms=np.concatenate(geoms)[order], class_index=np.concatenate(index)[order],
+                          classes=self.classes, pixel_area=self.pixel_area)
+        labels.mask = self.mask
+        return labels
+
+
+@functools.lru_cache(maxsize=8)
+def _read_part(url: str, storage_options: tuple[tuple[str, Any], ...], rel: str
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One partition's geometries, class indices and feature ids (cached per worker process)."""
+    import geopandas as gpd
+
+    raw = Store(url, storage_options).read(rel)
+    frame = gpd.read_parquet(io.BytesIO(raw))
+    return (frame.geometry.to_numpy(), frame["class_index"].to_numpy(np.int32),
+            frame["fid"].to_numpy(np.int64))
+
+
+def partition_labels(labels: LabelSet, store: Store, *, size: int | None = None) -> PartitionedLabels:
+    """Shuffle the features into Hilbert-ordered partitions (dask-geopandas) and write them."""
+    size = size or PARTITION_SIZE
+    import dask
+    import dask_geopandas
+    import geopandas as gpd
+
+    frame = gpd.GeoDataFrame({"class_index": labels.class_index, "fid": np.arange(len(labels))},
+                             geometry=labels.geoms)
+    n_parts = max(1, -(-len(frame) // size))
+    with dask.config.set({"scheduler": "threads", "dataframe.shuffle.method": "tasks"}):  # in the client
+        shuffled = dask_geopandas.from_geopandas(frame, npartitions=n_parts).spatial_shuffle(
+            by="hilbert", npartitions=n_parts)
+        parts = []
+        for i in range(shuffled.npartitions):
+            part = shuffled.partitions[i].compute()
+            if len(part) == 0:
+                continue
+            part = part.sort_index()  # deterministic bytes whatever the shuffle's order
+            rel = f"{RUN_DIR}/labels/part-{i:05d}.parquet"
+            buf = io.BytesIO()
+            part.reset_index(drop=True).to_parquet(buf, index=False)
+            store.put(rel, buf.getvalue())
+            parts.append((rel, tuple(float(v) for v in shapely.total_bounds(part.geometry.to_numpy()))))
+    return PartitionedLabels(store, tuple(parts), labels.classes, labels.pixel_area, labels.mask)
