@@ -1,0 +1,80 @@
+"""How chipflow's time and worker memory grow with the number of label features.
+
+``python benchmarks/features_scaling.py [--size 8192] [--features 20000 200000 2000000]``
+exports the same raster with each label set (stride 256, PASCAL VOC, ALL_TILES) on a
+2-worker LocalCluster and prints wall time, its ratio to the smallest set, and the peak
+RSS of the largest worker process. Above 100k features chipflow partitions the class
+data (dask-geopandas, Hilbert order) instead of broadcasting it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from benchmarks.generate import make_inputs
+
+
+def _peak_worker_rss(stop: threading.Event, out: list[float]) -> None:
+    me = psutil.Process()
+    peak = 0.0
+    while not stop.is_set():
+        for child in me.children(recursive=True):
+            try:
+                peak = max(peak, child.memory_info().rss / 2**20)
+            except psutil.Error:
+                pass
+        time.sleep(0.05)
+    out.append(peak)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=8192)
+    parser.add_argument("--features", type=int, nargs="+", default=[20_000, 200_000, 2_000_000])
+    parser.add_argument("--workdir", default="/tmp/chipflow-bench")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    import chipflow
+    from distributed import Client, LocalCluster
+
+    rows = []
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        for n in args.features:
+            raster, vector = make_inputs(Path(args.workdir) / "inputs", size=args.size, n_features=n)
+            out = Path(tempfile.mkdtemp(dir=args.workdir)) / "out"
+            stop, peak = threading.Event(), []
+            watcher = threading.Thread(target=_peak_worker_rss, args=(stop, peak))
+            watcher.start()
+            started = time.perf_counter()
+            result = chipflow.export_training_data(
+                raster, out, vector, stride_x=256, stride_y=256, metadata_format="PASCAL_VOC_rectangles",
+                output_nofeature_tiles="ALL_TILES", class_value_field="classvalue", client=client)
+            seconds = time.perf_counter() - started
+            stop.set()
+            watcher.join()
+            shutil.rmtree(out.parent)
+            rows.append({"features": n, "chips": result.num_chips, "seconds": seconds,
+                         "timings": result.timings, "peak_process_rss_mb": peak[0]})
+            print(f"{n:>10,} features: {seconds:7.2f} s ({result.timings}), peak RSS {peak[0]:.0f} MiB",
+                  flush=True)
+    base = rows[0]["seconds"]
+    for row in rows:
+        row["ratio"] = row["seconds"] / base
+        print(f"{row['features']:>10,}  x{row['features'] / rows[0]['features']:>6.0f} features  "
+              f"x{row['ratio']:.2f} time  {row['peak_process_rss_mb']:.0f} MiB")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
