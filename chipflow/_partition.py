@@ -41,20 +41,31 @@ class PartitionedLabels:
     mask: Any = None
 
     def subset(self, window: tuple[float, float, float, float]) -> LabelSet:
-        """The features of the partitions whose bounds meet ``window``, as one LabelSet."""
+        """The features of the partitions whose bounds meet ``window``, as one LabelSet.
+
+        Blocks that meet the same partitions share one LabelSet (and its spatial
+        index) per worker process.
+        """
         x0, y0, x1, y1 = window
-        geoms, index, fids = [np.array([], dtype=object)], [np.zeros(0, np.int32)], [np.zeros(0, np.int64)]
-        for rel, (bx0, by0, bx1, by1) in self.parts:
-            if bx0 <= x1 and bx1 >= x0 and by0 <= y1 and by1 >= y0:
-                g, i, f = _read_part(self.store.url, self.store.storage_options, rel)
-                geoms.append(g)
-                index.append(i)
-                fids.append(f)
-        order = np.argsort(np.concatenate(fids), kind="stable")  # the class data's own order
-        labels = LabelSet(geoms=np.concatenate(geoms)[order], class_index=np.concatenate(index)[order],
-                          classes=self.classes, pixel_area=self.pixel_area)
+        rels = tuple(rel for rel, (bx0, by0, bx1, by1) in self.parts
+                     if bx0 <= x1 and bx1 >= x0 and by0 <= y1 and by1 >= y0)
+        labels = _subset(self.store.url, self.store.storage_options, rels, self.classes, self.pixel_area)
         labels.mask = self.mask
         return labels
+
+
+@functools.lru_cache(maxsize=4)
+def _subset(url: str, storage_options: tuple[tuple[str, Any], ...], rels: tuple[str, ...],
+            classes: tuple[Any, ...], pixel_area: float) -> LabelSet:
+    geoms, index, fids = [np.array([], dtype=object)], [np.zeros(0, np.int32)], [np.zeros(0, np.int64)]
+    for rel in rels:
+        g, i, f = _read_part(url, storage_options, rel)
+        geoms.append(g)
+        index.append(i)
+        fids.append(f)
+    order = np.argsort(np.concatenate(fids), kind="stable")  # the class data's own order
+    return LabelSet(geoms=np.concatenate(geoms)[order], class_index=np.concatenate(index)[order],
+                    classes=classes, pixel_area=pixel_area)
 
 
 @functools.lru_cache(maxsize=8)
