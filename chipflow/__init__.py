@@ -8,6 +8,7 @@
 from ._version import __version__
 from .config import ExportConfig
 from .errors import (
+    ChipflowDeprecationWarning,
     ChipflowError,
     ChipflowWarning,
     InputNotFoundError,
@@ -21,18 +22,19 @@ from .labels import ClassInfo
 from .pipeline import ExportResult, export_training_data
 
 __all__ = [
-    "__version__",
+    "ChipflowDeprecationWarning",
     "ChipflowError",
     "ChipflowWarning",
     "ClassInfo",
     "ExportConfig",
-    "ExportTrainingDataForDeepLearning",
     "ExportResult",
+    "ExportTrainingDataForDeepLearning",
     "InputNotFoundError",
     "InvalidParameterError",
     "LabelError",
     "OutputError",
     "RasterError",
+    "__version__",
     "export_training_data",
 ]
 
