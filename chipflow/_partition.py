@@ -1,8 +1,9 @@
 """Large class data, spatially partitioned: each block reads only the partitions it needs.
 
 Up to ``PARTITION_THRESHOLD`` features, the class data is broadcast whole to every
-worker (deserialised and indexed once per worker). Beyond it, dask-geopandas
-shuffles the features along a Hilbert curve into spatially compact partitions,
+worker (deserialised and indexed once per worker). Beyond it, the features are
+sorted along a Hilbert curve (as dask-geopandas' ``spatial_shuffle`` does) into
+spatially compact partitions,
 each written once to the run folder (``.chipflow/labels/part-NNNNN.parquet``,
 through the output store, so it works on object storage too); a block task gets
 only the partitions' bounds and reads, caches and indexes just the partitions
@@ -81,27 +82,24 @@ def _read_part(url: str, storage_options: tuple[tuple[str, Any], ...], rel: str
 
 
 def partition_labels(labels: LabelSet, store: Store, *, size: int | None = None) -> PartitionedLabels:
-    """Shuffle the features into Hilbert-ordered partitions (dask-geopandas) and write them."""
-    size = size or PARTITION_SIZE
-    import dask
-    import dask_geopandas
+    """Sort the features along a Hilbert curve and write them as spatially compact partitions.
+
+    The Hilbert distances are geopandas' (the ones dask-geopandas' ``spatial_shuffle``
+    sorts by), computed once over all features; consecutive runs of ``size`` features
+    become the partitions, written through the output store.
+    """
     import geopandas as gpd
 
+    size = size or PARTITION_SIZE
     frame = gpd.GeoDataFrame({"class_index": labels.class_index, "fid": np.arange(len(labels))},
                              geometry=labels.geoms)
-    n_parts = max(1, -(-len(frame) // size))
-    with dask.config.set({"scheduler": "threads", "dataframe.shuffle.method": "tasks"}):  # in the client
-        shuffled = dask_geopandas.from_geopandas(frame, npartitions=n_parts).spatial_shuffle(
-            by="hilbert", npartitions=n_parts)
-        parts = []
-        for i in range(shuffled.npartitions):
-            part = shuffled.partitions[i].compute()
-            if len(part) == 0:
-                continue
-            part = part.sort_index()  # deterministic bytes whatever the shuffle's order
-            rel = f"{RUN_DIR}/labels/part-{i:05d}.parquet"
-            buf = io.BytesIO()
-            part.reset_index(drop=True).to_parquet(buf, index=False)
-            store.put(rel, buf.getvalue())
-            parts.append((rel, tuple(float(v) for v in shapely.total_bounds(part.geometry.to_numpy()))))
+    order = np.argsort(frame.geometry.hilbert_distance().to_numpy(), kind="stable")
+    parts = []
+    for i, start in enumerate(range(0, len(order), size)):
+        part = frame.iloc[np.sort(order[start:start + size])].reset_index(drop=True)
+        rel = f"{RUN_DIR}/labels/part-{i:05d}.parquet"
+        buf = io.BytesIO()
+        part.to_parquet(buf, index=False)
+        store.put(rel, buf.getvalue())
+        parts.append((rel, tuple(float(v) for v in shapely.total_bounds(part.geometry.to_numpy()))))
     return PartitionedLabels(store, tuple(parts), labels.classes, labels.pixel_area, labels.mask)
