@@ -55,7 +55,7 @@ class PartitionedLabels:
         return labels
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=1)  # consecutive blocks of a worker usually meet the same parts
 def _subset(url: str, storage_options: tuple[tuple[str, Any], ...], rels: tuple[str, ...],
             classes: tuple[Any, ...], pixel_area: float) -> LabelSet:
     geoms, index, fids = [np.array([], dtype=object)], [np.zeros(0, np.int32)], [np.zeros(0, np.int64)]
@@ -69,7 +69,7 @@ def _subset(url: str, storage_options: tuple[tuple[str, Any], ...], rels: tuple[
                     classes=classes, pixel_area=pixel_area)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)
 def _read_part(url: str, storage_options: tuple[tuple[str, Any], ...], rel: str
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One partition's geometries, class indices and feature ids (cached per worker process)."""
