@@ -28,7 +28,7 @@ __all__ = ["PARTITION_THRESHOLD", "PartitionedLabels", "partition_labels"]
 #: Class data with more features than this is partitioned instead of broadcast.
 PARTITION_THRESHOLD = 100_000
 #: Features per partition.
-PARTITION_SIZE = 50_000
+PARTITION_SIZE = 20_000
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def _subset(url: str, storage_options: tuple[tuple[str, Any], ...], rels: tuple[
                     classes=classes, pixel_area=pixel_area)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def _read_part(url: str, storage_options: tuple[tuple[str, Any], ...], rel: str
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One partition's geometries, class indices and feature ids (cached per worker process)."""
