@@ -246,7 +246,7 @@ class _Block:
         elif self.fmt.rasterize:
             self.mask = _rasterize(cand_geoms, self.class_values[labels.class_index[self.cand] + 1],
                                    shape, origin, self.mask_dtype)
-        if self.fmt.instances:
+        if self.fmt.instances and labels.raster is None:  # class rasters: per chip, from regions
             self.instances = _rasterize(cand_geoms, np.arange(1, len(self.cand) + 1), shape, origin,
                                         np.uint32)
         for raster in (self.mask, self.instances):
@@ -402,6 +402,8 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
     regions = not fmt.rasterize or fmt.instances or fmt.needs_geometry
     n_angles = len(job.angles)
     part_labels: list[tuple[int, ChipLabel]] = []
+    # rotated chips sample the block's validity: convert it once per block, not once per chip
+    valid_u8 = None if b.any_valid is None or n_angles == 1 else b.any_valid[None].astype(np.uint8)
     for r, row in enumerate(range(*block.rows)):
         cy0 = int(grid.ys[row])
         for c, col in enumerate(range(*block.cols)):
@@ -439,8 +441,8 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                 else:
                     to_raster = _rotation(angle, tx, ty, cx0 + tx / 2, cy0 + ty / 2)
                     shift = ~to_raster
-                    chip_valid = _sample(b.any_valid[None].astype(np.uint8), (wx0, wy0), to_raster,
-                                         (ty, tx), None)[0].astype(bool) if b.any_valid is not None else None
+                    chip_valid = None if valid_u8 is None else _sample(
+                        valid_u8, (wx0, wy0), to_raster, (ty, tx), None)[0].astype(bool)
                     if chip_valid is not None and not chip_valid.any():
                         continue
                     if labels.raster is not None:
@@ -450,12 +452,17 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                         class_index, boxes, areas, geoms = region_features(
                             mask, b.class_values[1:], regions=regions)
                     else:
-                        local = shapely.transform(cand_geoms, lambda xy, m=shift: np.column_stack(
+                        # only the candidates meeting the rotated chip's footprint box move to its frame
+                        corners = np.array([to_raster * c for c in ((0, 0), (tx, 0), (tx, ty), (0, ty))])
+                        (fx0, fy0), (fx1, fy1) = corners.min(axis=0), corners.max(axis=0)
+                        near = np.flatnonzero((cand_bounds[:, 0] <= fx1) & (cand_bounds[:, 2] >= fx0)
+                                              & (cand_bounds[:, 1] <= fy1) & (cand_bounds[:, 3] >= fy0))
+                        local = shapely.transform(cand_geoms[near], lambda xy, m=shift: np.column_stack(
                             [m.a * xy[:, 0] + m.b * xy[:, 1] + m.c, m.d * xy[:, 0] + m.e * xy[:, 1] + m.f]))
                         pos, boxes, areas, geoms = _chip_features(
-                            local, shapely.bounds(local).reshape(-1, 4), cand_areas, cand_poly,
+                            local, shapely.bounds(local).reshape(-1, 4), cand_areas[near], cand_poly[near],
                             (0, 0, tx, ty), job.min_overlap_ratio, True)
-                        class_index = labels.class_index[cand[pos]]
+                        class_index = labels.class_index[cand[near[pos]]]
                         mask = None
                     if job.only_with_features and class_index.size == 0:
                         continue
@@ -476,7 +483,7 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                 chip_id = job.id_offset + grid.chip_id(row, col) * n_angles + k
                 stem = f"{chip_id:09d}"
                 transform = src.chip_affine @ to_raster
-                if inst is not None and angle == 0 and labels.raster is not None:
+                if fmt.instances and angle == 0 and labels.raster is not None:
                     inst = _rasterize(geoms, np.arange(1, len(class_index) + 1), (ty, tx),
                                       Affine.identity(), np.uint32)
                 elif inst is not None and angle == 0:
