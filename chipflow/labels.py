@@ -18,7 +18,7 @@ import shapely
 from .errors import InputNotFoundError, LabelError
 from .sources import RasterSource
 
-__all__ = ["ClassInfo", "LabelSet", "empty_labels", "read_class_data", "read_mask"]
+__all__ = ["ClassInfo", "LabelSet", "describe", "empty_labels", "read_class_data", "read_mask"]
 
 # Distinct, readable class colours (ArcGIS-style [r, g, b]); cycled past 20 classes.
 _PALETTE = (
@@ -159,12 +159,12 @@ def read_mask(in_mask_polygons: Any, source: RasterSource) -> Any:
         return None
     frame = _read_frame(in_mask_polygons, "in_mask_polygons")
     if frame.crs is None:
-        raise LabelError(f"in_mask_polygons={_describe(in_mask_polygons)} has no coordinate "
+        raise LabelError(f"in_mask_polygons={describe(in_mask_polygons)} has no coordinate "
                          "reference system; set one")
     geoms = _repaired(frame.geometry.to_crs(source.crs_wkt).to_numpy())
     geoms = geoms[~(shapely.is_missing(geoms) | shapely.is_empty(geoms))]
     if len(geoms) == 0 or not np.isin(shapely.get_type_id(geoms), (3, 6)).all():
-        raise LabelError(f"in_mask_polygons={_describe(in_mask_polygons)} must hold polygons")
+        raise LabelError(f"in_mask_polygons={describe(in_mask_polygons)} must hold polygons")
     mask = shapely.union_all(_to_pixels(geoms, source))
     shapely.prepare(mask)
     return mask
@@ -296,7 +296,7 @@ def read_class_data(
     frame = _read_frame(in_class_data)
     if frame.crs is None and source.crs_wkt:
         raise LabelError(
-            f"in_class_data={_describe(in_class_data)} has no coordinate reference system; "
+            f"in_class_data={describe(in_class_data)} has no coordinate reference system; "
             "set one (e.g. `gdf.set_crs('EPSG:4326')`, or a .prj next to a shapefile)"
         )
     values, _ = _class_values(frame, class_value_field)
@@ -330,7 +330,7 @@ def _classes(values: np.ndarray, names: dict[int, str]) -> tuple[ClassInfo, ...]
                  for i, v in enumerate(values))
 
 
-def _describe(in_class_data: Any) -> str:
+def describe(in_class_data: Any) -> str:
     if isinstance(in_class_data, str | os.PathLike):
         return repr(os.fspath(in_class_data))
     return f"<{type(in_class_data).__name__} of {len(in_class_data)} features>"
@@ -346,7 +346,7 @@ def _check_single_family(geoms: np.ndarray, in_class_data: Any) -> None:
     if len(families) > 1 or "geometry collection" in families:
         found = ", ".join(f"{n} {f}s" for f, n in zip(families.tolist(), counts.tolist(), strict=True))
         raise LabelError(
-            f"in_class_data={_describe(in_class_data)} mixes geometry types ({found}); "
+            f"in_class_data={describe(in_class_data)} mixes geometry types ({found}); "
             "use one type per input: polygons, or points/lines (with a buffer)"
         )
 
@@ -354,14 +354,14 @@ def _check_single_family(geoms: np.ndarray, in_class_data: Any) -> None:
 def _check_overlap(pixels: np.ndarray, source: RasterSource, in_class_data: Any) -> None:
     extent = shapely.box(0, 0, source.width, source.height)
     if len(pixels) == 0:
-        raise LabelError(f"in_class_data={_describe(in_class_data)} holds no non-empty feature")
+        raise LabelError(f"in_class_data={describe(in_class_data)} holds no non-empty feature")
     if not shapely.intersects(pixels, extent).any():
         gap = float(shapely.distance(pixels, extent).min())
         x0, y0 = source.affine * (0, 0)
         x1, y1 = source.affine * (source.width, source.height)
         bounds = tuple(round(v, 6) for v in (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
         raise LabelError(
-            f"in_class_data={_describe(in_class_data)} does not overlap in_raster={source.path!r}: "
+            f"in_class_data={describe(in_class_data)} does not overlap in_raster={source.path!r}: "
             f"the nearest feature is {gap * source.cell_size[0]:.6g} map units ({gap:.6g} pixels) "
             f"away from the raster's extent {bounds}"
         )

@@ -29,7 +29,7 @@ from .config import (
 from .encode import ChipEncoder
 from .errors import ChipflowWarning, InvalidParameterError, LabelError
 from .grid import Block, ChipGrid, FeatureBlock, feature_windows, plan_blocks, plan_feature_blocks
-from .labels import LabelSet, empty_labels, read_class_data, read_mask
+from .labels import LabelSet, describe, empty_labels, read_class_data, read_mask
 from .sources import RasterSource, open_sources
 from .store import Store
 
@@ -276,5 +276,6 @@ def plan_export(cfg: ExportConfig, in_class_data: Any, in_mask_polygons: Any = N
         block_offset += grid.n_chips  # an upper bound on the item's block count
     if in_class_data is not None and len(items) > 1 and not any(
             item.labels.query((0, 0, item.source.width, item.source.height)).size for item in items):
-        raise LabelError(f"in_class_data does not overlap any of the {len(items)} input rasters")
+        raise LabelError(f"in_class_data={describe(in_class_data)} does not overlap any of the "
+                         f"{len(items)} input rasters ({items[0].source.path!r}, ...)")
     return ExportPlan(cfg, tuple(items))

@@ -200,10 +200,11 @@ def _grid(items: list[dict[str, Any]], cell_size: float | None,
             "in_raster", [i["path"] for i in items],
             f"mosaics items of different cell sizes {sorted(res)}; pass cell_size= to resample them "
             "to one, or processing_mode='PROCESS_ITEMS_SEPARATELY'")
-    if any(i["transform"].b or i["transform"].d or i["transform"].a < 0 or i["transform"].e > 0
-           for i in items):
-        raise RasterError("in_raster has a rotated or flipped geotransform; warp it north-up first "
-                          "(gdalwarp) or use reference_system='PIXEL_SPACE'")
+    rotated = [i["path"] for i in items if i["transform"].b or i["transform"].d or i["transform"].a < 0
+               or i["transform"].e > 0]
+    if rotated:
+        raise RasterError(f"in_raster={rotated[0]!r} has a rotated or flipped geotransform; warp it "
+                          "north-up first (gdalwarp) or use reference_system='PIXEL_SPACE'")
     left = min(i["transform"].c for i in items)
     top = max(i["transform"].f for i in items)
     right = max(i["transform"].c + i["width"] * i["transform"].a for i in items)
