@@ -83,12 +83,23 @@ def _cell_starts(offsets: np.ndarray, tile: int, size: int) -> np.ndarray:
 
 
 def _cell_sums(values: np.ndarray, ys: np.ndarray, xs: np.ndarray, ufunc: np.ufunc = np.add,
-               dtype: type | None = None) -> np.ndarray:
-    """Reduce ``values`` (h, w) over the cells cut at row starts ``ys`` and column starts ``xs``."""
+               dtype: type | None = None, row_dtype: type | None = None) -> np.ndarray:
+    """Reduce ``values`` (h, w) over the cells cut at row starts ``ys`` and column starts ``xs``.
+
+    ``row_dtype`` accumulates down each cell's rows (narrow is faster: uint32
+    halves the time of int64 for uint8 pixels), ``dtype`` across its columns.
+    """
     bounds = np.append(ys, values.shape[0])
-    rows = np.stack([ufunc.reduce(values[a:b], axis=0, dtype=dtype)
+    rows = np.stack([ufunc.reduce(values[a:b], axis=0, dtype=row_dtype or dtype)
                      for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
-    return ufunc.reduceat(rows, xs, axis=1)
+    return ufunc.reduceat(rows if dtype is None else rows.astype(dtype, copy=False), xs, axis=1)
+
+
+def _row_dtype(peak: int, rows: int, signed: bool) -> type:
+    """The narrowest exact accumulator for sums of ``rows`` values of magnitude <= ``peak``."""
+    if signed:
+        return np.int32 if rows * peak < 2**31 else np.int64
+    return np.uint32 if rows * peak < 2**32 else np.uint64
 
 
 def _band_moments(pixels: np.ndarray, valid: np.ndarray | None, chips: list[tuple[int, int]],
@@ -135,9 +146,14 @@ def _band_moments(pixels: np.ndarray, valid: np.ndarray | None, chips: list[tupl
         vmax[i] = _cell_sums(hi_band, ys, xs, np.maximum)[has].max()
         if exact:  # integer sums (Python ints): mean and M2 without rounding error
             wobj = weight.astype(object)
-            s = int((wobj * _cell_sums(data, ys, xs, dtype=np.int64).astype(object)).sum())
-            sq = data.astype(wide) ** 2
-            ss = int((wobj * _cell_sums(sq, ys, xs, dtype=np.int64).astype(object)).sum())
+            info = np.iinfo(band.dtype)
+            peak, rows = max(-int(info.min), int(info.max)), int(heights.max())
+            s = int((wobj * _cell_sums(data, ys, xs, dtype=np.int64, row_dtype=_row_dtype(
+                peak, rows, kind == "i")).astype(object)).sum())
+            sq = data.astype(wide)
+            np.multiply(sq, sq, out=sq)
+            ss = int((wobj * _cell_sums(sq, ys, xs, dtype=np.uint64, row_dtype=_row_dtype(
+                peak * peak, rows, False)).astype(object)).sum())
             mean[i] = s / total
             m2[i] = (total * ss - s * s) / total
         else:  # two passes in float64
@@ -343,10 +359,10 @@ class _Output:
             return zarr_store.write_chip(job.store, prefix, label, chip, fmt, job.label_extension)
         image_rel = fmt.image_relpath(label)
         for suffix, data in job.encoder.image(chip, transform):
-            job.store.put(f"{prefix}{image_rel}{suffix}", data)
+            job.store.put(f"{prefix}{image_rel}{suffix}", data, atomic=False)
         files = fmt.files(label, job.label_extension)
         for rel, data in files:
-            job.store.put(f"{prefix}{rel}", data)
+            job.store.put(f"{prefix}{rel}", data, atomic=False)
         return f"{image_rel}.{job.encoder.extension}", files
 
     def record(self, split: str | None, chip_id: int, image: str, files: list[tuple[str, bytes]],

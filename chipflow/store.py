@@ -1,8 +1,13 @@
 """Output through fsspec: local folders and object stores (``s3://``, ``gs://``, ``az://``) alike.
 
-A file never appears under its final name half-written: locally it is written
-to a hidden temporary name in the same folder and renamed; on object stores a
-single PUT is atomic.
+Metadata files and commit markers never appear under their final name
+half-written: locally they are written to a hidden temporary name in the same
+folder and renamed; on object stores a single PUT is atomic. A block's chip and
+label files are written in place (``put(..., atomic=False)``): the block's
+commit marker, written after them, is what vouches for them, and a block that
+did not commit is run again and rewrites them. In-place writes never truncate
+a file before writing it, so a stray second run of a block (a worker Dask
+presumed dead) rewriting the same bytes cannot leave a committed file short.
 
 A ``Store`` carries the export's storage options (fsspec's keyword arguments:
 endpoint, credentials) to the Dask workers, pickled with each block task; it never
@@ -81,10 +86,17 @@ class Store:
         """Full path of ``relpath`` in the store."""
         return f"{self.root}/{relpath}"
 
-    def put(self, relpath: str, data: bytes) -> None:
-        """Write ``data`` to ``relpath`` atomically."""
+    def put(self, relpath: str, data: bytes, *, atomic: bool = True) -> None:
+        """Write ``data`` to ``relpath``: atomically, or (local files, ``atomic=False``) in place.
+
+        In place halves the filesystem's metadata work per file (no rename): on a
+        2-core machine a block's 128 chip and label files went from about a third
+        of its time to a tenth.
+        """
         full = self.path(relpath)
-        if self.is_local:
+        if self.is_local and not atomic:
+            _write_in_place(full, data)
+        elif self.is_local:
             folder = os.path.dirname(full)
             tmp = os.path.join(folder, f".{os.path.basename(full)}.{uuid.uuid4().hex[:8]}.tmp")
             try:
@@ -189,11 +201,29 @@ class Store:
             self._remove_temporaries()
 
     def _remove_temporaries(self) -> None:
-        """Delete temporary files a killed run left behind (never visible under a final name)."""
-        for folder, _, names in os.walk(self.root):
-            for name in names:
-                if name.startswith(".") and name.endswith(".tmp"):
-                    os.remove(os.path.join(folder, name))
+        """Delete temporary files a killed run left behind (never visible under a final name).
+
+        Only atomic puts make them: the metadata in the folder and in its split
+        folders, and chipflow's own files under ``.chipflow/``. The chip folders
+        (written in place) are never listed, however many files they hold.
+        """
+        def scan(folder: str, recursive: bool) -> None:
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                return
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    if recursive:
+                        scan(entry.path, True)
+                elif entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                    os.remove(entry.path)
+
+        scan(self.root, False)
+        scan(os.path.join(self.root, RUN_DIR), True)
+        for entry in os.scandir(self.root):  # split folders' metadata
+            if entry.is_dir(follow_symlinks=False) and entry.name != RUN_DIR:
+                scan(entry.path, False)
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
@@ -229,3 +259,25 @@ def safe_name(name: str) -> str:
     if cleaned in ("", ".", "..") or cleaned.split(".")[0].upper() in _RESERVED:
         cleaned = "_" + cleaned
     return cleaned[:128]
+
+
+def _write_in_place(path: str, data: bytes) -> None:
+    """Write ``data`` as the whole content of ``path``, never truncating before the write."""
+    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags | os.O_EXCL, 0o666)
+        existed = False
+    except FileExistsError:  # a rerun of a block that did not commit
+        fd, existed = os.open(path, flags, 0o666), True
+    except FileNotFoundError:  # a subfolder (a class folder) not made yet
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _write_in_place(path, data)
+        return
+    try:
+        view, done = memoryview(data), 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
+        if existed:
+            os.ftruncate(fd, len(view))  # after the write: the file is never shorter than its bytes
+    finally:
+        os.close(fd)

@@ -133,15 +133,15 @@ def _put_chunk(store: Store, prefix: str, name: str, chip_id: int, data: np.ndar
 
     The arrays' codecs are ``bytes`` (little-endian, C order) then Zstandard level 1, and
     their chunk keys ``c.<n>.0.0[.0]``; encoding here with numcodecs gives zarr's own bytes
-    (a test checks it), written with one atomic ``Store.put``. Block tasks thus never run
-    zarr's asynchronous machinery, whose event loop could wait forever inside a Dask
-    worker thread (seen under load).
+    (a test checks it), written with one ``Store.put`` (in place: the block's commit marker
+    vouches for it). Block tasks thus never run zarr's asynchronous machinery, whose event
+    loop could wait forever inside a Dask worker thread (seen under load).
     """
     import numcodecs
 
     little = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
     key = ".".join(["c", str(chip_id), *("0" * data.ndim)])
-    store.put(f"{prefix}{NAME}/{name}/{key}", bytes(numcodecs.Zstd(level=1).encode(little)))
+    store.put(f"{prefix}{NAME}/{name}/{key}", bytes(numcodecs.Zstd(level=1).encode(little)), atomic=False)
 
 
 # ------------------------------------------------------------------------------------------ create
@@ -293,7 +293,7 @@ def write_chip(store: Store, prefix: str, label: Any, chip: np.ndarray, fmt: Any
                                                if f[0] != semantic]
     for rel, data in files:
         if parse_ref(rel) is None:
-            store.put(f"{prefix}{rel}", data)
+            store.put(f"{prefix}{rel}", data, atomic=False)
     return image_ref(chip_id), files
 
 

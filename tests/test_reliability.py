@@ -137,13 +137,18 @@ def test_resume_skips_committed_blocks_and_refuses_other_parameters(client, tmp_
     out = tmp_path / "resume"
     chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, client=client)
     clean = tree(out)
-    # Simulate a run killed after some blocks: blocks 2 (chips 12, 13, 19, 20) and 5 uncommitted.
+    # Simulate a run killed after some blocks: blocks 2 (chips 4, 5, 11, 12) and 5 (16, 17, 23, 24)
+    # uncommitted.
     (out / "map.txt").unlink()
     (out / ".chipflow/blocks/0000002.json").unlink()
     (out / ".chipflow/blocks/0000005.json").unlink()
-    for p in (out / "images").iterdir():
-        p.unlink() if p.name.startswith("000000012") else None
-    (out / "images" / ".000000012.tif.deadbeef.tmp").write_bytes(b"half")
+    # ... whose writers died mid-file: one chip gone, one cut short, one label cut short
+    (out / "images" / "000000012.tif").unlink()
+    half = out / "images" / "000000011.tif"
+    half.write_bytes(half.read_bytes()[:5000])
+    label = next((out / "labels").glob("000000016.*"))
+    label.write_bytes(label.read_bytes()[:10])
+    (out / ".chipflow" / ".params.json.deadbeef.tmp").write_bytes(b"half")  # an atomic put's temp file
     before = {p.name: p.stat().st_mtime_ns for p in (out / "labels").iterdir()}
     assert not validate_dataset(str(out)).ok
     chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, client=client)
@@ -173,6 +178,22 @@ def test_a_file_never_appears_half_written(tmp_path, monkeypatch):
         store.put("images/a.tif", b"new bytes")
     assert not (tmp_path / "images" / "b.tif").exists()
     assert (tmp_path / "images" / "a.tif").read_bytes() == b"complete"
+
+
+def test_in_place_writes_leave_exactly_the_new_bytes_and_never_cut_a_file_first(tmp_path, monkeypatch):
+    """Chip files (``atomic=False``): a rerun's bytes replace a longer or shorter file exactly."""
+    store = Store(str(tmp_path))
+    store.put("labels/new/x.xml", b"first version, long", atomic=False)  # makes the subfolder
+    store.put("labels/new/x.xml", b"short", atomic=False)
+    assert (tmp_path / "labels/new/x.xml").read_bytes() == b"short"
+    store.put("labels/new/x.xml", b"longer than before", atomic=False)
+    assert (tmp_path / "labels/new/x.xml").read_bytes() == b"longer than before"
+    # a second writer of the same block dies before writing: the committed file is untouched
+    monkeypatch.setattr(os, "write", lambda fd, data: (_ for _ in ()).throw(OSError("killed")))
+    with pytest.raises(OSError, match="killed"):
+        store.put("labels/new/x.xml", b"longer than before", atomic=False)
+    assert (tmp_path / "labels/new/x.xml").read_bytes() == b"longer than before"
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 @pytest.mark.parametrize(
