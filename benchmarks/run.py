@@ -76,11 +76,28 @@ def measure(spec: dict) -> dict:
 
 
 def measure_chipflow(spec: dict) -> dict:
-    """Time cluster start-up, then ``chipflow.export_training_data`` on it."""
+    """Time cluster start-up, a small warm-up export, then ``chipflow.export_training_data``.
+
+    The warm-up exports one 2048 px corner of the raster into its own folder: it
+    pays what only a process's first export pays (imports on the client and the
+    workers, GDAL set-up, the workers' allocator tuning), reported on its own as
+    ``warmup_seconds``. ``seconds`` is the full export that follows (steady
+    state). The whole-process cost, cold, is what ``--cli`` measures.
+    """
     from distributed import Client, LocalCluster
 
     import chipflow
 
+    kwargs = dict(
+        image_chip_format=spec["format"],
+        tile_size_x=TILE,
+        tile_size_y=TILE,
+        stride_x=spec["stride"],
+        stride_y=spec["stride"],
+        output_nofeature_tiles="ALL_TILES",
+        metadata_format="PASCAL_VOC_rectangles",
+        class_value_field="classvalue",
+    )
     start = time.perf_counter()
     with (
         LocalCluster(
@@ -90,22 +107,30 @@ def measure_chipflow(spec: dict) -> dict:
     ):
         startup = time.perf_counter() - start
         start = time.perf_counter()
+        chipflow.export_training_data(
+            spec["raster"], spec["warmup"], spec["vector"], extent=_corner(spec["raster"], 2048),
+            client=client, **kwargs,
+        )
+        warmup = time.perf_counter() - start
+        os.sync()  # the warm-up's files reach the disk before the measured run starts
+        start = time.perf_counter()
         result = chipflow.export_training_data(
-            spec["raster"],
-            spec["out"],
-            spec["vector"],
-            image_chip_format=spec["format"],
-            tile_size_x=TILE,
-            tile_size_y=TILE,
-            stride_x=spec["stride"],
-            stride_y=spec["stride"],
-            output_nofeature_tiles="ALL_TILES",
-            metadata_format="PASCAL_VOC_rectangles",
-            class_value_field="classvalue",
-            client=client,
+            spec["raster"], spec["out"], spec["vector"], client=client, **kwargs
         )
         seconds = time.perf_counter() - start
-    return {"chips": int(result.num_chips), "seconds": seconds, "startup_seconds": startup}
+    return {"chips": int(result.num_chips), "seconds": seconds, "startup_seconds": startup,
+            "warmup_seconds": warmup}
+
+
+def _corner(raster: str, size: int) -> str:
+    """The ``extent`` of the upper-left ``size`` px of ``raster`` (``"xmin ymin xmax ymax"``)."""
+    import rasterio
+
+    with rasterio.open(raster) as src:
+        t = src.transform
+        x0, y0 = t * (0, 0)
+        x1, y1 = t * (min(size, src.width), min(size, src.height))
+    return f"{min(x0, x1)} {min(y0, y1)} {max(x0, x1)} {max(y0, y1)}"
 
 
 # -------------------------------------------------------------------- parent side
@@ -159,6 +184,7 @@ def run_child(spec: dict) -> dict:
         If the child fails; the message holds the end of its stderr.
     """
     with tempfile.TemporaryFile("w+") as stderr:
+        start = time.perf_counter()
         proc = subprocess.Popen(
             [sys.executable, "-c", CHILD_CODE, str(REPO), json.dumps(spec)],
             stdout=subprocess.PIPE,
@@ -168,12 +194,14 @@ def run_child(spec: dict) -> dict:
         sampler = PeakRss(proc.pid)
         sampler.start()
         stdout, _ = proc.communicate()
+        process_seconds = time.perf_counter() - start
         peak = sampler.stop()
         if proc.returncode != 0:
             stderr.seek(0)
             raise RuntimeError(f"{spec['system']} failed (exit {proc.returncode}):\n" + stderr.read()[-4000:])
     line = next(s for s in reversed(stdout.splitlines()) if s.startswith(RESULT_MARKER))
-    return {**json.loads(line[len(RESULT_MARKER) :]), "peak_rss_mb": peak}
+    return {**json.loads(line[len(RESULT_MARKER) :]), "peak_rss_mb": peak,
+            "process_seconds": process_seconds}
 
 
 def run_cli(raster: Path, vector: Path, stride: int, out: Path) -> dict:
@@ -264,19 +292,26 @@ def summarize(runs: list[dict], chip_bytes: int) -> dict:
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
         "runs": runs,
     }
-    for key in ("startup_seconds", "first_file_seconds"):
+    for key in ("startup_seconds", "warmup_seconds", "first_file_seconds", "process_seconds"):
         if key in runs[0]:
             summary[key] = statistics.median(r[key] for r in runs if r[key] is not None)
     return summary
 
 
 def run_once(spec: dict, workdir: Path, name: str) -> dict:
-    """Run one system once in a fresh, empty output folder, then delete it."""
+    """Run one system once in a fresh, empty output folder, then delete it.
+
+    The disk is synced before each run, so no run pays for writing back the
+    files of the one before (gigabytes of dirty pages at large sizes).
+    """
     out = fresh_dir(workdir, name)
+    warmup = fresh_dir(workdir, f"{name}-warmup")
     try:
-        return run_child({**spec, "out": str(out)})
+        os.sync()
+        return run_child({**spec, "out": str(out), "warmup": str(warmup)})
     finally:
         shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(warmup, ignore_errors=True)
 
 
 def bench_config(config: dict, args: argparse.Namespace, systems: list[str]) -> dict:
@@ -364,10 +399,16 @@ def bench_cli(entry: dict, args: argparse.Namespace) -> dict:
     for _ in range(args.repeat):
         out = fresh_dir(args.workdir, "cli")
         try:
+            os.sync()
             runs.append(run_cli(raster, vector, stride, out))
         finally:
             shutil.rmtree(out, ignore_errors=True)
-    return {"config": entry["config"], **summarize(runs, chip_nbytes(raster))}
+    cli = {"config": entry["config"], **summarize(runs, chip_nbytes(raster))}
+    floor = entry["systems"].get("floor")
+    if floor:  # both timed from the outside: interpreter, imports, pools or cluster, metadata
+        cli["floor_process_seconds"] = floor["process_seconds"]
+        cli["cli/floor_process"] = cli["seconds"] / floor["process_seconds"]
+    return cli
 
 
 def chipflow_import_error() -> str | None:
@@ -403,13 +444,14 @@ def print_entry(entry: dict) -> None:
     """Print the table of one configuration."""
     print(
         f"{'system':<18}{'chips':>8}{'wall s':>9}{'chips/s':>10}{'MB/s':>9}"
-        f"{'peak RSS MiB':>14}{'startup s':>11}"
+        f"{'peak RSS MiB':>14}{'startup s':>11}{'warm-up s':>11}"
     )
     for name, s in entry["systems"].items():
         startup = f"{s['startup_seconds']:.2f}" if "startup_seconds" in s else "-"
+        warmup = f"{s['warmup_seconds']:.2f}" if "warmup_seconds" in s else "-"
         print(
             f"{name:<18}{s['chips']:>8}{s['seconds']:>9.2f}{s['chips_per_s']:>10.1f}"
-            f"{s['mb_per_s']:>9.1f}{s['peak_rss_mb']:>14.0f}{startup:>11}"
+            f"{s['mb_per_s']:>9.1f}{s['peak_rss_mb']:>14.0f}{startup:>11}{warmup:>11}"
         )
     for name, value in entry.get("ratios", {}).items():
         print(f"{name}: {value:.2f}x")
@@ -530,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"chipflow export CLI ({label(cli['config'])}): {cli['seconds']:.2f} s whole "
                 f"process, first chip after {cli['first_file_seconds']:.2f} s"
             )
+            if "cli/floor_process" in cli:
+                print(f"floor whole process: {cli['floor_process_seconds']:.2f} s; "
+                      f"chipflow CLI / floor: {cli['cli/floor_process']:.2f}x")
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

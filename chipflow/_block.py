@@ -189,7 +189,13 @@ def _chip_features(
     clipped = geoms[pos].copy() if want_geoms else None
     partial = (boxes[:, 0] < x0) | (boxes[:, 1] < y0) | (boxes[:, 2] > x1) | (boxes[:, 3] > y1)
     if partial.any():
-        parts = shapely.intersection(geoms[pos[partial]], shapely.box(x0, y0, x1, y1))
+        cut = pos[partial]
+        parts = np.empty(len(cut), dtype=object)
+        poly = polygonal[cut]
+        # GEOS's rectangle clipping: 5x faster than a general intersection, same areas and boxes
+        parts[poly] = shapely.clip_by_rect(geoms[cut[poly]], x0, y0, x1, y1)
+        if not poly.all():  # points and lines: a general intersection
+            parts[~poly] = shapely.intersection(geoms[cut[~poly]], shapely.box(x0, y0, x1, y1))
         boxes[partial] = shapely.bounds(parts)
         areas[partial] = shapely.area(parts)
         if clipped is not None:
@@ -342,7 +348,8 @@ class _Output:
     def __init__(self, job: Job, n_bands: int):
         self.job = job
         self.result = BlockResult(job.n_classes, n_bands)
-        self.rows: list[tuple[str | None, int, str, str, np.ndarray, np.ndarray]] = []
+        # per chip: split, id, image path, first label path, feature classes, areas, pixel counts
+        self.rows: list[tuple[str | None, int, str, str, np.ndarray, np.ndarray, np.ndarray | None]] = []
         self.exported: dict[str | None, list[tuple[int, int]]] = {}
 
     def write(self, split: str | None, label: ChipLabel, chip: np.ndarray, transform: Affine,
@@ -368,31 +375,37 @@ class _Output:
     def record(self, split: str | None, chip_id: int, image: str, files: list[tuple[str, bytes]],
                class_index: np.ndarray, areas: np.ndarray, pixel_counts: np.ndarray | None,
                moments: tuple | None = None, origin: tuple[int, int] | None = None) -> None:
-        """Account one exported chip (with its direct band moments, or its grid origin)."""
-        targets = [self.result] + ([self.result.children.setdefault(
-            split, BlockResult(self.result.n_classes, self.result.n_bands))] if split else [])
-        for target in targets:
-            target.add_chip_features(class_index, areas)
-            if pixel_counts is not None:
-                target.add_chip_pixels(pixel_counts)
-            if moments is not None:
-                target.add_band_moments(*moments)
+        """Note one exported chip (with its direct band moments, or its grid origin); see :meth:`finish`."""
+        if moments is not None:
+            self.result.add_band_moments(*moments)
+            if split:
+                self._child(split).add_band_moments(*moments)
         if origin is not None:
             self.exported.setdefault(split, []).append(origin)
-        n = self.result.n_classes
-        self.rows.append((split, chip_id, image, files[0][0] if files else "",
-                          np.bincount(class_index, minlength=n),
-                          np.zeros(n, np.int64) if pixel_counts is None else pixel_counts))
+        self.rows.append((split, chip_id, image, files[0][0] if files else "", class_index, areas,
+                          pixel_counts))
+
+    def _child(self, split: str) -> BlockResult:
+        return self.result.children.setdefault(split, BlockResult(self.result.n_classes, self.result.n_bands))
 
     def finish(self, block: Any, pixels: np.ndarray | None, valid: np.ndarray | None,
                tile: tuple[int, int]) -> BlockResult:
-        """Rows, grid chips' band moments, and the block's commit marker."""
+        """Statistics of the chips (in chip id order), grid chips' band moments, the commit marker."""
         rows = sorted(self.rows, key=lambda t: t[1])
-        self.result.set_rows([(r[1], f"{r[0]}/{r[2]}" if r[0] else r[2],
-                               (f"{r[0]}/{r[3]}" if r[0] else r[3]) if r[3] else "", r[4], r[5])
-                              for r in rows])
-        for split, child in self.result.children.items():
-            child.set_rows([r[1:] for r in rows if r[0] == split])
+        n = self.result.n_classes
+
+        def account(target: BlockResult, mine: list[tuple], prefixed: bool) -> None:
+            pixels = [r[6] for r in mine]
+            target.add_chips([r[4] for r in mine], [r[5] for r in mine],
+                             None if not mine or pixels[0] is None else np.array(pixels, np.int64))
+            pre = [f"{r[0]}/" if prefixed and r[0] else "" for r in mine]
+            target.set_rows([(r[1], p + r[2], p + r[3] if r[3] else "", np.bincount(r[4], minlength=n),
+                              np.zeros(n, np.int64) if r[6] is None else r[6])
+                             for p, r in zip(pre, mine, strict=True)])
+
+        account(self.result, rows, True)  # the whole block: paths relative to the output folder
+        for split in sorted({r[0] for r in rows if r[0]}):  # each split: paths relative to its folder
+            account(self._child(split), [r for r in rows if r[0] == split], False)
         for split, origins in self.exported.items():
             moments = _band_moments(pixels, valid, origins, tile)
             self.result.add_band_moments(*moments)

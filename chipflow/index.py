@@ -46,8 +46,20 @@ def _chips(plan: Any, chip_ids: np.ndarray) -> tuple[np.ndarray, list[str], np.n
     transforms = np.zeros((len(chip_ids), 6))
     feature_chips = cfg.label_format.feature_chips
     angles = (0.0,) if feature_chips else cfg.angles
-    for n, chip_id in enumerate(chip_ids.tolist()):
-        item = plan.items[int(np.searchsorted(offsets, chip_id, side="right")) - 1]
+    which = np.searchsorted(offsets, chip_ids, side="right") - 1
+    looped = np.ones(len(chip_ids), bool)
+    if not feature_chips:  # unrotated grid chips: all at once
+        for i, item in enumerate(plan.items):
+            cell, k = np.divmod(chip_ids - item.id_offset, len(angles))
+            mine = np.flatnonzero((which == i) & (np.asarray(angles)[k] == 0))
+            if len(mine):
+                polygons[mine], transforms[mine] = _unrotated(item, cell[mine])
+                for n in mine.tolist():
+                    sources[n] = item.source.path
+                looped[mine] = False
+    for n in np.flatnonzero(looped).tolist():
+        chip_id = int(chip_ids[n])
+        item = plan.items[which[n]]
         local = chip_id - item.id_offset
         src, g = item.source, item.grid
         if feature_chips:
@@ -69,6 +81,26 @@ def _chips(plan: Any, chip_ids: np.ndarray) -> tuple[np.ndarray, list[str], np.n
         polygons[n] = shapely.Polygon([transform * c for c in corners])
         sources[n] = src.path
     return polygons, sources, rotations, transforms
+
+
+def _affine_at(m: Affine, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``m @ Affine.translation(x, y)`` for arrays of offsets, as ``(n, 6)``, in Affine's own arithmetic."""
+    n = len(x)
+    return np.column_stack([np.full(n, m.a), np.full(n, m.b), m.a * x + m.b * y + m.c,
+                            np.full(n, m.d), np.full(n, m.e), m.d * x + m.e * y + m.f])
+
+
+def _unrotated(item: Any, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Footprints and chip transforms of an item's unrotated grid chips (as the loop computes them)."""
+    src, g = item.source, item.grid
+    row, col = np.divmod(cells, g.n_cols)
+    cx0, cy0 = g.xs[col].astype(np.int64).astype(float), g.ys[row].astype(np.int64).astype(float)
+    a, b, c, d, e, f = _affine_at(src.affine, cx0, cy0).T
+    rings = np.empty((len(cells), 5, 2))
+    for j, (px, py) in enumerate(((0, 0), (g.tile_x, 0), (g.tile_x, g.tile_y), (0, g.tile_y), (0, 0))):
+        rings[:, j, 0] = a * px + b * py + c
+        rings[:, j, 1] = d * px + e * py + f
+    return shapely.polygons(rings), _affine_at(src.chip_affine, cx0, cy0)
 
 
 def chip_index(plan: Any, merged: BlockResult) -> bytes:

@@ -126,22 +126,33 @@ class BlockResult:
         out.children = {k: cls.from_json(v) for k, v in data.get("children", {}).items()}
         return out
 
-    def add_chip_features(self, class_index: np.ndarray, areas: np.ndarray) -> None:
-        """Account one exported chip's features (class indices, areas in map units²)."""
-        counts = np.bincount(class_index, minlength=self.n_classes)
-        self.features_per_class += counts
-        self.images_per_class += counts > 0
-        self.features_per_image = _merge_summary(self.features_per_image, _summary([len(class_index)]))
-        for k in np.flatnonzero(counts):
-            self.area_per_class[k] = _merge_summary(self.area_per_class[k], _summary(areas[class_index == k]))
+    def add_chips(self, class_indices: list[np.ndarray], areas: list[np.ndarray],
+                  pixel_counts: np.ndarray | None = None) -> None:
+        """Account exported chips: each one's feature classes and areas (map units²), all at once.
 
-    def add_chip_pixels(self, pixel_counts: np.ndarray) -> None:
-        """Account one exported chip's label pixels per class."""
+        ``pixel_counts`` (chips x classes), for class-map formats: each chip's label
+        pixels per class.
+        """
+        n, c = len(class_indices), self.n_classes
+        if n == 0:
+            return
+        sizes = np.fromiter(map(len, class_indices), np.int64, n)
+        cls = np.concatenate(class_indices).astype(np.int64)
+        area = np.concatenate(areas).astype(np.float64)
+        per_chip = np.bincount(np.repeat(np.arange(n), sizes) * c + cls, minlength=n * c).reshape(n, c)
+        self.features_per_class += per_chip.sum(axis=0)
+        self.images_per_class += (per_chip > 0).sum(axis=0)
+        self.features_per_image = _merge_summary(self.features_per_image, _summary(sizes))
+        for k in np.flatnonzero(per_chip.any(axis=0)):
+            self.area_per_class[k] = _merge_summary(self.area_per_class[k], _summary(area[cls == k]))
+        if pixel_counts is None:
+            return
         present = pixel_counts > 0
-        self.pixel_images_per_class += present
-        self.classes_per_image = _merge_summary(self.classes_per_image, _summary([present.sum()]))
-        for k in np.flatnonzero(present):
-            self.pixels_per_class[k] = _merge_summary(self.pixels_per_class[k], _summary([pixel_counts[k]]))
+        self.pixel_images_per_class += present.sum(axis=0)
+        self.classes_per_image = _merge_summary(self.classes_per_image, _summary(present.sum(axis=1)))
+        for k in np.flatnonzero(present.any(axis=0)):
+            self.pixels_per_class[k] = _merge_summary(self.pixels_per_class[k],
+                                                      _summary(pixel_counts[present[:, k], k]))
 
     def add_band_moments(self, n: np.ndarray, mean: np.ndarray, m2: np.ndarray,
                          vmin: np.ndarray, vmax: np.ndarray) -> None:
