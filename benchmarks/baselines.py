@@ -150,6 +150,7 @@ def floor(
     stride: int = 256,
     fmt: str = "TIFF",
     processes: int = 2,
+    label_files: bool = False,
 ) -> dict:
     """Decode, slice, encode and write every chip with a process pool.
 
@@ -170,6 +171,10 @@ def floor(
         Chip encoding; PNG and JPEG keep the first 3 bands.
     processes : int
         Number of worker processes.
+    label_files : bool
+        Also write a fixed 600-byte file per chip into ``labels/`` (a diagnostic,
+        ``floor_labels`` in run.py: what one label file per chip costs on this
+        disk, with no label computed).
 
     Returns
     -------
@@ -179,6 +184,8 @@ def floor(
     start = time.perf_counter()
     images = Path(out_dir) / "images"
     images.mkdir(parents=True, exist_ok=True)
+    if label_files:
+        (Path(out_dir) / "labels").mkdir(exist_ok=True)
     with rasterio.open(raster) as src:
         rows = list(chip_offsets(src.height, tile, stride))
         n_cols = len(chip_offsets(src.width, tile, stride))
@@ -194,6 +201,7 @@ def floor(
                 tile,
                 stride,
                 fmt,
+                label_files,
             )
             for g in groups
         ]
@@ -215,8 +223,11 @@ def _floor_worker(
     tile: int,
     stride: int,
     fmt: str,
+    label_files: bool = False,
 ) -> int:
     """Write the chips of the chip rows ``rows``; return how many."""
+    label = b"<annotation>" + b" " * 575 + b"</annotation>\n"
+    labels = os.path.join(os.path.dirname(images), "labels")
     per_read = max(1, STRIP_ROWS // stride)
     chip_id = first_id
     with rasterio.open(raster) as src:
@@ -231,6 +242,9 @@ def _floor_worker(
                     path = os.path.join(images, f"{chip_id:09d}.{EXTENSIONS[fmt]}")
                     with open(path, "wb") as f:
                         f.write(encode(chip, fmt))
+                    if label_files:
+                        with open(os.path.join(labels, f"{chip_id:09d}.xml"), "wb") as f:
+                            f.write(label)
                     chip_id += 1
     return chip_id - first_id
 

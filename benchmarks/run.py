@@ -72,17 +72,20 @@ def measure(spec: dict) -> dict:
 
     if spec["system"] == "by_hand":
         return by_hand(spec["raster"], spec["vector"], spec["out"], TILE, spec["stride"])
-    return floor(spec["raster"], spec["out"], TILE, spec["stride"], spec["format"], processes=spec["workers"])
+    return floor(spec["raster"], spec["out"], TILE, spec["stride"], spec["format"], processes=spec["workers"],
+                 label_files=spec["system"] == "floor_labels")
 
 
 def measure_chipflow(spec: dict) -> dict:
     """Time cluster start-up, a small warm-up export, then ``chipflow.export_training_data``.
 
-    The warm-up exports one 2048 px corner of the raster into its own folder: it
-    pays what only a process's first export pays (imports on the client and the
-    workers, GDAL set-up, the workers' allocator tuning), reported on its own as
-    ``warmup_seconds``. ``seconds`` is the full export that follows (steady
-    state). The whole-process cost, cold, is what ``--cli`` measures.
+    The warm-up exports a separate small input (``spec["warmup_inputs"]``: 4096 px,
+    4k features, four blocks) into its own folder: it pays what only a
+    process's first export pays (imports on the client and the workers, GDAL
+    set-up, the workers' tuning), reported on its own as ``warmup_seconds``. Its
+    raster is not the measured one, so no decoded tile of the measured raster is
+    cached. ``seconds`` is the full export that follows (steady state). The
+    whole-process cost, cold, is what ``--cli`` measures.
     """
     from distributed import Client, LocalCluster
 
@@ -107,10 +110,9 @@ def measure_chipflow(spec: dict) -> dict:
     ):
         startup = time.perf_counter() - start
         start = time.perf_counter()
-        chipflow.export_training_data(
-            spec["raster"], spec["warmup"], spec["vector"], extent=_corner(spec["raster"], 2048),
-            client=client, **kwargs,
-        )
+        warm_raster, warm_vector = spec["warmup_inputs"]
+        chipflow.export_training_data(warm_raster, spec["warmup"], warm_vector, client=client,
+                                      **{**kwargs, "stride_x": 256, "stride_y": 256})
         warmup = time.perf_counter() - start
         os.sync()  # the warm-up's files reach the disk before the measured run starts
         start = time.perf_counter()
@@ -120,17 +122,6 @@ def measure_chipflow(spec: dict) -> dict:
         seconds = time.perf_counter() - start
     return {"chips": int(result.num_chips), "seconds": seconds, "startup_seconds": startup,
             "warmup_seconds": warmup}
-
-
-def _corner(raster: str, size: int) -> str:
-    """The ``extent`` of the upper-left ``size`` px of ``raster`` (``"xmin ymin xmax ymax"``)."""
-    import rasterio
-
-    with rasterio.open(raster) as src:
-        t = src.transform
-        x0, y0 = t * (0, 0)
-        x1, y1 = t * (min(size, src.width), min(size, src.height))
-    return f"{min(x0, x1)} {min(y0, y1)} {max(x0, x1)} {max(y0, y1)}"
 
 
 # -------------------------------------------------------------------- parent side
@@ -333,7 +324,11 @@ def bench_config(config: dict, args: argparse.Namespace, systems: list[str]) -> 
         "format": config["format"],
         "workers": args.workers,
     }
+    if "chipflow" in systems:
+        base["warmup_inputs"] = [str(p) for p in inputs({"size": 4096, "features": 4000}, args.workdir)]
     specs = {name: {**base, "system": name} for name in systems}
+    if args.floor_labels:
+        specs["floor_labels"] = {**base, "system": "floor_labels"}
     if args.scaling and "chipflow" in systems:
         specs["chipflow_1_worker"] = {**base, "system": "chipflow", "workers": 1}
     runs: dict[str, list[dict]] = {name: [] for name in specs}
@@ -384,6 +379,8 @@ def add_comparisons(entry: dict, workers: int) -> None:
         "chipflow/by_hand": speed["chipflow"] / speed["by_hand"],
         "chipflow/floor": speed["chipflow"] / speed["floor"],
     }
+    if "floor_labels" in speed:
+        entry["ratios"]["chipflow/floor_labels"] = speed["chipflow"] / speed["floor_labels"]
     if "chipflow_1_worker" in speed:
         entry["scaling"] = {
             "chips_per_s": {"1": speed["chipflow_1_worker"], str(workers): speed["chipflow"]},
@@ -516,6 +513,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--scaling",
         action="store_true",
         help="also run chipflow with 1 worker and report the speed-up",
+    )
+    parser.add_argument(
+        "--floor-labels",
+        action="store_true",
+        help="also run the floor writing a 600-byte file per chip into labels/ (diagnostic)",
     )
     parser.add_argument(
         "--cli",

@@ -24,7 +24,7 @@ from .grid import Block, ChipGrid, FeatureBlock
 from .labels import LabelSet
 from .sources import RasterSource, read_window
 from .stats import BlockResult
-from .store import RUN_DIR, Store
+from .store import RUN_DIR, Store, Writer
 
 __all__ = ["Job", "process_block", "process_feature_block", "run_block"]
 
@@ -351,6 +351,7 @@ class _Output:
         # per chip: split, id, image path, first label path, feature classes, areas, pixel counts
         self.rows: list[tuple[str | None, int, str, str, np.ndarray, np.ndarray, np.ndarray | None]] = []
         self.exported: dict[str | None, list[tuple[int, int]]] = {}
+        self.writer = Writer(job.store)
 
     def write(self, split: str | None, label: ChipLabel, chip: np.ndarray, transform: Affine,
               fmt: Any) -> tuple[str, list[tuple[str, bytes]]]:
@@ -366,10 +367,10 @@ class _Output:
             return zarr_store.write_chip(job.store, prefix, label, chip, fmt, job.label_extension)
         image_rel = fmt.image_relpath(label)
         for suffix, data in job.encoder.image(chip, transform):
-            job.store.put(f"{prefix}{image_rel}{suffix}", data, atomic=False)
+            self.writer.put(f"{prefix}{image_rel}{suffix}", data)
         files = fmt.files(label, job.label_extension)
         for rel, data in files:
-            job.store.put(f"{prefix}{rel}", data, atomic=False)
+            self.writer.put(f"{prefix}{rel}", data)
         return f"{image_rel}.{job.encoder.extension}", files
 
     def record(self, split: str | None, chip_id: int, image: str, files: list[tuple[str, bytes]],
@@ -411,6 +412,8 @@ class _Output:
             self.result.add_band_moments(*moments)
             if split:
                 self.result.children[split].add_band_moments(*moments)
+        with context_meter.meter("write"):
+            self.writer.close()
         self.job.store.commit_block(block.id, self.result.to_json())  # after every file of the block
         return self.result
 

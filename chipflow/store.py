@@ -18,9 +18,12 @@ with (see :mod:`chipflow._cloud`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +33,7 @@ from fsspec.implementations.local import LocalFileSystem
 from . import _cloud
 from .errors import OutputError
 
-__all__ = ["RUN_DIR", "Store", "safe_name"]
+__all__ = ["RUN_DIR", "Store", "Writer", "safe_name"]
 
 #: chipflow's own bookkeeping inside the output folder (ignored by arcgis.learn).
 RUN_DIR = ".chipflow"
@@ -281,3 +284,46 @@ def _write_in_place(path: str, data: bytes) -> None:
             os.ftruncate(fd, len(view))  # after the write: the file is never shorter than its bytes
     finally:
         os.close(fd)
+
+
+@functools.lru_cache(maxsize=2)
+def _writer_threads(n: int) -> ThreadPoolExecutor:
+    """The file-writing threads of this process (made on first use, in each worker)."""
+    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="chipflow-write")
+
+
+class Writer:
+    """A block's chip and label files, written in place by background threads.
+
+    File creation waits on the file system's journal (hundreds of µs per file on
+    a busy disk) and object-store PUTs on the network; those waits overlap with
+    the block's computing instead of adding to it. At most ``MAX_PENDING`` files
+    are in flight, so a block never holds more than that many encoded files.
+    :meth:`close` waits for all of them and raises the first error: call it before
+    the block's commit marker.
+    """
+
+    #: Threads per worker process: local disks, and object stores (whose PUTs wait on the network).
+    THREADS, REMOTE_THREADS = 2, 8
+    MAX_PENDING = 32
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.pending: deque[Future] = deque()
+        self.threads = _writer_threads(self.THREADS if store.is_local else self.REMOTE_THREADS)
+
+    def put(self, relpath: str, data: bytes) -> None:
+        """Queue ``data`` for ``relpath`` (``Store.put(..., atomic=False)``)."""
+        while len(self.pending) >= self.MAX_PENDING:
+            self.pending.popleft().result()
+        self.pending.append(self.threads.submit(self.store.put, relpath, data, atomic=False))
+
+    def close(self) -> None:
+        """Wait until every queued file is written; raise the first error."""
+        errors = []
+        while self.pending:
+            error = self.pending.popleft().exception()
+            if error is not None:
+                errors.append(error)
+        if errors:
+            raise errors[0]

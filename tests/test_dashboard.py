@@ -24,3 +24,17 @@ def test_task_groups_and_phase_metrics_are_named(client, tmp_path):
         time.sleep(0.2)
     assert {("chipflow-block", "read"), ("chipflow-block", "labels"), ("chipflow-block", "write")} <= keys
     assert any(prefix == "chipflow-reduce" for prefix, _ in keys)
+
+
+def test_workers_are_tuned_for_block_tasks(client, tmp_path):
+    """GDAL's block cache is capped (not 5% of RAM per worker) and glibc's mmap threshold raised."""
+    chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "out", KAMPALA_BUILDINGS, client=client)
+
+    def settings():
+        from rasterio.env import get_gdal_config
+
+        return get_gdal_config("GDAL_CACHEMAX")
+
+    from chipflow._dask import WorkerTuning
+
+    assert set(client.run(settings).values()) == {WorkerTuning.GDAL_CACHE_MB}

@@ -272,3 +272,23 @@ def test_the_cli_reports_bad_input_in_one_line_with_status_2(tmp_path):
         "chipflow: error: Invalid stride_x=0: must be a whole number of pixels >= 1"]
     res = CliRunner().invoke(main, ["validate", str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "out_folder=" in res.output
+
+
+def test_background_writes_all_land_and_their_errors_reach_the_block(tmp_path):
+    """A block's files are written by background threads; close() waits for all and raises the first error."""
+    from chipflow.store import Writer
+
+    store = Store(str(tmp_path))
+    writer = Writer(store)
+    payloads = {f"images/{i:09d}.tif": os.urandom(1000 + i) for i in range(2 * Writer.MAX_PENDING + 5)}
+    for rel, data in payloads.items():
+        writer.put(rel, data)
+    writer.close()
+    assert {rel: (tmp_path / rel).read_bytes() for rel in payloads} == payloads
+    (tmp_path / "blocker").write_bytes(b"a file where a folder must go")
+    writer = Writer(store)
+    writer.put("images/ok.tif", b"fine")
+    writer.put("blocker/x.tif", b"cannot be written")
+    with pytest.raises(OSError):
+        writer.close()
+    assert (tmp_path / "images/ok.tif").read_bytes() == b"fine"
