@@ -170,20 +170,22 @@ def _band_moments(pixels: np.ndarray, valid: np.ndarray | None, chips: list[tupl
 def _chip_features(
     geoms: np.ndarray, bounds: np.ndarray, full_areas: np.ndarray, polygonal: np.ndarray,
     box: tuple[float, float, float, float], min_ratio: float, want_geoms: bool,
+    pos: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """The candidate features inside pixel box ``(x0, y0, x1, y1)``, clipped to it.
 
     Returns the positions (into the candidate arrays) of the kept features, their
     boxes (the pixel box of each feature clipped to the chip), clipped areas
     (pixels²) and, when asked, the clipped geometries. A feature whose part in
-    the chip is below ``min_ratio`` of its area is dropped.
+    the chip is below ``min_ratio`` of its area is dropped. ``pos``: the
+    candidates whose boxes meet the chip, when already known (:func:`_grid_hits`).
     """
     x0, y0, x1, y1 = box
     b = bounds
-    # Polygons must overlap the chip's interior; points/lines use half-open edges.
-    hit = ((b[:, 0] < x1) & (b[:, 1] < y1) & np.where(polygonal, b[:, 2] > x0, b[:, 2] >= x0)
-           & np.where(polygonal, b[:, 3] > y0, b[:, 3] >= y0))
-    pos = np.flatnonzero(hit)
+    if pos is None:  # polygons must overlap the chip's interior; points/lines use half-open edges
+        hit = ((b[:, 0] < x1) & (b[:, 1] < y1) & np.where(polygonal, b[:, 2] > x0, b[:, 2] >= x0)
+               & np.where(polygonal, b[:, 3] > y0, b[:, 3] >= y0))
+        pos = np.flatnonzero(hit)
     boxes = b[pos].copy()
     areas = full_areas[pos].copy()
     clipped = geoms[pos].copy() if want_geoms else None
@@ -208,6 +210,46 @@ def _chip_features(
         pos, boxes, areas = pos[keep], boxes[keep], areas[keep]
         clipped = None if clipped is None else clipped[keep]
     return pos, boxes, areas, clipped
+
+
+def _axis_hits(starts: np.ndarray, ends: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+               polygonal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Along one axis, the chips ``[first, last)`` each feature interval ``[lo, hi]`` meets.
+
+    Chips span ``[starts, ends)`` (both non-decreasing). As :func:`_chip_features`
+    tests it: a chip is met when ``lo < end`` and ``hi > start`` (``hi >= start``
+    for points and lines).
+    """
+    first = np.searchsorted(ends, lo, side="right")
+    last = np.where(polygonal, np.searchsorted(starts, hi, side="left"),
+                    np.searchsorted(starts, hi, side="right"))
+    return first, np.maximum(last, first)
+
+
+def _grid_hits(bounds: np.ndarray, polygonal: np.ndarray, xs: np.ndarray, ys: np.ndarray,
+               tile: tuple[int, int], size: tuple[int, int]) -> list[np.ndarray]:
+    """For each chip of a block's grid (row-major), the candidates whose boxes meet it, ascending.
+
+    One vectorised pass over the candidates instead of a scan of all of them per
+    chip: each feature meets a rectangle of chips, found by binary search on the
+    chips' sorted edges. Chips at ``xs`` x ``ys``, ``tile = (tx, ty)``, clipped to
+    the raster's ``size = (width, height)``, exactly as the per-chip box is.
+    """
+    (tx, ty), (width, height) = tile, size
+    xs, ys = xs.astype(np.float64), ys.astype(np.float64)
+    c0, c1 = _axis_hits(np.maximum(xs, 0), np.minimum(xs + tx, width), bounds[:, 0], bounds[:, 2], polygonal)
+    r0, r1 = _axis_hits(np.maximum(ys, 0), np.minimum(ys + ty, height), bounds[:, 1], bounds[:, 3], polygonal)
+    nc, nr = c1 - c0, r1 - r0
+    counts = nc * nr
+    total = int(counts.sum())
+    cand = np.repeat(np.arange(len(bounds)), counts)
+    k = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+    ncols = np.maximum(np.repeat(nc, counts), 1)
+    chip = (np.repeat(r0, counts) + k // ncols) * len(xs) + np.repeat(c0, counts) + k % ncols
+    order = np.lexsort((cand, chip))
+    chip, cand = chip[order], cand[order]
+    cuts = np.searchsorted(chip, np.arange(len(xs) * len(ys) + 1))
+    return [cand[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
 
 
 def _rasterize(geoms: np.ndarray, values: np.ndarray, shape: tuple[int, int], transform: Affine,
@@ -436,6 +478,10 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
     part_labels: list[tuple[int, ChipLabel]] = []
     # rotated chips sample the block's validity: convert it once per block, not once per chip
     valid_u8 = None if b.any_valid is None or n_angles == 1 else b.any_valid[None].astype(np.uint8)
+    hits = None if labels.raster is not None or 0 not in job.angles else _grid_hits(
+        cand_bounds, cand_poly, grid.xs[slice(*block.cols)], grid.ys[slice(*block.rows)], (tx, ty),
+        (src.width, src.height))
+    n_block_cols = block.cols[1] - block.cols[0]
     for r, row in enumerate(range(*block.rows)):
         cy0 = int(grid.ys[row])
         for c, col in enumerate(range(*block.cols)):
@@ -459,7 +505,7 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                     else:
                         pos, boxes, areas, geoms = _chip_features(
                             cand_geoms, cand_bounds, cand_areas, cand_poly, box, job.min_overlap_ratio,
-                            want_geoms or fmt.instances)
+                            want_geoms or fmt.instances, pos=hits[r * n_block_cols + c])
                         class_index = labels.class_index[cand[pos]]
                         boxes = np.clip(boxes - (cx0, cy0, cx0, cy0), 0, (tx, ty, tx, ty)) + 0.0
                         if geoms is not None:
