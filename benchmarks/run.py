@@ -375,12 +375,8 @@ def add_comparisons(entry: dict, workers: int) -> None:
     if "chipflow" not in systems:
         return
     speed = {name: s["chips_per_s"] for name, s in systems.items()}
-    entry["ratios"] = {
-        "chipflow/by_hand": speed["chipflow"] / speed["by_hand"],
-        "chipflow/floor": speed["chipflow"] / speed["floor"],
-    }
-    if "floor_labels" in speed:
-        entry["ratios"]["chipflow/floor_labels"] = speed["chipflow"] / speed["floor_labels"]
+    entry["ratios"] = {f"chipflow/{name}": speed["chipflow"] / speed[name]
+                       for name in ("by_hand", "floor", "floor_labels") if name in speed}
     if "chipflow_1_worker" in speed:
         entry["scaling"] = {
             "chips_per_s": {"1": speed["chipflow_1_worker"], str(workers): speed["chipflow"]},
@@ -515,6 +511,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also run chipflow with 1 worker and report the speed-up",
     )
     parser.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help="comma-separated systems to run (default all: by_hand,floor,chipflow); "
+        "ratios need by_hand, floor and chipflow",
+    )
+    parser.add_argument(
         "--floor-labels",
         action="store_true",
         help="also run the floor writing a 600-byte file per chip into labels/ (diagnostic)",
@@ -550,7 +552,12 @@ def main(argv: list[str] | None = None) -> int:
     error = chipflow_import_error()
     if error:
         print(f"chipflow is unavailable ({error}); measuring the baselines only", file=sys.stderr)
-    systems = [s for s in SYSTEMS if s != "chipflow" or error is None]
+    wanted = [name.strip() for name in args.systems.split(",") if name.strip()]
+    unknown = sorted(set(wanted) - set(SYSTEMS))
+    if unknown:
+        print(f"error: unknown system(s) {unknown}; choose from {list(SYSTEMS)}", file=sys.stderr)
+        return 2
+    systems = [s for s in SYSTEMS if s in wanted and (s != "chipflow" or error is None)]
     report = {
         "machine": machine(),
         "chipflow_error": error,
