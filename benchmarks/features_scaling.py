@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import statistics
 import tempfile
 import threading
 import time
@@ -41,33 +43,33 @@ def main() -> None:
     parser.add_argument("--features", type=int, nargs="+", default=[20_000, 200_000, 2_000_000])
     parser.add_argument("--workdir", default="/tmp/chipflow-bench")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per label set, interleaved; medians kept")
     args = parser.parse_args()
 
     from distributed import Client, LocalCluster
 
-    import chipflow
-
-    rows = []
+    runs: dict[int, list[dict]] = {n: [] for n in args.features}
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
-        for n in args.features:
-            raster, vector = make_inputs(Path(args.workdir) / "inputs", size=args.size, n_features=n)
-            out = Path(tempfile.mkdtemp(dir=args.workdir)) / "out"
-            stop, peak = threading.Event(), []
-            watcher = threading.Thread(target=_peak_worker_rss, args=(stop, peak))
-            watcher.start()
-            started = time.perf_counter()
-            result = chipflow.export_training_data(
-                raster, out, vector, stride_x=256, stride_y=256, metadata_format="PASCAL_VOC_rectangles",
-                output_nofeature_tiles="ALL_TILES", class_value_field="classvalue", client=client)
-            seconds = time.perf_counter() - started
-            stop.set()
-            watcher.join()
-            shutil.rmtree(out.parent)
-            rows.append({"features": n, "chips": result.num_chips, "seconds": seconds,
-                         "timings": result.timings, "peak_process_rss_mb": peak[0]})
-            print(f"{n:>10,} features: {seconds:7.2f} s ({result.timings}), peak RSS {peak[0]:.0f} MiB",
-                  flush=True)
+        folder = Path(args.workdir) / "inputs"
+        files = {n: make_inputs(folder, size=args.size, n_features=n) for n in args.features}
+        # warm-up (imports, GDAL set-up on the workers), not measured: the first set would pay it alone
+        _export(client, *files[args.features[0]], args.workdir)
+        for _ in range(args.repeat):
+            for n in args.features:
+                stop, peak = threading.Event(), []
+                watcher = threading.Thread(target=_peak_worker_rss, args=(stop, peak))
+                watcher.start()
+                result, seconds = _export(client, *files[n], args.workdir)
+                stop.set()
+                watcher.join()
+                runs[n].append({"chips": result.num_chips, "seconds": seconds, "timings": result.timings,
+                                "peak_process_rss_mb": peak[0]})
+                print(f"{n:>10,} features: {seconds:7.2f} s ({result.timings}), peak RSS {peak[0]:.0f} MiB",
+                      flush=True)
+    rows = [{"features": n, "seconds": statistics.median(r["seconds"] for r in runs[n]),
+             "peak_process_rss_mb": max(r["peak_process_rss_mb"] for r in runs[n]), "runs": runs[n]}
+            for n in args.features]
     base = rows[0]["seconds"]
     for row in rows:
         row["ratio"] = row["seconds"] / base
@@ -75,6 +77,21 @@ def main() -> None:
               f"x{row['ratio']:.2f} time  {row['peak_process_rss_mb']:.0f} MiB")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+def _export(client: object, raster: Path, vector: Path, workdir: str) -> tuple[object, float]:
+    """One export of ``raster`` with ``vector`` into a fresh folder (deleted after): result, seconds."""
+    import chipflow
+
+    out = Path(tempfile.mkdtemp(dir=workdir)) / "out"
+    os.sync()  # earlier runs' files reach the disk before this one starts
+    started = time.perf_counter()
+    result = chipflow.export_training_data(
+        raster, out, vector, stride_x=256, stride_y=256, metadata_format="PASCAL_VOC_rectangles",
+        output_nofeature_tiles="ALL_TILES", class_value_field="classvalue", client=client)
+    seconds = time.perf_counter() - started
+    shutil.rmtree(out.parent)
+    return result, seconds
 
 
 if __name__ == "__main__":

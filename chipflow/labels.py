@@ -177,7 +177,7 @@ def read_mask(in_mask_polygons: Any, source: RasterSource) -> Any:
     if frame.crs is None:
         raise LabelError(f"in_mask_polygons={describe(in_mask_polygons)} has no coordinate "
                          "reference system; set one")
-    geoms = _repaired(frame.geometry.to_crs(source.crs_wkt).to_numpy())
+    geoms = _repaired(_to_crs(frame.geometry, source.crs_wkt).to_numpy())
     geoms = geoms[~(shapely.is_missing(geoms) | shapely.is_empty(geoms))]
     if len(geoms) == 0 or not np.isin(shapely.get_type_id(geoms), (3, 6)).all():
         raise LabelError(f"in_mask_polygons={describe(in_mask_polygons)} must hold polygons")
@@ -321,7 +321,7 @@ def read_class_data(
     if buffer_radius > 0:
         series = series.buffer(buffer_radius)
     if frame.crs is not None and source.crs_wkt:
-        series = series.to_crs(source.crs_wkt)
+        series = _to_crs(series, source.crs_wkt)
     geoms = _repaired(series.to_numpy())
     keep = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
     geoms, values = geoms[keep], values[keep]
@@ -344,6 +344,17 @@ def _classes(values: np.ndarray, names: dict[int, str]) -> tuple[ClassInfo, ...]
     """Classes sorted by value, named from ``names`` (else the value), coloured from the palette."""
     return tuple(ClassInfo(int(v), names.get(int(v), str(int(v))), _PALETTE[i % len(_PALETTE)])
                  for i, v in enumerate(values))
+
+
+def _to_crs(series: Any, crs_wkt: str) -> Any:
+    """``series`` in ``crs_wkt``; untouched when already in it.
+
+    A no-op reprojection still moves every coordinate: 0.4 s for 200k features.
+    """
+    import pyproj
+
+    target = pyproj.CRS.from_user_input(crs_wkt)
+    return series if pyproj.CRS.from_user_input(series.crs).equals(target) else series.to_crs(target)
 
 
 def describe(in_class_data: Any) -> str:
