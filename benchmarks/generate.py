@@ -77,6 +77,27 @@ def make_inputs(
     return raster_path, vector_path
 
 
+def rgb_of(raster_path: str | os.PathLike) -> Path:
+    """The first three bands of a benchmark raster (PNG and JPEG chips hold at most 3), cached beside it."""
+    import rasterio
+    from rasterio.windows import Window
+
+    raster_path = Path(raster_path)
+    rgb = raster_path.with_name(f"{raster_path.stem}_rgb.tif")
+
+    def write(tmp: Path) -> None:
+        with rasterio.open(raster_path) as src:
+            profile = {**src.profile, "count": 3}
+            with rasterio.open(tmp, "w", **profile) as dst:
+                for row in range(0, src.height, 2048):  # strips: memory stays flat
+                    window = Window(0, row, src.width, min(2048, src.height - row))
+                    dst.write(src.read([1, 2, 3], window=window), window=window)
+
+    if not rgb.exists():
+        _atomic(rgb, write)
+    return rgb
+
+
 def _atomic(path: Path, write) -> None:
     """Call ``write`` on a temporary name, then rename it to ``path``.
 

@@ -325,7 +325,8 @@ def bench_config(config: dict, args: argparse.Namespace, systems: list[str]) -> 
         "workers": args.workers,
     }
     if "chipflow" in systems:
-        base["warmup_inputs"] = [str(p) for p in inputs({"size": 4096, "features": 4000}, args.workdir)]
+        warm = {"size": 4096, "features": 4000, "format": config["format"]}
+        base["warmup_inputs"] = [str(p) for p in inputs(warm, args.workdir)]
     specs = {name: {**base, "system": name} for name in systems}
     if args.floor_labels:
         specs["floor_labels"] = {**base, "system": "floor_labels"}
@@ -351,9 +352,12 @@ def bench_config(config: dict, args: argparse.Namespace, systems: list[str]) -> 
 
 def inputs(config: dict, workdir: Path) -> tuple[Path, Path]:
     """Generate, or reuse from ``workdir/inputs``, the files of a configuration."""
-    from benchmarks.generate import make_inputs
+    from benchmarks.generate import make_inputs, rgb_of
 
-    return make_inputs(workdir / "inputs", config["size"], config["features"])
+    raster, vector = make_inputs(workdir / "inputs", config["size"], config["features"])
+    if config.get("format") in ("PNG", "JPEG"):  # at most 3 bands: every system reads the RGB copy
+        raster = rgb_of(raster)
+    return raster, vector
 
 
 def chip_nbytes(raster: Path) -> int:
