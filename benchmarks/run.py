@@ -68,6 +68,11 @@ def measure(spec: dict) -> dict:
     """
     if spec["system"] == "chipflow":
         return measure_chipflow(spec)
+    if spec["system"] == "affinity":  # the CPUs this process and a child of it may run on (a test)
+        child = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                               capture_output=True, text=True, check=True)
+        return {"cpus": sorted(os.sched_getaffinity(0)), "child_cpus": json.loads(child.stdout),
+                "chips": 0, "seconds": 0.0}
     from benchmarks.baselines import by_hand, floor
 
     if spec["system"] == "by_hand":
@@ -174,6 +179,7 @@ def run_child(spec: dict) -> dict:
     RuntimeError
         If the child fails; the message holds the end of its stderr.
     """
+    cpus = spec.get("cpus")
     with tempfile.TemporaryFile("w+") as stderr:
         start = time.perf_counter()
         proc = subprocess.Popen(
@@ -181,6 +187,8 @@ def run_child(spec: dict) -> dict:
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
+            # pinned runs: the process and everything it starts share these CPUs
+            preexec_fn=(lambda: os.sched_setaffinity(0, range(cpus))) if cpus else None,
         )
         sampler = PeakRss(proc.pid)
         sampler.start()
@@ -310,7 +318,9 @@ def bench_config(config: dict, args: argparse.Namespace, systems: list[str]) -> 
 
     Repeats are interleaved (all systems once, then again) so that machine
     noise hits every system alike. With ``--scaling``, chipflow also runs with
-    a single worker, recorded as ``chipflow_1_worker``.
+    a single worker, recorded as ``chipflow_1_worker``, and with a single worker
+    whose whole process tree (client, scheduler, worker and its writer threads)
+    is pinned to one CPU, recorded as ``chipflow_1_core``.
     """
     from benchmarks.baselines import chip_offsets
 
@@ -332,6 +342,9 @@ def bench_config(config: dict, args: argparse.Namespace, systems: list[str]) -> 
         specs["floor_labels"] = {**base, "system": "floor_labels"}
     if args.scaling and "chipflow" in systems:
         specs["chipflow_1_worker"] = {**base, "system": "chipflow", "workers": 1}
+        if hasattr(os, "sched_setaffinity") and args.workers >= (os.cpu_count() or 1):
+            # per core: only when the main run has every core (one worker per core)
+            specs["chipflow_1_core"] = {**base, "system": "chipflow", "workers": 1, "cpus": 1}
     runs: dict[str, list[dict]] = {name: [] for name in specs}
     for _ in range(args.repeat):
         for name, spec in specs.items():
@@ -386,6 +399,12 @@ def add_comparisons(entry: dict, workers: int) -> None:
             "chips_per_s": {"1": speed["chipflow_1_worker"], str(workers): speed["chipflow"]},
             "ratio": speed["chipflow"] / speed["chipflow_1_worker"],
         }
+        if "chipflow_1_core" in speed:  # the same, per core: one worker given one CPU
+            cores = os.cpu_count() or workers
+            entry["scaling"]["per_core"] = {
+                "chips_per_s": {"1": speed["chipflow_1_core"], str(cores): speed["chipflow"]},
+                "ratio": speed["chipflow"] / speed["chipflow_1_core"],
+            }
 
 
 def bench_cli(entry: dict, args: argparse.Namespace) -> dict:
@@ -457,6 +476,11 @@ def print_entry(entry: dict) -> None:
             f"chipflow scaling {' -> '.join(entry['scaling']['chips_per_s'])} workers: "
             f"{entry['scaling']['ratio']:.2f}x"
         )
+        if "per_core" in entry["scaling"]:
+            print(
+                f"chipflow scaling {' -> '.join(entry['scaling']['per_core']['chips_per_s'])} cores "
+                f"(one worker per core, pinned): {entry['scaling']['per_core']['ratio']:.2f}x"
+            )
     print(flush=True)
 
 

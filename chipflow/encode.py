@@ -110,17 +110,18 @@ class ChipEncoder:
     axis_mapping: str = "1,2"
     nodata: float | None = None
 
-    def image(self, pixels: np.ndarray, transform: Affine) -> list[tuple[str, bytes]]:
+    def image(self, pixels: np.ndarray, transform: Affine) -> list[tuple[str, bytes | bytearray]]:
         """Encode one ``(bands, h, w)`` chip.
 
         Returns
         -------
-        list of (suffix, bytes)
+        list of (suffix, bytes-like)
             The chip file (suffix ``".tif"`` ...) and its sidecars (``".jgw"``,
-            ``".jpg.aux.xml"``), to be written next to each other.
+            ``".jpg.aux.xml"``), to be written next to each other. A TIFF chip is
+            a ``bytearray`` its pixels were copied into once.
         """
         if self.extension == "tif":
-            return [(".tif", self.geotiff(pixels, transform, self.nodata))]
+            return [(".tif", self._geotiff(pixels, transform, self.nodata))]
         if self.extension == "mrf":
             return self.mrf(pixels, transform)
         hwc = pixels[0] if pixels.shape[0] == 1 else np.ascontiguousarray(pixels.transpose(1, 2, 0))
@@ -167,6 +168,10 @@ class ChipEncoder:
 
     def geotiff(self, pixels: np.ndarray, transform: Affine, nodata: float | None) -> bytes:
         """An uncompressed, georeferenced GeoTIFF of a ``(bands, h, w)`` array."""
+        return bytes(self._geotiff(pixels, transform, nodata))
+
+    def _geotiff(self, pixels: np.ndarray, transform: Affine, nodata: float | None) -> bytearray:
+        """:meth:`geotiff` as a buffer the pixels are copied into once (a chip copied out of its block)."""
         a, b, c, d, e, f = transform[:6]
         north_up = b == 0 and d == 0 and a > 0 and e < 0
         bands, h, w = pixels.shape
@@ -176,7 +181,12 @@ class ChipEncoder:
             georef = struct.pack("<9d", a, -e, 0.0, 0.0, 0.0, 0.0, c, f, 0.0)
         else:  # ModelTransformation
             georef = struct.pack("<16d", a, b, 0.0, c, d, e, 0.0, f, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
-        return b"".join((header, georef, pixels.astype(pixels.dtype.newbyteorder("<"), copy=False).tobytes()))
+        out = bytearray(len(header) + len(georef) + pixels.nbytes)  # one copy of the pixels, straight in
+        out[:len(header)] = header
+        out[len(header):len(header) + len(georef)] = georef
+        np.frombuffer(out, pixels.dtype.newbyteorder("<"), offset=len(header) + len(georef)).reshape(
+            pixels.shape)[...] = pixels
+        return out
 
 
 _SHORT, _LONG = 3, 4

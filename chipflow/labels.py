@@ -55,6 +55,23 @@ def _unpack_wkb(blob: bytes, lengths: np.ndarray) -> np.ndarray:
     return shapely.from_wkb(parts) if len(parts) else np.empty(0, dtype=object)
 
 
+def _rectangles(geoms: np.ndarray, bounds: np.ndarray, areas: np.ndarray) -> np.ndarray:
+    """Which geometries are exactly their bounding box: four corners on it, and its area.
+
+    Detection labels are often such boxes; a chip clips them without GEOS.
+    """
+    out = (shapely.get_type_id(geoms) == 3) & (shapely.get_num_coordinates(geoms) == 5)
+    idx = np.flatnonzero(out)
+    if idx.size:
+        xy = shapely.get_coordinates(geoms[idx]).reshape(-1, 5, 2)
+        b = bounds[idx]
+        corner = (((xy[..., 0] == b[:, None, 0]) | (xy[..., 0] == b[:, None, 2]))
+                  & ((xy[..., 1] == b[:, None, 1]) | (xy[..., 1] == b[:, None, 3]))).all(axis=1)
+        box_area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+        out[idx] = corner & (box_area > 0) & np.isclose(areas[idx], box_area, rtol=1e-9, atol=0)
+    return out
+
+
 @dataclass
 class LabelSet:
     """The features of one export in raster pixel space (picklable, sent once per worker).
@@ -75,6 +92,9 @@ class LabelSet:
     raster : chipflow.class_raster.ClassRaster or None
         Class data given as a classified raster (then ``geoms`` is empty and each
         block reads its class values from it).
+    bounds, areas, polygonal, rectangles : numpy.ndarray
+        Derived per feature: pixel bounds, area, whether it is a (multi)polygon,
+        and whether it is exactly its bounding box (clipped without GEOS).
     """
 
     geoms: np.ndarray
@@ -86,11 +106,13 @@ class LabelSet:
     bounds: np.ndarray = field(init=False)
     areas: np.ndarray = field(init=False)
     polygonal: np.ndarray = field(init=False)
+    rectangles: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.bounds = shapely.bounds(self.geoms).reshape(-1, 4)
         self.areas = shapely.area(self.geoms)
         self.polygonal = np.isin(shapely.get_type_id(self.geoms), (3, 6))
+        self.rectangles = _rectangles(self.geoms, self.bounds, self.areas)
         self._tree: shapely.STRtree | None = None
         self._lock = threading.Lock()
 

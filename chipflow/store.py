@@ -111,7 +111,7 @@ class Store:
                 f.write(data)
             os.replace(tmp, full)
         else:
-            self.fs.pipe_file(full, data)
+            self.fs.pipe_file(full, data if isinstance(data, bytes) else bytes(data))
 
     def read(self, relpath: str) -> bytes | None:
         """The bytes at ``relpath``, or None when it does not exist."""
@@ -305,18 +305,25 @@ class Writer:
 
     #: Threads per worker process: local disks, and object stores (whose PUTs wait on the network).
     THREADS, REMOTE_THREADS = 2, 8
-    MAX_PENDING = 32
+    MAX_PENDING = 16
 
     def __init__(self, store: Store):
         self.store = store
         self.pending: deque[Future] = deque()
         self.threads = _writer_threads(self.THREADS if store.is_local else self.REMOTE_THREADS)
 
-    def put(self, relpath: str, data: bytes) -> None:
-        """Queue ``data`` for ``relpath`` (``Store.put(..., atomic=False)``)."""
+    def put(self, files: list[tuple[str, bytes]]) -> None:
+        """Queue ``(relpath, data)`` files, written one after the other (``Store.put(..., atomic=False)``).
+
+        One chip's files go in one call: one hand-over to the threads per chip, not per file.
+        """
         while len(self.pending) >= self.MAX_PENDING:
             self.pending.popleft().result()
-        self.pending.append(self.threads.submit(self.store.put, relpath, data, atomic=False))
+        self.pending.append(self.threads.submit(self._write, files))
+
+    def _write(self, files: list[tuple[str, bytes]]) -> None:
+        for relpath, data in files:
+            self.store.put(relpath, data, atomic=False)
 
     def close(self) -> None:
         """Wait until every queued file is written; raise the first error."""

@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark harness in benchmarks/."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,7 @@ def test_quick_run_measures_all_systems(tmp_path):
             sys.executable,
             str(REPO / "benchmarks" / "run.py"),
             "--quick",
+            "--scaling",
             "--out",
             str(out),
             "--workdir",
@@ -52,6 +54,22 @@ def test_quick_run_measures_all_systems(tmp_path):
         assert systems[name]["chips_per_s"] > 0
     assert systems["by_hand"]["chips"] == systems["floor"]["chips"] == systems["chipflow"]["chips"]
     assert result["counts_equal"]
+    scaling = result["scaling"]
+    assert scaling["ratio"] == systems["chipflow"]["chips_per_s"] / systems["chipflow_1_worker"]["chips_per_s"]
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) <= 2:  # --workers 2 has every core
+        assert systems["chipflow_1_core"]["chips"] == systems["chipflow"]["chips"]
+        assert scaling["per_core"]["ratio"] == (
+            systems["chipflow"]["chips_per_s"] / systems["chipflow_1_core"]["chips_per_s"])
+
+
+def test_pinned_child_runs_on_the_cpus_it_was_given():
+    """--scaling's one-core run: the measured process and its children see one CPU."""
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("CPU affinity is Linux-only")
+    from benchmarks.run import run_child
+
+    result = run_child({"system": "affinity", "cpus": 1})
+    assert result["cpus"] == [0] and result["child_cpus"] == [0]
 
 
 def test_by_hand_chip_matches_source(small_inputs, tmp_path):

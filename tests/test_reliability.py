@@ -280,15 +280,16 @@ def test_background_writes_all_land_and_their_errors_reach_the_block(tmp_path):
 
     store = Store(str(tmp_path))
     writer = Writer(store)
-    payloads = {f"images/{i:09d}.tif": os.urandom(1000 + i) for i in range(2 * Writer.MAX_PENDING + 5)}
-    for rel, data in payloads.items():
-        writer.put(rel, data)
+    payloads = {f"images/{i:09d}.tif": os.urandom(1000 + i) for i in range(4 * Writer.MAX_PENDING + 10)}
+    items = list(payloads.items())
+    for i in range(0, len(items), 2):  # a chip's files go together: here image + "label"
+        writer.put(items[i:i + 2])
     writer.close()
     assert {rel: (tmp_path / rel).read_bytes() for rel in payloads} == payloads
     (tmp_path / "blocker").write_bytes(b"a file where a folder must go")
     writer = Writer(store)
-    writer.put("images/ok.tif", b"fine")
-    writer.put("blocker/x.tif", b"cannot be written")
+    writer.put([("images/ok.tif", b"fine")])
+    writer.put([("blocker/x.tif", b"cannot be written")])
     with pytest.raises(OSError):
         writer.close()
     assert (tmp_path / "images/ok.tif").read_bytes() == b"fine"

@@ -17,7 +17,7 @@ __all__ = ["KittiRectangles", "PascalVocRectangles"]
 
 # KITTI's 15 columns; the 3-D fields are 0.00 because the consumer's tokenizer
 # cannot split negative numbers (KITTI's usual -1/-10/-1000).
-_KITTI_ROW = "{v} 0.00 0 0.00 {x0:.2f} {y0:.2f} {x1:.2f} {y1:.2f} 0.00 0.00 0.00 0.00 0.00 0.00 0.00\n"
+_KITTI_ROW = "%d 0.00 0 0.00 %.2f %.2f %.2f %.2f 0.00 0.00 0.00 0.00 0.00 0.00 0.00\n"
 
 _VOC_HEAD = """<?xml version="1.0"?>
 <annotation>
@@ -32,22 +32,21 @@ _VOC_HEAD = """<?xml version="1.0"?>
     </size>
 """
 _VOC_OBJECT = """    <object>
-        <name>{v}</name>
+        <name>%d</name>
         <bndbox>
-            <xmin>{x0:.2f}</xmin>
-            <ymin>{y0:.2f}</ymin>
-            <xmax>{x1:.2f}</xmax>
-            <ymax>{y1:.2f}</ymax>
+            <xmin>%.2f</xmin>
+            <ymin>%.2f</ymin>
+            <xmax>%.2f</xmax>
+            <ymax>%.2f</ymax>
         </bndbox>
     </object>
 """
 
 
 def _rows(chip: ChipLabel, template: str) -> str:
-    return "".join(
-        template.format(v=int(v), x0=b[0], y0=b[1], x1=b[2], y1=b[3])
-        for v, b in zip(chip.values.tolist(), chip.boxes.tolist(), strict=True)
-    )
+    """``template`` (``%``-style: value, then the box) once per feature."""
+    rows = zip(chip.values.tolist(), chip.boxes.tolist(), strict=True)
+    return "".join([template % (v, *box) for v, box in rows])
 
 
 class KittiRectangles(LabelFormat):
