@@ -26,7 +26,7 @@ from .store import RUN_DIR, Store
 __all__ = ["PARTITION_THRESHOLD", "PartitionedLabels", "partition_labels"]
 
 #: Class data with more features than this is partitioned instead of broadcast.
-PARTITION_THRESHOLD = 100_000
+PARTITION_THRESHOLD = 500_000
 #: Features per partition.
 PARTITION_SIZE = 20_000
 

@@ -2,6 +2,7 @@ import pickle
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import KAMPALA_BUILDINGS, KAMPALA_IMAGE, NC, textured
 from shapely.geometry import box
@@ -134,6 +135,18 @@ def test_class_field_detection_names_and_repair():
     b = labels.bounds
     inside = np.flatnonzero((b[:, 0] <= 1024) & (b[:, 1] <= 1024) & (b[:, 2] >= 0) & (b[:, 3] >= 0))
     assert inside.size and relabelled.query((0, 0, 1024, 1024)).tolist() == inside.tolist()
+    for name in ("bounds", "areas", "polygonal", "rectangles"):  # shipped, not recomputed: still equal
+        np.testing.assert_array_equal(getattr(relabelled, name), getattr(labels, name))
+    assert relabelled.fingerprint() == labels.fingerprint()
+
+
+def test_class_names_are_each_values_first_name_blanks_and_missing_skipped():
+    from chipflow.labels import _class_names
+
+    frame = pd.DataFrame({"classname": [None, " ", "  roof ", "pool", "other roof", np.nan, 7]})
+    values = np.array([1, 1, 1, 2, 1, 3, 4])
+    names = _class_names(gpd.GeoDataFrame(frame, geometry=[None] * 7), values)
+    assert names == {1: "roof", 2: "pool", 4: "7"}
 
 
 def test_class_data_without_crs_or_overlap_is_refused():

@@ -274,12 +274,15 @@ def test_the_cli_reports_bad_input_in_one_line_with_status_2(tmp_path):
     assert res.exit_code == 2 and "out_folder=" in res.output
 
 
-def test_background_writes_all_land_and_their_errors_reach_the_block(tmp_path):
-    """A block's files are written by background threads; close() waits for all and raises the first error."""
+@pytest.mark.parametrize("threads", [0, 2], ids=["inline (local disks)", "background threads (object stores)"])
+def test_block_writes_all_land_and_their_errors_reach_the_block(tmp_path, monkeypatch, threads):
+    """Every queued file lands; a failed write raises, at the latest from close() (before the commit marker)."""
     from chipflow.store import Writer
 
+    monkeypatch.setattr(Writer, "THREADS", threads)
     store = Store(str(tmp_path))
     writer = Writer(store)
+    assert (writer.threads is None) == (threads == 0)
     payloads = {f"images/{i:09d}.tif": os.urandom(1000 + i) for i in range(4 * Writer.MAX_PENDING + 10)}
     items = list(payloads.items())
     for i in range(0, len(items), 2):  # a chip's files go together: here image + "label"
@@ -289,7 +292,7 @@ def test_background_writes_all_land_and_their_errors_reach_the_block(tmp_path):
     (tmp_path / "blocker").write_bytes(b"a file where a folder must go")
     writer = Writer(store)
     writer.put([("images/ok.tif", b"fine")])
-    writer.put([("blocker/x.tif", b"cannot be written")])
     with pytest.raises(OSError):
+        writer.put([("blocker/x.tif", b"cannot be written")])
         writer.close()
     assert (tmp_path / "images/ok.tif").read_bytes() == b"fine"
