@@ -7,11 +7,12 @@ import pytest
 import shapely
 import shapely.affinity
 
-from chipflow._block import _chip_features, _grid_hits
+from chipflow._block import _block_features, _chip_features, _grid_hits, _grid_pairs
+from chipflow.labels import _rectangles
 
 
 @pytest.mark.parametrize("size", [(1000, 1000), (900, 950)], ids=["inside", "chips past the edge"])
-def test_grid_hits_find_exactly_the_features_a_per_chip_scan_finds(size):
+def test_block_features_equal_a_per_chip_scan(size):
     """Polygons, lines and points; on chip edges, across them, outside the raster."""
     rng = np.random.default_rng(1)
     n = 3000
@@ -27,18 +28,25 @@ def test_grid_hits_find_exactly_the_features_a_per_chip_scan_finds(size):
     xs = ys = np.arange(0, 1000, 128)
     hits = _grid_hits(bounds, polygonal, xs, ys, (256, 256), size)
     assert len(hits) == len(xs) * len(ys) and sum(map(len, hits)) > 5000
-    for r, y0 in enumerate(ys):
-        for c, x0 in enumerate(xs):
-            box = (max(x0, 0), max(y0, 0), min(x0 + 256, size[0]), min(y0 + 256, size[1]))
-            scan = _chip_features(geoms, bounds, areas, polygonal, box, 0.0, True)
-            fast = _chip_features(geoms, bounds, areas, polygonal, box, 0.0, True, pos=hits[r * len(xs) + c])
-            np.testing.assert_array_equal(fast[0], scan[0])
-            np.testing.assert_array_equal(fast[1], scan[1])
+    chip_boxes = np.array([(max(x0, 0), max(y0, 0), min(x0 + 256, size[0]), min(y0 + 256, size[1]))
+                           for y0 in ys for x0 in xs], dtype=np.float64)
+    chips, cands = _grid_pairs(bounds, polygonal, xs, ys, (256, 256), size)
+    rect = _rectangles(geoms, bounds, areas)
+    for want_geoms in (True, False):
+        kept, boxes, kept_areas, clipped, cuts = _block_features(
+            geoms, bounds, areas, polygonal, rect, chip_boxes, chips, cands, 0.0, want_geoms)
+        for i, box in enumerate(chip_boxes):
+            scan = _chip_features(geoms, bounds, areas, polygonal, tuple(box), 0.0, True)
+            assert (np.diff(hits[i]) > 0).all()  # ascending: the class data's own order
+            mine = slice(cuts[i], cuts[i + 1])
+            np.testing.assert_array_equal(kept[mine], scan[0])
+            np.testing.assert_array_equal(boxes[mine], scan[1])
+            np.testing.assert_allclose(kept_areas[mine], scan[2], rtol=1e-12)
+            if want_geoms:
+                assert shapely.equals_exact(clipped[mine], scan[3], tolerance=0).all()
 
 
 def test_rectangles_are_exactly_the_polygons_that_equal_their_bounding_box():
-    from chipflow.labels import _rectangles
-
     geoms = np.array([
         shapely.box(0, 0, 10, 5),  # a box
         shapely.Polygon([(0, 5), (10, 5), (10, 0), (0, 0)]),  # the same box, clockwise, other start
@@ -54,9 +62,9 @@ def test_rectangles_are_exactly_the_polygons_that_equal_their_bounding_box():
     assert found.tolist() == [True, True, False, False, False, False, False, False, False]
 
 
-@pytest.mark.parametrize("want_geoms", [False, True])
-def test_rectangles_clipped_as_boxes_equal_geos_clipping(want_geoms):
-    """The box shortcut for axis-aligned rectangles gives GEOS's boxes and areas; the rest go through GEOS."""
+@pytest.mark.parametrize("min_ratio", [0.0, 0.3])
+def test_block_features_clip_rectangles_as_boxes_like_geos(min_ratio):
+    """The block's box shortcut for axis-aligned rectangles gives GEOS's boxes and areas, chip by chip."""
     rng = np.random.default_rng(7)
     n = 2000
     x, y = rng.uniform(-40, 600, n), rng.uniform(-40, 600, n)
@@ -65,16 +73,19 @@ def test_rectangles_clipped_as_boxes_equal_geos_clipping(want_geoms):
     geoms[::3] = [shapely.affinity.rotate(g, 25) for g in geoms[::3]]
     bounds, areas = shapely.bounds(geoms), shapely.area(geoms)
     polygonal = np.ones(n, bool)
-    from chipflow.labels import _rectangles
-
     rect = _rectangles(geoms, bounds, areas)
     assert rect.sum() == n - len(geoms[::3])
-    cut = 0
-    for box in [(0, 0, 256, 256), (128, 256, 384, 512), (300.5, 10.25, 556.5, 266.25)]:
-        plain = _chip_features(geoms, bounds, areas, polygonal, box, 0.3, want_geoms)
-        quick = _chip_features(geoms, bounds, areas, polygonal, box, 0.3, want_geoms, rectangles=rect)
-        np.testing.assert_array_equal(quick[0], plain[0])
-        np.testing.assert_array_equal(quick[1], plain[1])
-        np.testing.assert_allclose(quick[2], plain[2], rtol=1e-12)
-        cut += int(((bounds[plain[0]] != plain[1]).any(axis=1) & rect[plain[0]]).sum())
-    assert cut > 50  # rectangles cut by the chips' edges took the shortcut
+    xs = ys = np.arange(0, 600, 128) + 0.5  # chip edges off the integer grid too
+    chip_boxes = np.array([(x0, y0, min(x0 + 256, 600), min(y0 + 256, 600)) for y0 in ys for x0 in xs])
+    chips, cands = _grid_pairs(bounds, polygonal, xs, ys, (256, 256), (600, 600))
+    kept, boxes, kept_areas, _, cuts = _block_features(
+        geoms, bounds, areas, polygonal, rect, chip_boxes, chips, cands, min_ratio, False)
+    shortcut = 0
+    for i, box in enumerate(chip_boxes):
+        plain = _chip_features(geoms, bounds, areas, polygonal, tuple(box), min_ratio, False)
+        mine = slice(cuts[i], cuts[i + 1])
+        np.testing.assert_array_equal(kept[mine], plain[0])
+        np.testing.assert_array_equal(boxes[mine], plain[1])
+        np.testing.assert_allclose(kept_areas[mine], plain[2], rtol=1e-12)
+        shortcut += int(((bounds[plain[0]] != plain[1]).any(axis=1) & rect[plain[0]]).sum())
+    assert shortcut > 50  # rectangles cut by the chips' edges took the shortcut
