@@ -602,6 +602,10 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
         kept, kept_boxes, kept_areas, kept_geoms, cuts = _block_features(
             cand_geoms, cand_bounds, cand_areas, cand_poly, cand_rect, chip_boxes, chips, pairs,
             job.min_overlap_ratio, want_geoms or fmt.instances)
+        # in each chip's own pixels (origin: the chip's corner, even past the raster's edge)
+        corner = np.repeat(np.column_stack([bx.ravel(), by.ravel()]), np.diff(cuts), axis=0)
+        kept_boxes = np.clip(kept_boxes - np.tile(corner, 2), 0, (tx, ty, tx, ty)) + 0.0
+        kept_classes = labels.class_index[cand[kept]]
     chip_affine = src.chip_affine
     for r, row in enumerate(range(*block.rows)):
         cy0 = ys[row]
@@ -626,8 +630,7 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                         mine = slice(cuts[i], cuts[i + 1])
                         pos, boxes, areas = kept[mine], kept_boxes[mine], kept_areas[mine]
                         geoms = None if kept_geoms is None else kept_geoms[mine]
-                        class_index = labels.class_index[cand[pos]]
-                        boxes = np.clip(boxes - (cx0, cy0, cx0, cy0), 0, (tx, ty, tx, ty)) + 0.0
+                        class_index = kept_classes[mine]
                         if geoms is not None:
                             geoms = shapely.transform(geoms, lambda xy, o=(cx0, cy0): xy - o)
                     if job.only_with_features and class_index.size == 0:
