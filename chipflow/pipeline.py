@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,7 +208,7 @@ def export_training_data(
         edge_policy=edge_policy, overwrite=overwrite,
     )
     options = _cloud.freeze(storage_options)
-    with _cloud.use(options):  # the client reads the inputs' metadata and the class data
+    with _cloud.use(options), _gc_paused():  # the client reads the inputs' metadata and the class data
         plan = plan_export(cfg, in_class_data, in_mask_polygons)
     timings = {"plan": time.perf_counter() - started}
     source, labels, blocks = plan.source, plan.labels, list(plan.blocks)
@@ -247,7 +250,9 @@ def export_training_data(
         raster_count=len(plan.items[0].source.items) if len(plan.items) == 1 else len(plan.items),
     )
     store.remove_temporaries()  # a killed worker's half-written files (their blocks were re-run)
-    store.put("chips.parquet", chip_index(plan, merged))
+    with _gc_paused():
+        index = chip_index(plan, merged)
+    store.put("chips.parquet", index)
     if cfg.split:
         for name, _ in cfg.split:
             part = merged.children.get(name, BlockResult(len(labels.classes), source.count))
@@ -271,6 +276,22 @@ def export_training_data(
         num_blocks=len(blocks),
         timings=timings,
     )
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: the client's planning and index work.
+
+    They make ~100k acyclic objects per 20k features; a full collection of the
+    client's heap in the middle of a plan doubled it (0.08 → 0.16 s, measured).
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _shipped(labels: Any, store: Store, fmt: Any) -> Any:

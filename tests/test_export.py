@@ -287,3 +287,23 @@ def test_edge_policies(client, make_raster, tmp_path, policy, rows, cols):
     _, boxes = read_kitti(out / "labels" / f"{cols - 1:09d}.txt")  # last chip of row 0
     width = {"DROP": 256, "PAD": 600 - 512, "SHIFT": 256}[policy]
     np.testing.assert_allclose(boxes, [[0, 0, width, 256]])
+
+
+def test_planning_runs_without_cyclic_gc_and_restores_it(client, tmp_path, monkeypatch):
+    """The client's planning pauses the cyclic collector (a full collection doubled it), then restores it."""
+    import gc
+
+    import chipflow.pipeline
+
+    seen = []
+    real = chipflow.pipeline.plan_export
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(chipflow.pipeline, "plan_export", spy)
+    assert gc.isenabled()
+    chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "out", KAMPALA_BUILDINGS, client=client,
+                                  metadata_format="PASCAL_VOC_rectangles")
+    assert seen == [False] and gc.isenabled()
