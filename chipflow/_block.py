@@ -301,14 +301,6 @@ def _grid_pairs(bounds: np.ndarray, polygonal: np.ndarray, xs: np.ndarray, ys: n
     return chip[order], cand[order]
 
 
-def _grid_hits(bounds: np.ndarray, polygonal: np.ndarray, xs: np.ndarray, ys: np.ndarray,
-               tile: tuple[int, int], size: tuple[int, int]) -> list[np.ndarray]:
-    """For each chip of a block's grid (row-major), the candidates whose boxes meet it, ascending."""
-    chip, cand = _grid_pairs(bounds, polygonal, xs, ys, tile, size)
-    cuts = np.searchsorted(chip, np.arange(len(xs) * len(ys) + 1))
-    return [cand[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
-
-
 def _block_features(
     geoms: np.ndarray, bounds: np.ndarray, full_areas: np.ndarray, polygonal: np.ndarray,
     rectangles: np.ndarray, chip_boxes: np.ndarray, chips: np.ndarray, cands: np.ndarray,

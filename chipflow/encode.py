@@ -76,8 +76,9 @@ def world_file(transform: Affine) -> bytes:
     return "".join(f"{v:.10f}\n" for v in (a, d, b, e, x, y)).encode()
 
 
+@functools.lru_cache(maxsize=8)
 def pam_xml(crs_wkt: str, axis_mapping: str, nodata: float | None, count: int) -> bytes:
-    """A GDAL PAM ``.aux.xml`` holding the CRS (and nodata) of a PNG/JPEG chip."""
+    """A GDAL PAM ``.aux.xml`` holding the CRS (and nodata) of a PNG/JPEG chip (the same for every chip)."""
     bands = ""
     if nodata is not None:
         bands = "".join(
