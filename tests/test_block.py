@@ -90,3 +90,23 @@ def test_block_features_clip_rectangles_as_boxes_like_geos(min_ratio):
         np.testing.assert_allclose(kept_areas[mine], plain[2], rtol=1e-12)
         shortcut += int(((bounds[plain[0]] != plain[1]).any(axis=1) & rect[plain[0]]).sum())
     assert shortcut > 50  # rectangles cut by the chips' edges took the shortcut
+
+
+@pytest.mark.parametrize("stride", [256, 128, 300, 100, 600])  # 600: 344-row cells between chips
+def test_band_moments_of_8_bit_blocks_equal_the_chips_own_statistics(stride):
+    """The 8-bit path (all bands per row of cells, 16-bit column sums) against numpy over the chips."""
+    from chipflow._block import _band_moments
+
+    rng = np.random.default_rng(stride)
+    pixels = rng.integers(0, 256, (3, 900, 1100), dtype=np.uint8)
+    pixels[1, :40] = 255  # a band at its maximum over whole rows
+    tile = 256
+    chips = [(y, x) for y in range(0, 900 - tile + 1, stride) for x in range(0, 1100 - tile + 1, stride)]
+    chips = chips[::2] + chips[1:3]  # some chips missing, so some cells are covered by none
+    n, mean, m2, vmin, vmax = _band_moments(pixels, None, chips, (tile, tile))
+    values = np.stack([pixels[:, y:y + tile, x:x + tile] for y, x in chips]).transpose(1, 0, 2, 3)
+    values = values.reshape(3, -1).astype(np.float64)
+    assert n.tolist() == [values.shape[1]] * 3
+    np.testing.assert_allclose(mean, values.mean(axis=1), rtol=1e-13)
+    np.testing.assert_allclose(m2, ((values - values.mean(axis=1, keepdims=True)) ** 2).sum(axis=1), rtol=1e-11)
+    assert vmin.tolist() == values.min(axis=1).tolist() and vmax.tolist() == values.max(axis=1).tolist()
