@@ -228,7 +228,7 @@ def _chip_features(
     boxes (the pixel box of each feature clipped to the chip), clipped areas
     (pixels²) and, when asked, the clipped geometries. A feature whose part in
     the chip is below ``min_ratio`` of its area is dropped. Unrotated chips get
-    theirs for the whole block at once (:func:`_block_features`).
+    theirs for the whole block at once (:func:`_block_features`), as this one chip does.
     """
     x0, y0, x1, y1 = box
     b = bounds
@@ -236,30 +236,10 @@ def _chip_features(
     hit = ((b[:, 0] < x1) & (b[:, 1] < y1) & np.where(polygonal, b[:, 2] > x0, b[:, 2] >= x0)
            & np.where(polygonal, b[:, 3] > y0, b[:, 3] >= y0))
     pos = np.flatnonzero(hit)
-    boxes = b[pos]
-    areas = full_areas[pos]
-    clipped = geoms[pos] if want_geoms else None
-    partial = (boxes[:, 0] < x0) | (boxes[:, 1] < y0) | (boxes[:, 2] > x1) | (boxes[:, 3] > y1)
-    if partial.any():
-        cut = pos[partial]
-        parts = np.empty(len(cut), dtype=object)
-        poly = polygonal[cut]
-        # GEOS's rectangle clipping: 5x faster than a general intersection, same areas and boxes
-        parts[poly] = shapely.clip_by_rect(geoms[cut[poly]], x0, y0, x1, y1)
-        if not poly.all():  # points and lines: a general intersection
-            parts[~poly] = shapely.intersection(geoms[cut[~poly]], shapely.box(x0, y0, x1, y1))
-        boxes[partial] = shapely.bounds(parts)
-        areas[partial] = shapely.area(parts)
-        if clipped is not None:
-            clipped[partial] = parts
-        keep = np.ones(len(pos), bool)
-        keep[partial] = ~shapely.is_empty(parts) & ((areas[partial] > 0) | ~polygonal[pos[partial]])
-        if min_ratio > 0:
-            full = full_areas[pos]
-            keep &= (full <= 0) | (areas >= min_ratio * full)
-        pos, boxes, areas = pos[keep], boxes[keep], areas[keep]
-        clipped = None if clipped is None else clipped[keep]
-    return pos, boxes, areas, clipped
+    kept, boxes, areas, clipped, _ = _block_features(
+        geoms, bounds, full_areas, polygonal, np.zeros(len(geoms), bool),
+        np.array([box], dtype=np.float64), np.zeros(len(pos), np.int64), pos, min_ratio, want_geoms)
+    return kept, boxes, areas, clipped
 
 
 def _axis_hits(starts: np.ndarray, ends: np.ndarray, lo: np.ndarray, hi: np.ndarray,
