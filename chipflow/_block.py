@@ -563,14 +563,15 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
     # rotated chips sample the block's validity: convert it once per block, not once per chip
     valid_u8 = None if b.any_valid is None or n_angles == 1 else b.any_valid[None].astype(np.uint8)
     n_block_cols = block.cols[1] - block.cols[0]
-    xs, ys, n_cols = grid.xs.tolist(), grid.ys.tolist(), grid.n_cols
+    xs, ys = grid.xs.tolist(), grid.ys.tolist()
+    block_xs, block_ys = grid.xs[slice(*block.cols)], grid.ys[slice(*block.rows)]
     if labels.raster is None and 0 in job.angles:  # every unrotated chip's features, clipped, at once
-        bx, by = np.meshgrid(grid.xs[slice(*block.cols)], grid.ys[slice(*block.rows)])
+        bx, by = np.meshgrid(block_xs, block_ys)
         chip_boxes = np.column_stack([np.maximum(bx.ravel(), 0), np.maximum(by.ravel(), 0),
                                       np.minimum(bx.ravel() + tx, src.width),
                                       np.minimum(by.ravel() + ty, src.height)]).astype(np.float64)
-        chips, pairs = _grid_pairs(cand_bounds, cand_poly, grid.xs[slice(*block.cols)],
-                                   grid.ys[slice(*block.rows)], (tx, ty), (src.width, src.height))
+        chips, pairs = _grid_pairs(cand_bounds, cand_poly, block_xs, block_ys, (tx, ty),
+                                   (src.width, src.height))
         kept, kept_boxes, kept_areas, kept_geoms, cuts = _block_features(
             cand_geoms, cand_bounds, cand_areas, cand_poly, cand_rect, chip_boxes, chips, pairs,
             job.min_overlap_ratio, want_geoms or fmt.instances)
@@ -653,7 +654,7 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                     for raster in (mask, inst):
                         if raster is not None and chip_valid is not None:
                             raster[~chip_valid] = 0
-                chip_id = job.id_offset + (row * n_cols + col) * n_angles + k
+                chip_id = job.id_offset + grid.chip_id(row, col) * n_angles + k
                 stem = f"{chip_id:09d}"
                 transform = chip_affine @ (Affine.translation(cx0, cy0) if angle == 0 else to_raster)
                 if fmt.instances and angle == 0 and labels.raster is not None:

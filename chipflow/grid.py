@@ -23,6 +23,7 @@ Edge policy (what happens at the last, partial row/column of chips):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -99,14 +100,14 @@ class ChipGrid:
     stride_y: int
     edge: EdgePolicy = EdgePolicy.DROP
 
-    @property
+    @functools.cached_property
     def xs(self) -> np.ndarray:
-        """Column offsets of the chip columns."""
+        """Column offsets of the chip columns (computed once per grid: block tasks ask per chip)."""
         return chip_offsets(size=self.width, tile=self.tile_x, stride=self.stride_x, edge=self.edge)
 
-    @property
+    @functools.cached_property
     def ys(self) -> np.ndarray:
-        """Row offsets of the chip rows."""
+        """Row offsets of the chip rows (computed once per grid: block tasks ask per chip)."""
         return chip_offsets(size=self.height, tile=self.tile_y, stride=self.stride_y, edge=self.edge)
 
     @property

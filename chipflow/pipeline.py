@@ -282,8 +282,9 @@ def export_training_data(
 def _gc_paused() -> Iterator[None]:
     """No cyclic garbage collection inside: the client's planning and index work.
 
-    They make ~100k acyclic objects per 20k features; a full collection of the
-    client's heap in the middle of a plan doubled it (0.08 → 0.16 s, measured).
+    They make many objects and no reference cycles; a full collection of the
+    client's heap in the middle of a plan doubled it (20k features: 0.08 → 0.16 s;
+    200k features: 0.97 → 0.67 s with collection paused).
     """
     was = gc.isenabled()
     gc.disable()
