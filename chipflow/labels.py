@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,39 +47,90 @@ def _pack_wkb(geoms: np.ndarray) -> tuple[bytes, np.ndarray]:
     return b"".join(wkb.tolist()), np.fromiter(map(len, wkb), np.int64, len(wkb))
 
 
-def _unpack_wkb(blob: bytes, lengths: np.ndarray) -> np.ndarray:
-    """The geometries :func:`_pack_wkb` packed."""
-    ends = np.cumsum(lengths).tolist()
+def _unpack_wkb(blob: bytes, ends: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """The geometries at positions ``which`` of a :func:`_pack_wkb` buffer (``ends``: its lengths' cumsum)."""
+    starts, ends = np.r_[0, ends[:-1]][which], ends[which]
     parts = np.empty(len(ends), dtype=object)
-    parts[:] = [blob[a:b] for a, b in zip([0, *ends][:-1], ends, strict=True)]
+    parts[:] = [blob[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
     return shapely.from_wkb(parts) if len(parts) else np.empty(0, dtype=object)
 
 
-def _rectangles(geoms: np.ndarray, bounds: np.ndarray, areas: np.ndarray) -> np.ndarray:
-    """Which geometries are exactly their bounding box: four corners on it, and its area.
+def _rectangles(geoms: np.ndarray, bounds: np.ndarray, areas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which geometries are exactly their bounding box, and the order of their corners.
 
-    Detection labels are often such boxes; a chip clips them without GEOS.
+    A rectangle is a 2D polygon of five coordinates, each a corner of its bounds,
+    with the box's area. Detection labels are often such boxes: a chip clips
+    them without GEOS, and they travel as their bounds plus ``corners`` (per
+    vertex 2 bits: x is the right edge, y the bottom edge), from which
+    :func:`_rectangle_polygons` rebuilds them coordinate for coordinate.
     """
-    out = (shapely.get_type_id(geoms) == 3) & (shapely.get_num_coordinates(geoms) == 5)
+    out = ((shapely.get_type_id(geoms) == 3) & (shapely.get_num_coordinates(geoms) == 5)
+           & ~shapely.has_z(geoms))
+    corners = np.zeros(len(geoms), np.uint8)
     idx = np.flatnonzero(out)
     if idx.size:
         xy = shapely.get_coordinates(geoms[idx]).reshape(-1, 5, 2)
         b = bounds[idx]
-        corner = (((xy[..., 0] == b[:, None, 0]) | (xy[..., 0] == b[:, None, 2]))
-                  & ((xy[..., 1] == b[:, None, 1]) | (xy[..., 1] == b[:, None, 3]))).all(axis=1)
+        right, bottom = xy[..., 0] == b[:, None, 2], xy[..., 1] == b[:, None, 3]
+        left, top = xy[..., 0] == b[:, None, 0], xy[..., 1] == b[:, None, 1]
+        corner = ((right | left) & (bottom | top)).all(axis=1)
         box_area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
         out[idx] = corner & (box_area > 0) & np.isclose(areas[idx], box_area, rtol=1e-9, atol=0)
-    return out
+        codes = (right[:, :4] | (bottom[:, :4] << 1)).astype(np.uint8) << np.array([0, 2, 4, 6], np.uint8)
+        corners[idx] = np.bitwise_or.reduce(codes, axis=1)
+    return out, np.where(out, corners, 0).astype(np.uint8)
 
 
-@dataclass
+def _rectangle_polygons(bounds: np.ndarray, corners: np.ndarray) -> np.ndarray:
+    """The rectangles :func:`_rectangles` found, rebuilt from their bounds and corner codes."""
+    bits = (corners[:, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3
+    xy = np.empty((len(bounds), 5, 2))
+    xy[:, :4, 0] = np.where(bits & 1, bounds[:, None, 2], bounds[:, None, 0])
+    xy[:, :4, 1] = np.where(bits & 2, bounds[:, None, 3], bounds[:, None, 1])
+    xy[:, 4] = xy[:, 0]
+    return shapely.polygons(xy) if len(bounds) else np.empty(0, dtype=object)
+
+
+class _BoundsIndex:
+    """Features whose bounds meet a window, found from the bounds alone (no geometry decoded).
+
+    Features are sorted by their top edge; a query scans those whose top is
+    within the tallest one's height above the window (all but the tallest 1%,
+    which are scanned on their own, so one huge feature does not widen every
+    scan). Building it is a sort; a query is two binary searches and one
+    vectorised test.
+    """
+
+    def __init__(self, bounds: np.ndarray):
+        heights = bounds[:, 3] - bounds[:, 1]
+        limit = float(np.quantile(heights, 0.99)) if len(bounds) else 0.0
+        tall = heights > limit
+        short = np.flatnonzero(~tall)
+        self.order = short[np.argsort(bounds[short, 1], kind="stable")]
+        self.sorted = np.ascontiguousarray(bounds[self.order])
+        self.tall = np.flatnonzero(tall)
+        self.tall_bounds = bounds[self.tall]
+        self.reach = limit * (1 + 1e-9) + 1e-9  # rounding of heights never hides a feature
+
+    def query(self, window: tuple[float, float, float, float]) -> np.ndarray:
+        x0, y0, x1, y1 = window
+        lo = np.searchsorted(self.sorted[:, 1], y0 - self.reach, side="left")
+        hi = np.searchsorted(self.sorted[:, 1], y1, side="right")
+        b = self.sorted[lo:hi]
+        hits = self.order[lo:hi][(b[:, 0] <= x1) & (b[:, 2] >= x0) & (b[:, 3] >= y0)]
+        t = self.tall_bounds
+        tall = self.tall[(t[:, 0] <= x1) & (t[:, 2] >= x0) & (t[:, 1] <= y1) & (t[:, 3] >= y0)]
+        return np.sort(np.concatenate([hits, tall]))
+
+
 class LabelSet:
     """The features of one export in raster pixel space (picklable, sent once per worker).
 
     Attributes
     ----------
     geoms : numpy.ndarray
-        shapely geometries in pixel coordinates.
+        shapely geometries in pixel coordinates (all of them decoded; block
+        tasks decode only the ones they need, with :meth:`geometries`).
     class_index : numpy.ndarray
         int32 index into ``classes`` of each feature.
     classes : tuple of ClassInfo
@@ -90,67 +141,100 @@ class LabelSet:
         The union of ``in_mask_polygons`` in pixel coordinates: only chips it
         covers are exported.
     raster : chipflow.class_raster.ClassRaster or None
-        Class data given as a classified raster (then ``geoms`` is empty and each
-        block reads its class values from it).
+        Class data given as a classified raster (then there are no features and
+        each block reads its class values from it).
     bounds, areas, polygonal, rectangles : numpy.ndarray
         Derived per feature: pixel bounds, area, whether it is a (multi)polygon,
         and whether it is exactly its bounding box (clipped without GEOS).
+
+    On the wire, rectangles are their bounds and a corner code (no WKB) and the
+    other features one WKB buffer; a worker decodes a geometry only when a block
+    needs it (a box format over rectangles needs none) and finds features by
+    their bounds, so 200k rectangles cost a worker no shapely object at all.
     """
 
-    geoms: np.ndarray
-    class_index: np.ndarray
-    classes: tuple[ClassInfo, ...]
-    pixel_area: float
-    mask: Any = None
-    raster: Any = None
-    bounds: np.ndarray = field(init=False)
-    areas: np.ndarray = field(init=False)
-    polygonal: np.ndarray = field(init=False)
-    rectangles: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.bounds = shapely.bounds(self.geoms).reshape(-1, 4)
-        self.areas = shapely.area(self.geoms)
-        self.polygonal = np.isin(shapely.get_type_id(self.geoms), (3, 6))
-        self.rectangles = _rectangles(self.geoms, self.bounds, self.areas)
+    def __init__(self, geoms: np.ndarray, class_index: np.ndarray, classes: tuple[ClassInfo, ...],
+                 pixel_area: float, mask: Any = None, raster: Any = None):
+        geoms = np.asarray(geoms, dtype=object)
+        self.class_index, self.classes, self.pixel_area = class_index, classes, pixel_area
+        self.mask, self.raster = mask, raster
+        self.bounds = shapely.bounds(geoms).reshape(-1, 4)
+        self.areas = shapely.area(geoms)
+        self.polygonal = np.isin(shapely.get_type_id(geoms), (3, 6))
+        self.rectangles, self._corners = _rectangles(geoms, self.bounds, self.areas)
+        self._geoms, self._decoded = geoms, None  # None: every geometry is decoded
+        self._others: tuple[bytes, np.ndarray] | None = None  # WKB of the non-rectangles
         self._reset()
 
     def _reset(self) -> None:
-        self._tree: shapely.STRtree | None = None
+        self._index: _BoundsIndex | None = None
+        self._ends: np.ndarray | None = None
+        self._rank: np.ndarray | None = None
         self._lock = threading.Lock()
-        self._packed: tuple[int, tuple[bytes, np.ndarray]] | None = None
 
-    def _wkb(self) -> tuple[bytes, np.ndarray]:
-        """The geometries as one WKB buffer and their lengths (made once: hashed and pickled)."""
-        if self._packed is None or self._packed[0] != id(self.geoms):
-            self._packed = (id(self.geoms), _pack_wkb(self.geoms))
-        return self._packed[1]
+    def _wire(self) -> tuple[bytes, np.ndarray]:
+        """The non-rectangles as one WKB buffer and their lengths (made once: hashed and pickled)."""
+        if self._others is None:
+            self._others = _pack_wkb(self.geometries(np.flatnonzero(~self.rectangles)))
+        return self._others
 
     def __getstate__(self) -> dict[str, Any]:
-        # Geometries travel as one WKB buffer (10x faster both ways than pickling
-        # shapely objects one by one: 20k features in 20 ms instead of 170 ms), with
-        # their derived arrays (cheaper to ship than to recompute on every worker).
-        # The tree is rebuilt lazily once per worker, never pickled.
-        return {"geoms": self._wkb(), "class_index": self.class_index,
-                "classes": self.classes, "pixel_area": self.pixel_area, "mask": self.mask,
-                "raster": self.raster, "bounds": self.bounds, "areas": self.areas,
-                "polygonal": self.polygonal, "rectangles": self.rectangles}
+        # Shipped: derived arrays (cheaper to ship than to recompute on every
+        # worker), rectangles as bounds + corner codes, the rest as one WKB buffer
+        # (10x faster both ways than pickling shapely objects one by one). The
+        # index is rebuilt lazily once per worker, never pickled.
+        return {"class_index": self.class_index, "classes": self.classes, "pixel_area": self.pixel_area,
+                "mask": self.mask, "raster": self.raster, "bounds": self.bounds, "areas": self.areas,
+                "polygonal": self.polygonal, "rectangles": self.rectangles, "_corners": self._corners,
+                "_others": self._wire()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({**state, "geoms": _unpack_wkb(*state["geoms"])})
+        self.__dict__.update(state)
+        self._geoms = np.empty(len(self.bounds), dtype=object)
+        self._decoded = np.zeros(len(self.bounds), bool)
         self._reset()
         if self.mask is not None:
             shapely.prepare(self.mask)
 
     def __len__(self) -> int:
-        return len(self.geoms)
+        return len(self.bounds)
+
+    @property
+    def geoms(self) -> np.ndarray:
+        """Every feature's geometry (decoded on first use after unpickling)."""
+        return self.geometries(slice(None))
+
+    def geometries(self, which: Any) -> np.ndarray:
+        """The geometries of features ``which`` (an index array, mask or slice), decoding only those."""
+        if self._decoded is not None:
+            with self._lock:
+                todo = np.asarray(which) if not isinstance(which, slice) else np.arange(len(self))[which]
+                if todo.dtype == bool:
+                    todo = np.flatnonzero(todo)
+                todo = np.unique(todo[~self._decoded[todo]])
+                if todo.size:
+                    rect = self.rectangles[todo]
+                    boxes = todo[rect]
+                    self._geoms[boxes] = _rectangle_polygons(self.bounds[boxes], self._corners[boxes])
+                    others = todo[~rect]
+                    if others.size:
+                        if self._ends is None:  # where each non-rectangle's WKB ends; each feature's rank
+                            self._ends = np.cumsum(self._others[1])
+                            self._rank = np.cumsum(~self.rectangles) - 1
+                        self._geoms[others] = _unpack_wkb(self._others[0], self._ends, self._rank[others])
+                    self._decoded[todo] = True
+                    if self._decoded.all():
+                        self._decoded = None
+        return self._geoms[which]
 
     def fingerprint(self) -> str:
         """sha256 of the features as chipflow uses them (pixel-space geometry and class)."""
         import hashlib
 
         digest = hashlib.sha256()
-        digest.update(self._wkb()[0])
+        for array in (self.bounds, self.rectangles, self._corners):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update(self._wire()[0])
         digest.update(np.asarray(self.values, "<i8").tobytes())
         digest.update(repr(self.classes).encode())
         return digest.hexdigest()
@@ -161,12 +245,12 @@ class LabelSet:
         return np.array([c.value for c in self.classes], dtype=np.int64)[self.class_index]
 
     def query(self, window: tuple[float, float, float, float]) -> np.ndarray:
-        """Indices (ascending) of the features whose bounds meet ``(x0, y0, x1, y1)``."""
-        if self._tree is None:
+        """Indices (ascending) of the features whose bounds meet ``(x0, y0, x1, y1)`` (edges included)."""
+        if self._index is None:
             with self._lock:
-                if self._tree is None:
-                    self._tree = shapely.STRtree(self.geoms)
-        return np.sort(self._tree.query(shapely.box(*window)))
+                if self._index is None:
+                    self._index = _BoundsIndex(self.bounds)
+        return self._index.query(window)
 
 
 def _read_frame(data: Any, parameter: str = "in_class_data") -> Any:

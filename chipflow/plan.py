@@ -195,7 +195,7 @@ def _feature_blocks(cfg: ExportConfig, source: RasterSource, labels: LabelSet) -
     """One chip per feature over the raster (inside the mask polygons, if any)."""
     extent = shapely.box(0, 0, source.width, source.height)
     inside = labels.query((0, 0, source.width, source.height))
-    inside = inside[shapely.intersects(labels.geoms[inside], extent)]
+    inside = inside[shapely.intersects(labels.geometries(inside), extent)]
     windows = feature_windows(labels.bounds[inside], tile_x=cfg.tile_size_x, tile_y=cfg.tile_size_y,
                               fixed=cfg.crop_mode is CropMode.FIXED_SIZE)
     if labels.mask is not None and len(inside):

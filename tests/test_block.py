@@ -32,7 +32,7 @@ def test_block_features_equal_a_per_chip_scan(size):
     assert len(cands) > 5000 and (np.diff(chips) >= 0).all()
     cuts = np.searchsorted(chips, np.arange(len(chip_boxes) + 1))
     hits = [cands[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
-    rect = _rectangles(geoms, bounds, areas)
+    rect, _ = _rectangles(geoms, bounds, areas)
     for want_geoms in (True, False):
         kept, boxes, kept_areas, clipped, cuts = _block_features(
             geoms, bounds, areas, polygonal, rect, chip_boxes, chips, cands, 0.0, want_geoms)
@@ -59,7 +59,7 @@ def test_rectangles_are_exactly_the_polygons_that_equal_their_bounding_box():
         shapely.Point(1, 1),
         shapely.box(3, 3, 3, 8),  # zero width
     ])
-    found = _rectangles(geoms, shapely.bounds(geoms), shapely.area(geoms))
+    found, _ = _rectangles(geoms, shapely.bounds(geoms), shapely.area(geoms))
     assert found.tolist() == [True, True, False, False, False, False, False, False, False]
 
 
@@ -74,7 +74,7 @@ def test_block_features_clip_rectangles_as_boxes_like_geos(min_ratio):
     geoms[::3] = [shapely.affinity.rotate(g, 25) for g in geoms[::3]]
     bounds, areas = shapely.bounds(geoms), shapely.area(geoms)
     polygonal = np.ones(n, bool)
-    rect = _rectangles(geoms, bounds, areas)
+    rect, _ = _rectangles(geoms, bounds, areas)
     assert rect.sum() == n - len(geoms[::3])
     xs = ys = np.arange(0, 600, 128) + 0.5  # chip edges off the integer grid too
     chip_boxes = np.array([(x0, y0, min(x0 + 256, 600), min(y0 + 256, 600)) for y0 in ys for x0 in xs])

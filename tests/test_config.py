@@ -140,6 +140,80 @@ def test_class_field_detection_names_and_repair():
     assert relabelled.fingerprint() == labels.fingerprint()
 
 
+def _mixed_features(n: int = 3000, seed: int = 1) -> np.ndarray:
+    """Rectangles in all eight vertex orders, rotated boxes, polygons with holes, multipolygons."""
+    import shapely
+
+    rng = np.random.default_rng(seed)
+    x, y = rng.uniform(0, 2000, n), rng.uniform(0, 2000, n)
+    w, h = rng.uniform(0.5, 40, n), rng.uniform(0.5, 40, n)
+    h[:5] = 1500  # a few tall ones
+    out = []
+    for i in range(n):
+        x0, y0, x1, y1 = x[i], y[i], x[i] + w[i], y[i] + h[i]
+        kind = i % 5
+        if kind < 3:
+            ring = [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+            start, step = i % 4, 1 if (i // 4) % 2 else -1
+            out.append(shapely.Polygon([ring[(start + step * k) % 4] for k in range(4)]))
+        elif kind == 3:
+            out.append(shapely.affinity.rotate(shapely.box(x0, y0, x1, y1), 15 + i % 60))
+        elif i % 2:
+            out.append(shapely.box(x0, y0, x1, y1).difference(shapely.box(x0 + w[i] / 4, y0 + h[i] / 4,
+                                                                          x0 + w[i] / 2, y0 + h[i] / 2)))
+        else:
+            out.append(shapely.MultiPolygon([shapely.box(x0, y0, x1, y1), shapely.box(x1 + 1, y0, x1 + 2, y1)]))
+    return np.array(out, dtype=object)
+
+
+def test_label_set_ships_rectangles_as_bounds_and_decodes_lazily_and_exactly():
+    import shapely
+
+    from chipflow.labels import ClassInfo, LabelSet
+
+    geoms = _mixed_features()
+    labels = LabelSet(geoms=geoms, class_index=np.zeros(len(geoms), np.int32),
+                      classes=(ClassInfo(1, "a", (0, 0, 0)),), pixel_area=1.0)
+    assert labels.rectangles.sum() == 3 * len(geoms) // 5  # every vertex order of a box is one
+    shipped = pickle.dumps(labels)
+    others = shapely.to_wkb(geoms[~labels.rectangles])
+    # the derived arrays take 55 bytes a feature; a box's WKB alone would take 93 more
+    assert sum(map(len, others)) < len(shipped) < sum(map(len, others)) + 60 * len(geoms)
+    copy = pickle.loads(shipped)
+    picked = np.array([7, 3, 8, 2999])  # rectangles and others
+    np.testing.assert_array_equal(shapely.to_wkb(copy.geometries(picked)), shapely.to_wkb(geoms[picked]))
+    assert copy._decoded.sum() == len(picked)  # only those were decoded
+    # every geometry comes back coordinate for coordinate, vertex order included
+    np.testing.assert_array_equal(shapely.to_wkb(copy.geoms), shapely.to_wkb(geoms))
+    assert copy.fingerprint() == labels.fingerprint()
+    moved = LabelSet(geoms=shapely.transform(geoms, lambda xy: xy + (0, 1e-6)), class_index=labels.class_index,
+                     classes=labels.classes, pixel_area=1.0)
+    assert moved.fingerprint() != labels.fingerprint()
+
+
+@pytest.mark.parametrize("points", [False, True])
+def test_label_set_query_finds_exactly_the_features_whose_bounds_meet_the_window(points):
+    import shapely
+
+    from chipflow.labels import ClassInfo, LabelSet
+
+    geoms = _mixed_features(seed=2)
+    if points:  # zero-size bounds, and windows whose edges they lie on
+        geoms = shapely.points(np.round(shapely.get_coordinates(shapely.centroid(geoms))))
+    labels = LabelSet(geoms=geoms, class_index=np.zeros(len(geoms), np.int32),
+                      classes=(ClassInfo(1, "a", (0, 0, 0)),), pixel_area=1.0)
+    b = labels.bounds
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        x0, y0 = np.round(rng.uniform(-100, 2000, 2))
+        x1, y1 = x0 + np.round(rng.uniform(0, 600)), y0 + np.round(rng.uniform(0, 600))
+        expected = np.flatnonzero((b[:, 0] <= x1) & (b[:, 2] >= x0) & (b[:, 1] <= y1) & (b[:, 3] >= y0))
+        assert labels.query((x0, y0, x1, y1)).tolist() == expected.tolist()
+    tree = shapely.STRtree(geoms)  # the same as an R-tree's envelope query
+    window = (500.0, 500.0, 900.0, 700.0)
+    assert labels.query(window).tolist() == np.sort(tree.query(shapely.box(*window))).tolist()
+
+
 def test_class_names_are_each_values_first_name_blanks_and_missing_skipped():
     from chipflow.labels import _class_names
 
