@@ -70,15 +70,19 @@ def _rectangles(geoms: np.ndarray, bounds: np.ndarray, areas: np.ndarray) -> tup
     idx = np.flatnonzero(out)
     if idx.size:
         xy = shapely.get_coordinates(geoms[idx]).reshape(-1, 5, 2)
-        b = bounds[idx]
-        right, bottom = xy[..., 0] == b[:, None, 2], xy[..., 1] == b[:, None, 3]
-        left, top = xy[..., 0] == b[:, None, 0], xy[..., 1] == b[:, None, 1]
-        corner = ((right | left) & (bottom | top)).all(axis=1)
-        box_area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-        out[idx] = corner & (box_area > 0) & np.isclose(areas[idx], box_area, rtol=1e-9, atol=0)
-        codes = (right[:, :4] | (bottom[:, :4] << 1)).astype(np.uint8) << np.array([0, 2, 4, 6], np.uint8)
-        corners[idx] = np.bitwise_or.reduce(codes, axis=1)
-    return out, np.where(out, corners, 0).astype(np.uint8)
+        out[idx], corners[idx] = _box_corners(xy, bounds[idx], areas[idx])
+    return out, corners
+
+
+def _box_corners(xy: np.ndarray, b: np.ndarray, areas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For closed 5-point rings ``xy`` (k, 5, 2) with bounds ``b`` and areas: box or not, corner codes."""
+    right, bottom = xy[..., 0] == b[:, None, 2], xy[..., 1] == b[:, None, 3]
+    left, top = xy[..., 0] == b[:, None, 0], xy[..., 1] == b[:, None, 1]
+    box_area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    is_box = (((right | left) & (bottom | top)).all(axis=1) & (box_area > 0)
+              & np.isclose(areas, box_area, rtol=1e-9, atol=0))
+    codes = (right[:, :4] | (bottom[:, :4] << 1)).astype(np.uint8) << np.array([0, 2, 4, 6], np.uint8)
+    return is_box, np.where(is_box, np.bitwise_or.reduce(codes, axis=1), 0).astype(np.uint8)
 
 
 def _rectangle_polygons(bounds: np.ndarray, corners: np.ndarray) -> np.ndarray:
@@ -165,6 +169,21 @@ class LabelSet:
         self._geoms, self._decoded = geoms, None  # None: every geometry is decoded
         self._others: tuple[bytes, np.ndarray] | None = None  # WKB of the non-rectangles
         self._reset()
+
+    @classmethod
+    def _from_parts(cls, geoms: np.ndarray, derived: dict[str, np.ndarray], class_index: np.ndarray,
+                    classes: tuple[ClassInfo, ...], pixel_area: float) -> LabelSet:
+        """A LabelSet whose derived arrays are known; ``geoms`` holds None for rectangles (decoded on use)."""
+        self = cls.__new__(cls)
+        self.class_index, self.classes, self.pixel_area, self.mask, self.raster = (
+            class_index, classes, pixel_area, None, None)
+        self.bounds, self.areas, self.polygonal = derived["bounds"], derived["areas"], derived["polygonal"]
+        self.rectangles, self._corners = derived["rectangles"], derived["corners"]
+        self._geoms = geoms
+        self._decoded = ~self.rectangles if self.rectangles.any() else None
+        self._others = None
+        self._reset()
+        return self
 
     def _reset(self) -> None:
         self._index: _BoundsIndex | None = None
@@ -274,12 +293,17 @@ def _read_frame(data: Any, parameter: str = "in_class_data") -> Any:
 
 
 def _repaired(geoms: np.ndarray) -> np.ndarray:
-    """Invalid geometries made valid (keeping their dimension), missing/empty ones dropped."""
+    """Invalid geometries made valid (keeping their dimension); see :func:`_repair`."""
+    return _repair(geoms)[0]
+
+
+def _repair(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Invalid geometries made valid (keeping their dimension), and which were."""
     invalid = ~shapely.is_valid(geoms) & ~shapely.is_missing(geoms)
     if invalid.any():
         geoms = geoms.copy()
         geoms[invalid] = shapely.make_valid(geoms[invalid], method="structure", keep_collapsed=False)
-    return geoms
+    return geoms, invalid
 
 
 def read_mask(in_mask_polygons: Any, source: RasterSource) -> Any:
@@ -317,8 +341,16 @@ def _find_field(columns: list[str], wanted: tuple[str, ...]) -> str | None:
     return next((lower[w] for w in wanted if w in lower), None)
 
 
+def _fields(frame: Any) -> list[str]:
+    """A frame's attribute columns (a GeoDataFrame's, or a plain one's read without its geometry)."""
+    import geopandas as gpd
+
+    geometry = frame.geometry.name if isinstance(frame, gpd.GeoDataFrame) else None
+    return [c for c in frame.columns if c != geometry]
+
+
 def _class_values(frame: Any, class_value_field: str | None) -> tuple[np.ndarray, str | None]:
-    columns = [c for c in frame.columns if c != frame.geometry.name]
+    columns = _fields(frame)
     if class_value_field is not None:
         name = _find_field(columns, (class_value_field.lower(),))
         if name is None:
@@ -353,7 +385,7 @@ def _class_values(frame: Any, class_value_field: str | None) -> tuple[np.ndarray
 
 
 def _class_names(frame: Any, values: np.ndarray) -> dict[int, str]:
-    columns = [c for c in frame.columns if c != frame.geometry.name]
+    columns = _fields(frame)
     field_name = _find_field(columns, (_NAME_FIELD,))
     if field_name is None:
         return {}
@@ -429,6 +461,10 @@ def read_class_data(
         labels.classes = _classes(class_values, raster_names)
         labels.raster = raster
         return labels
+    fast = _read_polygons_fast(in_class_data, class_value_field=class_value_field, source=source,
+                               buffer_radius=buffer_radius, require_overlap=require_overlap)
+    if fast is not None:
+        return fast
     frame = _read_frame(in_class_data)
     if frame.crs is None and source.crs_wkt:
         raise LabelError(
@@ -445,19 +481,124 @@ def read_class_data(
     geoms = _repaired(series.to_numpy())
     keep = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
     geoms, values = geoms[keep], values[keep]
-    _check_single_family(geoms, in_class_data)
+    _check_single_family(shapely.get_type_id(geoms), in_class_data)
     pixels = _to_pixels(np.asarray(geoms), source)
-    if require_overlap:
-        _check_overlap(pixels, source, in_class_data)
     class_values = np.unique(values)
-    classes = _classes(class_values, names)
     a, b, _, d, e, _ = source.transform
-    return LabelSet(
+    labels = LabelSet(
         geoms=pixels,
         class_index=np.searchsorted(class_values, values).astype(np.int32),
-        classes=classes,
+        classes=_classes(class_values, names),
         pixel_area=abs(a * e - b * d),
     )
+    if require_overlap:
+        _check_overlap(labels, source, in_class_data)
+    return labels
+
+
+def _read_polygons_fast(
+    in_class_data: Any, *, class_value_field: str | None, source: RasterSource, buffer_radius: float,
+    require_overlap: bool,
+) -> LabelSet | None:
+    """:func:`read_class_data` of a local vector file in the raster's CRS, plain polygons parsed by numpy.
+
+    Single-ring 2D polygons (most building footprints) go from the file's WKB
+    to pixel-space coordinates, bounds and areas without a shapely object each
+    (:mod:`chipflow._wkb`); rectangles never become one on the client, the
+    other polygons do (to check and repair them, and to ship them). Any other
+    feature takes the general path. The result equals the general path's,
+    except that an invalid polygon is repaired in pixel space instead of map
+    space. None when the input is not such a file (the general path then
+    reads it, and reports what is wrong with it).
+    """
+    if (not isinstance(in_class_data, str | os.PathLike) or buffer_radius > 0
+            or (source.pixel_space and (source.gcps or source.rpcs))):
+        return None
+    path = os.fspath(in_class_data)
+    if "://" in path or not os.path.exists(path) or path.lower().endswith((".parquet", ".geoparquet")):
+        return None
+    import pyogrio
+    import pyproj
+
+    from ._wkb import simple_polygons
+
+    try:
+        meta, table = pyogrio.read_arrow(path)
+        if not meta["geometry_name"] and "wkb_geometry" not in table.column_names:
+            return None
+        crs = meta["crs"]
+        if crs is None or not source.crs_wkt or not pyproj.CRS.from_user_input(crs).equals(
+                pyproj.CRS.from_user_input(source.crs_wkt)):
+            return None  # no CRS, or another one: the general path refuses or reprojects
+    except Exception:  # unreadable here: the general path reads it, or says why it cannot
+        return None
+    geometry = meta["geometry_name"] or "wkb_geometry"
+    attributes = table.drop_columns([geometry]).to_pandas()
+    values, _ = _class_values(attributes, class_value_field)
+    names = _class_names(attributes, values)
+    wkb = table.column(geometry)
+    parsed = simple_polygons(wkb)
+    n = len(values)
+    geoms = np.empty(n, dtype=object)
+    bounds, areas = np.zeros((n, 4)), np.zeros(n)
+    polygonal, rectangles, corners = np.ones(n, bool), np.zeros(n, bool), np.zeros(n, np.uint8)
+    present, changed = np.ones(n, bool), np.zeros(n, bool)
+    type_ids = np.full(n, 3, np.int32)
+    # plain polygons: pixel coordinates (the same arithmetic as _to_pixels), bounds, rectangles
+    inv = ~source.affine
+    x, y = parsed.coords[:, 0], parsed.coords[:, 1]
+    xy = np.column_stack([inv.a * x + inv.b * y + inv.c, inv.d * x + inv.e * y + inv.f])
+    rows, counts = np.flatnonzero(parsed.simple), parsed.counts
+    first = np.cumsum(counts) - counts
+    if rows.size:
+        low, high = np.minimum.reduceat(xy, first), np.maximum.reduceat(xy, first)
+        bounds[rows] = np.column_stack([low, high])
+    five = np.flatnonzero((counts == 5) & ~parsed.multi)  # a one-part MultiPolygon is no rectangle
+    if five.size:
+        ring = xy[first[five, None] + np.arange(5)]
+        cross = ring[:, :-1, 0] * ring[:, 1:, 1] - ring[:, 1:, 0] * ring[:, :-1, 1]
+        shoelace = 0.5 * np.abs(cross.sum(axis=1))
+        rectangles[rows[five]], corners[rows[five]] = _box_corners(ring, bounds[rows[five]], shoelace)
+    boxes = rows[rectangles[rows]]
+    areas[boxes] = (bounds[boxes, 2] - bounds[boxes, 0]) * (bounds[boxes, 3] - bounds[boxes, 1])
+    for multi in (False, True):  # the other plain polygons become shapely objects: checked, repaired
+        plain = ~rectangles[rows] & (parsed.multi == multi)
+        if plain.any():
+            parts = np.arange(plain.sum() + 1)
+            ring_offsets = np.concatenate([[0], np.cumsum(counts[plain])])
+            kind = shapely.GeometryType.MULTIPOLYGON if multi else shapely.GeometryType.POLYGON
+            made = shapely.from_ragged_array(kind, xy[np.repeat(plain, counts)],
+                                             (ring_offsets, parts, parts) if multi else (ring_offsets, parts))
+            geoms[rows[plain]], changed[rows[plain]] = _repair(made)  # repaired: measured below
+            areas[rows[plain]] = shapely.area(geoms[rows[plain]])
+    others = np.flatnonzero(~parsed.simple)
+    if others.size:  # holes, multipolygons, points, lines...: shapely's, as the general path does
+        raw = shapely.from_wkb(np.asarray(wkb.take(others).to_numpy(zero_copy_only=False), dtype=object))
+        geoms[others] = _to_pixels(_repaired(raw), source)
+    general = np.flatnonzero(~parsed.simple | changed)
+    if general.size:
+        g = geoms[general]
+        present[general] = ~(shapely.is_missing(g) | shapely.is_empty(g))
+        type_ids[general] = shapely.get_type_id(g)
+        bounds[general] = shapely.bounds(g).reshape(-1, 4)
+        areas[general] = shapely.area(g)
+        polygonal[general] = np.isin(type_ids[general], (3, 6))
+        rect, code = _rectangles(g, bounds[general], areas[general])  # repaired ones, or from shapely
+        rectangles[general], corners[general] = rect, code
+        geoms[general[rect]] = None
+    keep = np.flatnonzero(present)
+    _check_single_family(type_ids[keep], in_class_data)
+    values = values[keep]
+    class_values = np.unique(values)
+    a, b, _, d, e, _ = source.transform
+    derived = {"bounds": bounds[keep], "areas": areas[keep], "polygonal": polygonal[keep],
+               "rectangles": rectangles[keep], "corners": corners[keep]}
+    labels = LabelSet._from_parts(
+        geoms[keep], derived, np.searchsorted(class_values, values).astype(np.int32),
+        _classes(class_values, names), abs(a * e - b * d))
+    if require_overlap:
+        _check_overlap(labels, source, in_class_data)
+    return labels
 
 
 def _classes(values: np.ndarray, names: dict[int, str]) -> tuple[ClassInfo, ...]:
@@ -488,9 +629,12 @@ _FAMILIES = {0: "point", 4: "point", 1: "line", 2: "line", 5: "line", 3: "polygo
              7: "geometry collection"}
 
 
-def _check_single_family(geoms: np.ndarray, in_class_data: Any) -> None:
-    families, counts = np.unique([_FAMILIES[t] for t in shapely.get_type_id(geoms).tolist()],
-                                 return_counts=True)
+def _check_single_family(type_ids: np.ndarray, in_class_data: Any) -> None:
+    kinds, counts = np.unique(type_ids, return_counts=True)
+    per_family: dict[str, int] = {}
+    for kind, count in zip(kinds.tolist(), counts.tolist(), strict=True):
+        per_family[_FAMILIES[kind]] = per_family.get(_FAMILIES[kind], 0) + count
+    families, counts = np.array(sorted(per_family)), np.array([per_family[f] for f in sorted(per_family)])
     if len(families) > 1 or "geometry collection" in families:
         found = ", ".join(f"{n} {f}s" for f, n in zip(families.tolist(), counts.tolist(), strict=True))
         raise LabelError(
@@ -499,12 +643,14 @@ def _check_single_family(geoms: np.ndarray, in_class_data: Any) -> None:
         )
 
 
-def _check_overlap(pixels: np.ndarray, source: RasterSource, in_class_data: Any) -> None:
+def _check_overlap(labels: LabelSet, source: RasterSource, in_class_data: Any) -> None:
     extent = shapely.box(0, 0, source.width, source.height)
-    if len(pixels) == 0:
+    if len(labels) == 0:
         raise LabelError(f"in_class_data={describe(in_class_data)} holds no non-empty feature")
-    if not shapely.intersects(pixels, extent).any():
-        gap = float(shapely.distance(pixels, extent).min())
+    near = labels.query((0, 0, source.width, source.height))
+    # a rectangle meets the extent exactly when its bounds do; other features are tested
+    if not labels.rectangles[near].any() and not shapely.intersects(labels.geometries(near), extent).any():
+        gap = float(shapely.distance(labels.geoms, extent).min())
         x0, y0 = source.affine * (0, 0)
         x1, y1 = source.affine * (source.width, source.height)
         bounds = tuple(round(v, 6) for v in (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))

@@ -214,6 +214,78 @@ def test_label_set_query_finds_exactly_the_features_whose_bounds_meet_the_window
     assert labels.query(window).tolist() == np.sort(tree.query(shapely.box(*window))).tolist()
 
 
+def _pixel_features_in_map_space(source, seed: int = 4, multi: bool = True) -> gpd.GeoDataFrame:
+    """Mixed features over ``source``, in its CRS: boxes, rotated boxes, holes, a bow-tie, a null
+    and an empty geometry; and multipolygons (else their places get boxes)."""
+    import shapely
+
+    geoms = list(shapely.transform(_mixed_features(400, seed=seed), lambda xy: xy / 2))  # over 1024 px
+    if not multi:
+        geoms = [shapely.box(*g.bounds) if g.geom_type == "MultiPolygon" else g for g in geoms]
+    geoms[5] = shapely.Polygon([(10, 10), (60, 60), (60, 10), (10, 60)])  # bow-tie: repaired
+    geoms[6] = None
+    geoms[7] = shapely.Polygon()
+    geoms[8] = shapely.box(2000, 2000, 2010, 2010)  # off the raster: kept, as the general path does
+    pixels = np.array(geoms, dtype=object)
+    a = source.affine
+    mapped = shapely.transform(pixels, lambda xy: np.column_stack([a.a * xy[:, 0] + a.c, a.e * xy[:, 1] + a.f]))
+    return gpd.GeoDataFrame({"classvalue": np.arange(400) % 3 + 1, "classname": ["x", "y", "z", "x"] * 100},
+                            geometry=mapped, crs=source.crs_wkt)
+
+
+@pytest.mark.parametrize("multi", [False, True], ids=["polygons", "promoted-to-multipolygons"])
+def test_plain_polygons_read_with_numpy_equal_the_general_path(tmp_path, multi):
+    """A layer of Polygons, and one GeoPackage stores as MultiPolygons (its features mix both)."""
+    import pyogrio
+    import shapely
+
+    from chipflow._wkb import simple_polygons
+
+    source = open_raster(str(KAMPALA_IMAGE))
+    frame = _pixel_features_in_map_space(source, multi=multi)
+    path = tmp_path / "features.gpkg"
+    frame.to_file(path)
+    _, table = pyogrio.read_arrow(path)
+    parsed = simple_polygons(table.column("geom"))
+    holes_or_parts = 2 * 400 // 10 if multi else 400 // 10  # every 10th has a hole, the next two parts
+    assert parsed.simple.sum() == 400 - 2 - holes_or_parts  # nor the null and the empty
+    assert parsed.multi.all() == multi
+    fast = read_class_data(str(path), class_value_field=None, source=source)
+    general = read_class_data(gpd.read_file(path), class_value_field=None, source=source)
+    assert len(fast) == len(general) == 398  # the null and the empty dropped
+    if not multi:  # rectangles never became shapely objects
+        assert fast.rectangles.sum() > 200 and (fast._geoms[fast.rectangles] == None).all()  # noqa: E711
+    assert fast.classes == general.classes
+    np.testing.assert_array_equal(fast.class_index, general.class_index)
+    for name in ("bounds", "polygonal", "rectangles", "_corners"):
+        np.testing.assert_array_equal(getattr(fast, name), getattr(general, name), err_msg=name)
+    np.testing.assert_allclose(fast.areas, general.areas, rtol=1e-12)
+    repaired = 5  # repaired in pixel space by one, in map space by the other: the same up to rounding
+    same = np.arange(len(fast)) != repaired
+    np.testing.assert_array_equal(shapely.to_wkb(fast.geoms[same]), shapely.to_wkb(general.geoms[same]))
+    assert shapely.equals_exact(shapely.normalize(fast.geoms[repaired]),
+                                shapely.normalize(general.geoms[repaired]), tolerance=1e-6)
+    pickled = pickle.loads(pickle.dumps(fast))
+    np.testing.assert_array_equal(shapely.to_wkb(pickled.geoms[same]), shapely.to_wkb(general.geoms[same]))
+
+
+def test_plain_polygon_reading_keeps_the_general_errors(tmp_path):
+    source = open_raster(str(KAMPALA_IMAGE))
+    frame = _pixel_features_in_map_space(source).iloc[:20]
+    mixed = pd.concat([frame, gpd.GeoDataFrame({"classvalue": [1]}, geometry=[frame.geometry.iloc[0].centroid],
+                                               crs=frame.crs)], ignore_index=True)
+    mixed.to_file(tmp_path / "mixed.gpkg")
+    with pytest.raises(chipflow.LabelError, match=r"mixes geometry types \(1 points, 18 polygons\)"):
+        read_class_data(str(tmp_path / "mixed.gpkg"), class_value_field=None, source=source)
+    far = frame.copy()
+    far["geometry"] = far.geometry.translate(10_000, 0)
+    far.to_file(tmp_path / "far.gpkg")
+    with pytest.raises(chipflow.LabelError, match=r"does not overlap"):
+        read_class_data(str(tmp_path / "far.gpkg"), class_value_field=None, source=source)
+    with pytest.raises(chipflow.LabelError, match=r"class_value_field='klass' is not a field.*'classname'"):
+        read_class_data(str(tmp_path / "far.gpkg"), class_value_field="klass", source=source)
+
+
 def test_class_names_are_each_values_first_name_blanks_and_missing_skipped():
     from chipflow.labels import _class_names
 
