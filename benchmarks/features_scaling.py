@@ -3,7 +3,7 @@
 ``python benchmarks/features_scaling.py [--size 8192] [--features 20000 200000 2000000]``
 exports the same raster with each label set (stride 256, PASCAL VOC, ALL_TILES) on a
 2-worker LocalCluster and prints wall time, its ratio to the smallest set, and the peak
-RSS of the largest worker process. Above 100k features chipflow partitions the class
+RSS of the largest worker process. Above 500k features chipflow partitions the class
 data (dask-geopandas, Hilbert order) instead of broadcasting it.
 """
 
