@@ -78,12 +78,15 @@ def simple_polygons(column: Any) -> SimplePolygons:
     ok = ((head[:, 0] == 1) & (_u32(head, 1) == 3) & (_u32(head, 5) == 1)
           & (size[rows] == skip + _HEADER + 16 * points))
     rows, points, multi, skip = rows[ok], points[ok], multi[ok], skip[ok]
-    # the coordinate bytes of those rows, gathered in one pass (a mask over the data buffer)
+    # the coordinate bytes of those rows, gathered in one pass: a mask over the data buffer made of
+    # alternating runs (bytes to skip, coordinate bytes), one pair per row, then the rest skipped
     base = offsets[0]
-    edges = np.zeros(int(offsets[-1] - base) + 1, np.int8)
-    edges[start[rows] - base + skip + _HEADER] = 1
-    edges[start[rows] - base + size[rows]] = -1
-    inside = np.cumsum(edges[:-1], dtype=np.int8).view(bool)
+    begin, end = start[rows] - base + skip + _HEADER, start[rows] - base + size[rows]
+    runs = np.empty(2 * len(rows) + 1, np.int64)
+    runs[0:-1:2] = begin - np.r_[0, end[:-1]]
+    runs[1::2] = end - begin
+    runs[-1] = offsets[-1] - base - (end[-1] if len(rows) else 0)
+    inside = np.repeat(np.resize(np.array([False, True]), len(runs)), runs)
     coords = data[base:offsets[-1]][inside].view("<f8").reshape(-1, 2)
     first = np.cumsum(points) - points
     closed = (coords[first] == coords[first + points - 1]).all(axis=1)

@@ -80,9 +80,23 @@ def _box_corners(xy: np.ndarray, b: np.ndarray, areas: np.ndarray) -> tuple[np.n
     left, top = xy[..., 0] == b[:, None, 0], xy[..., 1] == b[:, None, 1]
     box_area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     is_box = (((right | left) & (bottom | top)).all(axis=1) & (box_area > 0)
-              & np.isclose(areas, box_area, rtol=1e-9, atol=0))
+              & (np.abs(areas - box_area) <= 1e-9 * np.abs(box_area)))  # np.isclose(rtol=1e-9, atol=0)
     codes = (right[:, :4] | (bottom[:, :4] << 1)).astype(np.uint8) << np.array([0, 2, 4, 6], np.uint8)
     return is_box, np.where(is_box, np.bitwise_or.reduce(codes, axis=1), 0).astype(np.uint8)
+
+
+def _strictly_convex(ring: np.ndarray) -> np.ndarray:
+    """Closed 5-point rings (k, 5, 2) that are strictly convex quadrilaterals (so valid polygons).
+
+    Each corner turns the same way, clearly: the cross product of its two edges is
+    at least 1e-9 of their lengths' product. Nearly flat corners are left to GEOS.
+    """
+    ex, ey = ring[:, 1:, 0] - ring[:, :-1, 0], ring[:, 1:, 1] - ring[:, :-1, 1]  # the 4 edges
+    nx, ny = np.roll(ex, -1, axis=1), np.roll(ey, -1, axis=1)  # each one's next
+    cross = ex * ny - ey * nx
+    lengths2 = (ex * ex + ey * ey) * (nx * nx + ny * ny)
+    clear = (cross * cross >= 1e-18 * lengths2) & (lengths2 > 0)
+    return clear.all(axis=1) & ((cross > 0).all(axis=1) | (cross < 0).all(axis=1))
 
 
 def _rectangle_polygons(bounds: np.ndarray, corners: np.ndarray) -> np.ndarray:
@@ -389,8 +403,14 @@ def _class_names(frame: Any, values: np.ndarray) -> dict[int, str]:
     field_name = _find_field(columns, (_NAME_FIELD,))
     if field_name is None:
         return {}
-    given = frame[field_name].notna().to_numpy()
-    named = frame[field_name][given].astype(str).str.strip().to_numpy()
+    column = frame[field_name]
+    given = column.notna().to_numpy()
+    rows, of = np.flatnonzero(given), values[given]
+    uniq, first = np.unique(of, return_index=True)  # usually each value's first name is not blank
+    text = column.iloc[rows[first]].astype(str).str.strip().to_numpy()
+    if (text != "").all():
+        return dict(zip(uniq.tolist(), text.tolist(), strict=True))
+    named = column[given].astype(str).str.strip().to_numpy()
     nonblank = named != ""
     first = dict(zip(values[given][nonblank].tolist()[::-1], named[nonblank].tolist()[::-1], strict=True))
     return {v: first[v] for v in sorted(first)}  # each value's first name
@@ -554,11 +574,14 @@ def _read_polygons_fast(
         low, high = np.minimum.reduceat(xy, first), np.maximum.reduceat(xy, first)
         bounds[rows] = np.column_stack([low, high])
     five = np.flatnonzero((counts == 5) & ~parsed.multi)  # a one-part MultiPolygon is no rectangle
+    convex = np.zeros(len(rows), bool)
     if five.size:
         ring = xy[first[five, None] + np.arange(5)]
         cross = ring[:, :-1, 0] * ring[:, 1:, 1] - ring[:, 1:, 0] * ring[:, :-1, 1]
         shoelace = 0.5 * np.abs(cross.sum(axis=1))
         rectangles[rows[five]], corners[rows[five]] = _box_corners(ring, bounds[rows[five]], shoelace)
+        other = ~rectangles[rows[five]]  # rectangles are valid already
+        convex[five[other]] = _strictly_convex(ring[other])
     boxes = rows[rectangles[rows]]
     areas[boxes] = (bounds[boxes, 2] - bounds[boxes, 0]) * (bounds[boxes, 3] - bounds[boxes, 1])
     for multi in (False, True):  # the other plain polygons become shapely objects: checked, repaired
@@ -569,8 +592,11 @@ def _read_polygons_fast(
             kind = shapely.GeometryType.MULTIPOLYGON if multi else shapely.GeometryType.POLYGON
             made = shapely.from_ragged_array(kind, xy[np.repeat(plain, counts)],
                                              (ring_offsets, parts, parts) if multi else (ring_offsets, parts))
-            geoms[rows[plain]], changed[rows[plain]] = _repair(made)  # repaired: measured below
-            areas[rows[plain]] = shapely.area(geoms[rows[plain]])
+            check = ~convex[plain]  # a strictly convex quadrilateral is valid: GEOS checks the others
+            if check.any():
+                made[check], changed[rows[plain][check]] = _repair(made[check])  # repaired: measured below
+            geoms[rows[plain]] = made
+            areas[rows[plain]] = shapely.area(made)
     others = np.flatnonzero(~parsed.simple)
     if others.size:  # holes, multipolygons, points, lines...: shapely's, as the general path does
         raw = shapely.from_wkb(np.asarray(wkb.take(others).to_numpy(zero_copy_only=False), dtype=object))
@@ -647,9 +673,11 @@ def _check_overlap(labels: LabelSet, source: RasterSource, in_class_data: Any) -
     extent = shapely.box(0, 0, source.width, source.height)
     if len(labels) == 0:
         raise LabelError(f"in_class_data={describe(in_class_data)} holds no non-empty feature")
-    near = labels.query((0, 0, source.width, source.height))
+    b = labels.bounds
+    meets = (b[:, 0] <= source.width) & (b[:, 2] >= 0) & (b[:, 1] <= source.height) & (b[:, 3] >= 0)
     # a rectangle meets the extent exactly when its bounds do; other features are tested
-    if not labels.rectangles[near].any() and not shapely.intersects(labels.geometries(near), extent).any():
+    if not (meets & labels.rectangles).any() and not shapely.intersects(
+            labels.geometries(np.flatnonzero(meets)), extent).any():
         gap = float(shapely.distance(labels.geoms, extent).min())
         x0, y0 = source.affine * (0, 0)
         x1, y1 = source.affine * (source.width, source.height)

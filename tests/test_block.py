@@ -110,3 +110,22 @@ def test_band_moments_of_8_bit_blocks_equal_the_chips_own_statistics(stride):
     np.testing.assert_allclose(mean, values.mean(axis=1), rtol=1e-13)
     np.testing.assert_allclose(m2, ((values - values.mean(axis=1, keepdims=True)) ** 2).sum(axis=1), rtol=1e-11)
     assert vmin.tolist() == values.min(axis=1).tolist() and vmax.tolist() == values.max(axis=1).tolist()
+
+
+def test_strictly_convex_quadrilaterals_are_the_valid_ones_geos_need_not_check():
+    from chipflow.labels import _strictly_convex
+
+    rings = [
+        [(0, 0), (10, 0), (10, 5), (0, 5)],  # a box, counter-clockwise
+        [(0, 0), (0, 5), (10, 5), (10, 0)],  # clockwise
+        list(shapely.affinity.rotate(shapely.box(0, 0, 10, 5), 17).exterior.coords)[:4],
+        [(0, 0), (10, 10), (10, 0), (0, 10)],  # a bow-tie (invalid)
+        [(0, 0), (10, 0), (3, 3), (0, 10)],  # a dart: valid, but concave
+        [(0, 0), (10, 0), (10, 0), (0, 10)],  # a repeated corner
+        [(0, 0), (5, 0), (10, 0), (0, 10)],  # a corner on an edge (flat)
+    ]
+    ring = np.array([r + [r[0]] for r in rings], dtype=np.float64)
+    convex = _strictly_convex(ring)
+    assert convex.tolist() == [True, True, True, False, False, False, False]
+    valid = shapely.is_valid(shapely.polygons(ring))
+    assert not (convex & ~valid).any()  # whatever it calls convex, GEOS calls valid
