@@ -525,8 +525,9 @@ def _read_polygons_fast(
     Single-ring 2D polygons (most building footprints) go from the file's WKB
     to pixel-space coordinates, bounds and areas without a shapely object each
     (:mod:`chipflow._wkb`); rectangles never become one on the client, the
-    other polygons do (to check and repair them, and to ship them). Any other
-    feature takes the general path. The result equals the general path's,
+    other polygons do (to ship them, and to check and repair them: strictly
+    convex quadrilaterals are valid without GEOS's check). Any other feature
+    takes the general path. The result equals the general path's,
     except that an invalid polygon is repaired in pixel space instead of map
     space. None when the input is not such a file (the general path then
     reads it, and reports what is wrong with it).
