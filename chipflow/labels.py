@@ -109,6 +109,23 @@ def _rectangle_polygons(bounds: np.ndarray, corners: np.ndarray) -> np.ndarray:
     return shapely.polygons(xy) if len(bounds) else np.empty(0, dtype=object)
 
 
+def _ring_polygons(xy: np.ndarray, counts: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Polygons of one ring each: ring ``i`` is ``xy[starts[i]:starts[i] + counts[i]]``."""
+    if not len(counts):
+        return np.empty(0, dtype=object)
+    gather = np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+    return shapely.from_ragged_array(shapely.GeometryType.POLYGON, xy[gather],
+                                     (np.r_[0, np.cumsum(counts)], np.arange(len(counts) + 1)))
+
+
+def _ring_area(ring: np.ndarray) -> np.ndarray:
+    """Areas of closed 5-point rings (k, 5, 2), computed exactly as GEOS does (``shapely.area``)."""
+    x0, total = ring[:, 0, 0], 0.0
+    for i in range(1, 4):
+        total = total + (ring[:, i, 0] - x0) * (ring[:, i - 1, 1] - ring[:, i + 1, 1])
+    return np.abs(total / 2.0)
+
+
 class _BoundsIndex:
     """Features whose bounds meet a window, found from the bounds alone (no geometry decoded).
 
@@ -181,7 +198,9 @@ class LabelSet:
         self.polygonal = np.isin(shapely.get_type_id(geoms), (3, 6))
         self.rectangles, self._corners = _rectangles(geoms, self.bounds, self.areas)
         self._geoms, self._decoded = geoms, None  # None: every geometry is decoded
-        self._others: tuple[bytes, np.ndarray] | None = None  # WKB of the non-rectangles
+        self._plain = np.zeros(len(geoms), bool)  # one-ring polygons shipped as coordinates: none here
+        self._plain_xy, self._plain_counts = np.zeros((0, 2)), np.zeros(0, np.int64)
+        self._others: tuple[bytes, np.ndarray] | None = None  # WKB of the other features
         self._reset()
 
     @classmethod
@@ -193,32 +212,41 @@ class LabelSet:
             class_index, classes, pixel_area, None, None)
         self.bounds, self.areas, self.polygonal = derived["bounds"], derived["areas"], derived["polygonal"]
         self.rectangles, self._corners = derived["rectangles"], derived["corners"]
+        self._plain, self._plain_xy = derived["plain"], derived["plain_xy"]
+        self._plain_counts = derived["plain_counts"]
         self._geoms = geoms
-        self._decoded = ~self.rectangles if self.rectangles.any() else None
+        undecoded = self.rectangles | self._plain
+        self._decoded = ~undecoded if undecoded.any() else None
         self._others = None
         self._reset()
         return self
 
     def _reset(self) -> None:
         self._index: _BoundsIndex | None = None
-        self._ends: np.ndarray | None = None
-        self._rank: np.ndarray | None = None
+        self._ends: np.ndarray | None = None  # where each other feature's WKB ends
+        self._rank: np.ndarray | None = None  # each feature's rank among the other features
+        self._plain_rank: np.ndarray | None = None  # ... among the plain rings
+        self._plain_starts: np.ndarray | None = None  # where each plain ring starts in _plain_xy
         self._lock = threading.Lock()
 
     def _wire(self) -> tuple[bytes, np.ndarray]:
-        """The non-rectangles as one WKB buffer and their lengths (made once: hashed and pickled)."""
+        """The other features (neither rectangles nor plain rings) as one WKB buffer and their lengths.
+
+        Made once: hashed and pickled.
+        """
         if self._others is None:
-            self._others = _pack_wkb(self.geometries(np.flatnonzero(~self.rectangles)))
+            self._others = _pack_wkb(self.geometries(np.flatnonzero(~self.rectangles & ~self._plain)))
         return self._others
 
     def __getstate__(self) -> dict[str, Any]:
         # Shipped: derived arrays (cheaper to ship than to recompute on every
-        # worker), rectangles as bounds + corner codes, the rest as one WKB buffer
-        # (10x faster both ways than pickling shapely objects one by one). The
-        # index is rebuilt lazily once per worker, never pickled.
+        # worker), rectangles as bounds + corner codes, plain rings as coordinates,
+        # the rest as one WKB buffer (10x faster both ways than pickling shapely
+        # objects one by one). The index is rebuilt lazily once per worker.
         return {"class_index": self.class_index, "classes": self.classes, "pixel_area": self.pixel_area,
                 "mask": self.mask, "raster": self.raster, "bounds": self.bounds, "areas": self.areas,
                 "polygonal": self.polygonal, "rectangles": self.rectangles, "_corners": self._corners,
+                "_plain": self._plain, "_plain_xy": self._plain_xy, "_plain_counts": self._plain_counts,
                 "_others": self._wire()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -246,14 +274,22 @@ class LabelSet:
                     todo = np.flatnonzero(todo)
                 todo = np.unique(todo[~self._decoded[todo]])
                 if todo.size:
-                    rect = self.rectangles[todo]
+                    rect, plain = self.rectangles[todo], self._plain[todo]
                     boxes = todo[rect]
                     self._geoms[boxes] = _rectangle_polygons(self.bounds[boxes], self._corners[boxes])
-                    others = todo[~rect]
+                    rings = todo[plain]
+                    if rings.size:
+                        if self._plain_rank is None:
+                            self._plain_rank = np.cumsum(self._plain) - 1
+                            self._plain_starts = np.cumsum(self._plain_counts) - self._plain_counts
+                        r = self._plain_rank[rings]
+                        self._geoms[rings] = _ring_polygons(self._plain_xy, self._plain_counts[r],
+                                                            self._plain_starts[r])
+                    others = todo[~rect & ~plain]
                     if others.size:
                         if self._ends is None:  # where each non-rectangle's WKB ends; each feature's rank
                             self._ends = np.cumsum(self._others[1])
-                            self._rank = np.cumsum(~self.rectangles) - 1
+                            self._rank = np.cumsum(~self.rectangles & ~self._plain) - 1
                         self._geoms[others] = _unpack_wkb(self._others[0], self._ends, self._rank[others])
                     self._decoded[todo] = True
                     if self._decoded.all():
@@ -265,7 +301,8 @@ class LabelSet:
         import hashlib
 
         digest = hashlib.sha256()
-        for array in (self.bounds, self.rectangles, self._corners):
+        for array in (self.bounds, self.rectangles, self._corners, self._plain, self._plain_xy,
+                      self._plain_counts):
             digest.update(np.ascontiguousarray(array).tobytes())
         digest.update(self._wire()[0])
         digest.update(np.asarray(self.values, "<i8").tobytes())
@@ -577,7 +614,7 @@ def _read_polygons_fast(
     five = np.flatnonzero((counts == 5) & ~parsed.multi)  # a one-part MultiPolygon is no rectangle
     convex = np.zeros(len(rows), bool)
     if five.size:
-        ring = xy[first[five, None] + np.arange(5)]
+        ring = xy.reshape(-1, 5, 2) if five.size == len(rows) else xy[first[five, None] + np.arange(5)]
         cross = ring[:, :-1, 0] * ring[:, 1:, 1] - ring[:, 1:, 0] * ring[:, :-1, 1]
         shoelace = 0.5 * np.abs(cross.sum(axis=1))
         rectangles[rows[five]], corners[rows[five]] = _box_corners(ring, bounds[rows[five]], shoelace)
@@ -585,19 +622,31 @@ def _read_polygons_fast(
         convex[five[other]] = _strictly_convex(ring[other])
     boxes = rows[rectangles[rows]]
     areas[boxes] = (bounds[boxes, 2] - bounds[boxes, 0]) * (bounds[boxes, 3] - bounds[boxes, 1])
-    for multi in (False, True):  # the other plain polygons become shapely objects: checked, repaired
-        plain = ~rectangles[rows] & (parsed.multi == multi)
-        if plain.any():
-            parts = np.arange(plain.sum() + 1)
-            ring_offsets = np.concatenate([[0], np.cumsum(counts[plain])])
+    # other one-ring polygons travel as their coordinates ("plain"): valid without GEOS's check when
+    # strictly convex quadrilaterals (their area computed as GEOS does), else checked and, when
+    # invalid, repaired into shapely objects like the one-part MultiPolygons
+    ring_of = np.zeros(len(rows), bool)  # per simple row: shipped as a plain ring
+    quads = five[convex[five]]
+    ring_of[quads] = True
+    areas[rows[quads]] = _ring_area(ring[convex[five]]) if quads.size else 0.0
+    for multi in (False, True):
+        check = ~rectangles[rows] & (parsed.multi == multi) & ~convex
+        if check.any():
+            parts = np.arange(check.sum() + 1)
+            ring_offsets = np.concatenate([[0], np.cumsum(counts[check])])
             kind = shapely.GeometryType.MULTIPOLYGON if multi else shapely.GeometryType.POLYGON
-            made = shapely.from_ragged_array(kind, xy[np.repeat(plain, counts)],
+            made = shapely.from_ragged_array(kind, xy[np.repeat(check, counts)],
                                              (ring_offsets, parts, parts) if multi else (ring_offsets, parts))
-            check = ~convex[plain]  # a strictly convex quadrilateral is valid: GEOS checks the others
-            if check.any():
-                made[check], changed[rows[plain][check]] = _repair(made[check])  # repaired: measured below
-            geoms[rows[plain]] = made
-            areas[rows[plain]] = shapely.area(made)
+            made, repaired = _repair(made)
+            areas[rows[check]] = shapely.area(made)
+            changed[rows[check]] = repaired  # measured again below
+            if multi:
+                geoms[rows[check]] = made
+            else:  # valid ones travel as coordinates, repaired ones as shapely objects
+                geoms[rows[check][repaired]] = made[repaired]
+                ring_of[np.flatnonzero(check)[~repaired]] = True
+    plain = np.zeros(n, bool)
+    plain[rows[ring_of]] = True
     others = np.flatnonzero(~parsed.simple)
     if others.size:  # holes, multipolygons, points, lines...: shapely's, as the general path does
         raw = shapely.from_wkb(np.asarray(wkb.take(others).to_numpy(zero_copy_only=False), dtype=object))
@@ -619,7 +668,8 @@ def _read_polygons_fast(
     class_values = np.unique(values)
     a, b, _, d, e, _ = source.transform
     derived = {"bounds": bounds[keep], "areas": areas[keep], "polygonal": polygonal[keep],
-               "rectangles": rectangles[keep], "corners": corners[keep]}
+               "rectangles": rectangles[keep], "corners": corners[keep], "plain": plain[keep],
+               "plain_xy": xy[np.repeat(ring_of, counts)], "plain_counts": counts[ring_of]}
     labels = LabelSet._from_parts(
         geoms[keep], derived, np.searchsorted(class_values, values).astype(np.int32),
         _classes(class_values, names), abs(a * e - b * d))

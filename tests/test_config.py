@@ -226,6 +226,8 @@ def _pixel_features_in_map_space(source, seed: int = 4, multi: bool = True) -> g
     geoms[6] = None
     geoms[7] = shapely.Polygon()
     geoms[8] = shapely.box(2000, 2000, 2010, 2010)  # off the raster: kept, as the general path does
+    geoms[9] = shapely.Polygon([(100, 100), (140, 100), (140, 110), (110, 110), (110, 140), (100, 140)])  # L
+    geoms[11] = shapely.Polygon([(200, 200), (240, 200), (210, 210), (200, 240)])  # a dart: concave
     pixels = np.array(geoms, dtype=object)
     a = source.affine
     mapped = shapely.transform(pixels, lambda xy: np.column_stack([a.a * xy[:, 0] + a.c, a.e * xy[:, 1] + a.f]))
@@ -248,7 +250,7 @@ def test_plain_polygons_read_with_numpy_equal_the_general_path(tmp_path, multi):
     _, table = pyogrio.read_arrow(path)
     parsed = simple_polygons(table.column("geom"))
     holes_or_parts = 2 * 400 // 10 if multi else 400 // 10  # every 10th has a hole, the next two parts
-    assert parsed.simple.sum() == 400 - 2 - holes_or_parts  # nor the null and the empty
+    assert parsed.simple.sum() == 400 - 2 - holes_or_parts + 1  # nor the null and the empty; the L
     assert parsed.multi.all() == multi
     fast = read_class_data(str(path), class_value_field=None, source=source)
     general = read_class_data(gpd.read_file(path), class_value_field=None, source=source)
@@ -259,14 +261,35 @@ def test_plain_polygons_read_with_numpy_equal_the_general_path(tmp_path, multi):
     np.testing.assert_array_equal(fast.class_index, general.class_index)
     for name in ("bounds", "polygonal", "rectangles", "_corners"):
         np.testing.assert_array_equal(getattr(fast, name), getattr(general, name), err_msg=name)
-    np.testing.assert_allclose(fast.areas, general.areas, rtol=1e-12)
     repaired = 5  # repaired in pixel space by one, in map space by the other: the same up to rounding
     same = np.arange(len(fast)) != repaired
+    np.testing.assert_array_equal(fast.areas[same], general.areas[same])  # GEOS's areas, to the bit
+    np.testing.assert_allclose(fast.areas, general.areas, rtol=1e-12)
+    if not multi:  # one-ring polygons travel as coordinates, the rest as WKB
+        assert fast._plain.sum() > 40 and not (fast._plain & fast.rectangles).any()
+        assert fast._plain[[7, 9]].all()  # the L and the dart (rows 9 and 11; rows 6 and 7 dropped)
     np.testing.assert_array_equal(shapely.to_wkb(fast.geoms[same]), shapely.to_wkb(general.geoms[same]))
     assert shapely.equals_exact(shapely.normalize(fast.geoms[repaired]),
                                 shapely.normalize(general.geoms[repaired]), tolerance=1e-6)
     pickled = pickle.loads(pickle.dumps(fast))
     np.testing.assert_array_equal(shapely.to_wkb(pickled.geoms[same]), shapely.to_wkb(general.geoms[same]))
+
+
+def test_a_layer_of_quadrilaterals_only_reads_like_the_general_path(tmp_path):
+    """Boxes and rotated boxes only (every ring five points: no gather needed)."""
+    import shapely
+
+    source = open_raster(str(KAMPALA_IMAGE))
+    frame = _pixel_features_in_map_space(source, multi=False)
+    quads = shapely.get_num_coordinates(frame.geometry.to_numpy()) == 5
+    frame = frame[quads & (frame.index != 5)]  # no bow-tie
+    frame.to_file(tmp_path / "quads.gpkg")
+    fast = read_class_data(str(tmp_path / "quads.gpkg"), class_value_field=None, source=source)
+    general = read_class_data(frame, class_value_field=None, source=source)
+    assert len(fast) == len(frame) > 300 and fast._plain.sum() > 50
+    for name in ("bounds", "areas", "rectangles", "_corners"):
+        np.testing.assert_array_equal(getattr(fast, name), getattr(general, name), err_msg=name)
+    np.testing.assert_array_equal(shapely.to_wkb(fast.geoms), shapely.to_wkb(general.geoms))
 
 
 def test_plain_polygon_reading_keeps_the_general_errors(tmp_path):
