@@ -553,6 +553,34 @@ def read_class_data(
     return labels
 
 
+def _arrow_vector(path: str) -> tuple[Any, str, Any] | None:
+    """A local vector file as an Arrow table, its WKB geometry column's name and its CRS.
+
+    GeoParquet through pyarrow (its ``geo`` metadata: the primary column, WKB
+    encoding; a missing ``crs`` means OGC:CRS84, as the specification says),
+    anything else through pyogrio. None when the geometry is not WKB.
+    """
+    if path.lower().endswith((".parquet", ".geoparquet")):
+        import json
+
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        geo = json.loads((table.schema.metadata or {}).get(b"geo", b"null"))
+        if not geo or geo.get("primary_column") not in table.column_names:
+            return None
+        info = geo["columns"][geo["primary_column"]]
+        if str(info.get("encoding", "WKB")).upper() != "WKB":
+            return None
+        crs = info.get("crs", "OGC:CRS84")
+        return table, geo["primary_column"], json.dumps(crs) if isinstance(crs, dict) else crs
+    import pyogrio
+
+    meta, table = pyogrio.read_arrow(path)
+    geometry = meta["geometry_name"] or "wkb_geometry"
+    return (table, geometry, meta["crs"]) if geometry in table.column_names else None
+
+
 def _read_polygons_fast(
     in_class_data: Any, *, class_value_field: str | None, source: RasterSource, buffer_radius: float,
     require_overlap: bool,
@@ -573,24 +601,22 @@ def _read_polygons_fast(
             or (source.pixel_space and (source.gcps or source.rpcs))):
         return None
     path = os.fspath(in_class_data)
-    if "://" in path or not os.path.exists(path) or path.lower().endswith((".parquet", ".geoparquet")):
+    if "://" in path or not os.path.exists(path):
         return None
-    import pyogrio
     import pyproj
 
     from ._wkb import simple_polygons
 
     try:
-        meta, table = pyogrio.read_arrow(path)
-        if not meta["geometry_name"] and "wkb_geometry" not in table.column_names:
+        found = _arrow_vector(path)
+        if found is None:
             return None
-        crs = meta["crs"]
+        table, geometry, crs = found
         if crs is None or not source.crs_wkt or not pyproj.CRS.from_user_input(crs).equals(
                 pyproj.CRS.from_user_input(source.crs_wkt)):
             return None  # no CRS, or another one: the general path refuses or reprojects
     except Exception:  # unreadable here: the general path reads it, or says why it cannot
         return None
-    geometry = meta["geometry_name"] or "wkb_geometry"
     attributes = table.drop_columns([geometry]).to_pandas()
     values, _ = _class_values(attributes, class_value_field)
     names = _class_names(attributes, values)

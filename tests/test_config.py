@@ -3,6 +3,7 @@ import pickle
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyproj
 import pytest
 from conftest import KAMPALA_BUILDINGS, KAMPALA_IMAGE, NC, textured
 from shapely.geometry import box
@@ -236,26 +237,36 @@ def _pixel_features_in_map_space(source, seed: int = 4, multi: bool = True) -> g
 
 
 @pytest.mark.parametrize("multi", [False, True], ids=["polygons", "promoted-to-multipolygons"])
-def test_plain_polygons_read_with_numpy_equal_the_general_path(tmp_path, multi):
-    """A layer of Polygons, and one GeoPackage stores as MultiPolygons (its features mix both)."""
-    import pyogrio
+@pytest.mark.parametrize("suffix", [".gpkg", ".parquet"])
+def test_plain_polygons_read_with_numpy_equal_the_general_path(tmp_path, multi, suffix):
+    """A layer of Polygons, and one GeoPackage stores as MultiPolygons (its features mix both);
+    GeoParquet keeps each feature's own type."""
     import shapely
 
     from chipflow._wkb import simple_polygons
+    from chipflow.labels import _arrow_vector
 
     source = open_raster(str(KAMPALA_IMAGE))
     frame = _pixel_features_in_map_space(source, multi=multi)
-    path = tmp_path / "features.gpkg"
-    frame.to_file(path)
-    _, table = pyogrio.read_arrow(path)
-    parsed = simple_polygons(table.column("geom"))
-    holes_or_parts = 2 * 400 // 10 if multi else 400 // 10  # every 10th has a hole, the next two parts
-    assert parsed.simple.sum() == 400 - 2 - holes_or_parts + 1  # nor the null and the empty; the L
-    assert parsed.multi.all() == multi
+    path = tmp_path / f"features{suffix}"
+    if suffix == ".parquet":
+        frame.to_parquet(path)
+        promoted = False
+        general_frame = gpd.read_parquet(path)
+    else:
+        frame.to_file(path)
+        promoted = multi
+        general_frame = gpd.read_file(path)
+    table, column, crs = _arrow_vector(str(path))
+    assert pyproj.CRS.from_user_input(crs).equals(pyproj.CRS.from_user_input(source.crs_wkt))
+    parsed = simple_polygons(table.column(column))
+    several = 400 // 10 if multi else 0  # every 10th has a hole; with multi the next has two parts
+    assert parsed.simple.sum() == 400 - 2 - 400 // 10 - several + 1  # nor the null and the empty; the L
+    assert parsed.multi.all() == promoted
     fast = read_class_data(str(path), class_value_field=None, source=source)
-    general = read_class_data(gpd.read_file(path), class_value_field=None, source=source)
+    general = read_class_data(general_frame, class_value_field=None, source=source)
     assert len(fast) == len(general) == 398  # the null and the empty dropped
-    if not multi:  # rectangles never became shapely objects
+    if not promoted:  # rectangles never became shapely objects
         assert fast.rectangles.sum() > 200 and (fast._geoms[fast.rectangles] == None).all()  # noqa: E711
     assert fast.classes == general.classes
     np.testing.assert_array_equal(fast.class_index, general.class_index)
@@ -265,7 +276,7 @@ def test_plain_polygons_read_with_numpy_equal_the_general_path(tmp_path, multi):
     same = np.arange(len(fast)) != repaired
     np.testing.assert_array_equal(fast.areas[same], general.areas[same])  # GEOS's areas, to the bit
     np.testing.assert_allclose(fast.areas, general.areas, rtol=1e-12)
-    if not multi:  # one-ring polygons travel as coordinates, the rest as WKB
+    if not promoted:  # one-ring polygons travel as coordinates, the rest as WKB
         assert fast._plain.sum() > 40 and not (fast._plain & fast.rectangles).any()
         assert fast._plain[[7, 9]].all()  # the L and the dart (rows 9 and 11; rows 6 and 7 dropped)
     np.testing.assert_array_equal(shapely.to_wkb(fast.geoms[same]), shapely.to_wkb(general.geoms[same]))
