@@ -182,10 +182,12 @@ class LabelSet:
         Derived per feature: pixel bounds, area, whether it is a (multi)polygon,
         and whether it is exactly its bounding box (clipped without GEOS).
 
-    On the wire, rectangles are their bounds and a corner code (no WKB) and the
-    other features one WKB buffer; a worker decodes a geometry only when a block
-    needs it (a box format over rectangles needs none) and finds features by
-    their bounds, so 200k rectangles cost a worker no shapely object at all.
+    On the wire, rectangles are their bounds and a corner code (no WKB), the
+    one-ring polygons the numpy reader found (:func:`read_class_data`) their
+    coordinates, and the other features one WKB buffer; a worker decodes a
+    geometry only when a block needs it (a box format over rectangles needs
+    none) and finds features by their bounds, so 200k rectangles cost a worker
+    no shapely object at all.
     """
 
     def __init__(self, geoms: np.ndarray, class_index: np.ndarray, classes: tuple[ClassInfo, ...],
@@ -206,7 +208,11 @@ class LabelSet:
     @classmethod
     def _from_parts(cls, geoms: np.ndarray, derived: dict[str, np.ndarray], class_index: np.ndarray,
                     classes: tuple[ClassInfo, ...], pixel_area: float) -> LabelSet:
-        """A LabelSet whose derived arrays are known; ``geoms`` holds None for rectangles (decoded on use)."""
+        """A LabelSet whose derived arrays are known; ``geoms`` holds None for rectangles and plain rings.
+
+        Those are decoded on use, from the bounds and corner codes, or from
+        ``derived["plain_xy"]`` (the plain rings' coordinates, ring after ring).
+        """
         self = cls.__new__(cls)
         self.class_index, self.classes, self.pixel_area, self.mask, self.raster = (
             class_index, classes, pixel_area, None, None)
