@@ -561,9 +561,9 @@ class _Output:
             self.result.add_band_moments(*moments)
             if split:
                 self.result.children[split].add_band_moments(*moments)
-        with context_meter.meter("write"):
-            self.writer.close()
-        context_meter.digest_metric("write", self.write_seconds, "seconds")
+        started = time.perf_counter()
+        self.writer.close()
+        context_meter.digest_metric("write", self.write_seconds + time.perf_counter() - started, "seconds")
         self.job.store.commit_block(block.id, self.result.to_json())  # after every file of the block
         return self.result
 
@@ -606,7 +606,6 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
         kept_classes = labels.class_index[cand[kept]]
     chip_affine = src.chip_affine
     ca, cb, cc, cd, ce, cf = chip_affine[:6]
-    ta, tb, td, te = ca * 1.0 + cb * 0.0, ca * 0.0 + cb * 1.0, cd * 1.0 + ce * 0.0, cd * 0.0 + ce * 1.0
     for r, row in enumerate(range(*block.rows)):
         cy0 = ys[row]
         for c, col in enumerate(range(*block.cols)):
@@ -683,8 +682,8 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                             raster[~chip_valid] = 0
                 chip_id = job.id_offset + grid.chip_id(row, col) * n_angles + k
                 stem = f"{chip_id:09d}"
-                if angle == 0:  # chip_affine @ Affine.translation(cx0, cy0), its arithmetic spelled out
-                    transform = Affine(ta, tb, ca * cx0 + cb * cy0 + cc, td, te, cd * cx0 + ce * cy0 + cf)
+                if angle == 0:  # chip_affine @ Affine.translation(cx0, cy0), as chips.parquet has it
+                    transform = Affine(ca, cb, ca * cx0 + cb * cy0 + cc, cd, ce, cd * cx0 + ce * cy0 + cf)
                 else:
                     transform = chip_affine @ to_raster
                 if fmt.instances and angle == 0 and labels.raster is not None:

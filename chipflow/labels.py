@@ -293,7 +293,7 @@ class LabelSet:
                                                             self._plain_starts[r])
                     others = todo[~rect & ~plain]
                     if others.size:
-                        if self._ends is None:  # where each non-rectangle's WKB ends; each feature's rank
+                        if self._ends is None:  # where each other feature's WKB ends; its rank
                             self._ends = np.cumsum(self._others[1])
                             self._rank = np.cumsum(~self.rectangles & ~self._plain) - 1
                         self._geoms[others] = _unpack_wkb(self._others[0], self._ends, self._rank[others])
@@ -388,9 +388,8 @@ def read_mask(in_mask_polygons: Any, source: RasterSource) -> Any:
 
 def empty_labels(source: RasterSource) -> LabelSet:
     """No class data (Export_Tiles): no features, no classes."""
-    a, b, _, d, e, _ = source.transform
     return LabelSet(geoms=np.array([], dtype=object), class_index=np.zeros(0, np.int32), classes=(),
-                    pixel_area=abs(a * e - b * d))
+                    pixel_area=_pixel_area(source))
 
 
 def _find_field(columns: list[str], wanted: tuple[str, ...]) -> str | None:
@@ -483,13 +482,20 @@ def _to_pixels(geoms: np.ndarray, source: RasterSource) -> np.ndarray:
 
         with transformer:
             return shapely.transform(geoms, apply)
+    return shapely.transform(geoms, lambda xy: _map_to_pixels(xy, source))
+
+
+def _map_to_pixels(xy: np.ndarray, source: RasterSource) -> np.ndarray:
+    """Map coordinates ``(n, 2)`` → pixel coordinates through the raster's inverse affine."""
     inv = ~source.affine
+    x, y = xy[:, 0], xy[:, 1]
+    return np.column_stack([inv.a * x + inv.b * y + inv.c, inv.d * x + inv.e * y + inv.f])
 
-    def apply_affine(xy: np.ndarray) -> np.ndarray:
-        x, y = xy[:, 0], xy[:, 1]
-        return np.column_stack([inv.a * x + inv.b * y + inv.c, inv.d * x + inv.e * y + inv.f])
 
-    return shapely.transform(geoms, apply_affine)
+def _pixel_area(source: RasterSource) -> float:
+    """Map units² per pixel of ``source``."""
+    a, b, _, d, e, _ = source.transform
+    return abs(a * e - b * d)
 
 
 def read_class_data(
@@ -547,12 +553,11 @@ def read_class_data(
     _check_single_family(shapely.get_type_id(geoms), in_class_data)
     pixels = _to_pixels(np.asarray(geoms), source)
     class_values = np.unique(values)
-    a, b, _, d, e, _ = source.transform
     labels = LabelSet(
         geoms=pixels,
         class_index=np.searchsorted(class_values, values).astype(np.int32),
         classes=_classes(class_values, names),
-        pixel_area=abs(a * e - b * d),
+        pixel_area=_pixel_area(source),
     )
     if require_overlap:
         _check_overlap(labels, source, in_class_data)
@@ -595,10 +600,10 @@ def _read_polygons_fast(
 
     Single-ring 2D polygons (most building footprints) go from the file's WKB
     to pixel-space coordinates, bounds and areas without a shapely object each
-    (:mod:`chipflow._wkb`); rectangles never become one on the client, the
-    other polygons do (to ship them, and to check and repair them: strictly
-    convex quadrilaterals are valid without GEOS's check). Any other feature
-    takes the general path. The result equals the general path's,
+    (:mod:`chipflow._wkb`), and travel as coordinates. Rectangles and strictly
+    convex quadrilaterals (valid as they are) never become one on the client;
+    the other polygons do, once, for GEOS's validity check and repair. Any
+    other feature takes the general path. The result equals the general path's,
     except that an invalid polygon is repaired in pixel space instead of map
     space. None when the input is not such a file (the general path then
     reads it, and reports what is wrong with it).
@@ -634,10 +639,8 @@ def _read_polygons_fast(
     polygonal, rectangles, corners = np.ones(n, bool), np.zeros(n, bool), np.zeros(n, np.uint8)
     present, changed = np.ones(n, bool), np.zeros(n, bool)
     type_ids = np.full(n, 3, np.int32)
-    # plain polygons: pixel coordinates (the same arithmetic as _to_pixels), bounds, rectangles
-    inv = ~source.affine
-    x, y = parsed.coords[:, 0], parsed.coords[:, 1]
-    xy = np.column_stack([inv.a * x + inv.b * y + inv.c, inv.d * x + inv.e * y + inv.f])
+    # plain polygons: pixel coordinates (as _to_pixels moves them), bounds, rectangles
+    xy = _map_to_pixels(parsed.coords, source)
     rows, counts = np.flatnonzero(parsed.simple), parsed.counts
     first = np.cumsum(counts) - counts
     if rows.size:
@@ -647,20 +650,15 @@ def _read_polygons_fast(
     convex = np.zeros(len(rows), bool)
     if five.size:
         ring = xy.reshape(-1, 5, 2) if five.size == len(rows) else xy[first[five, None] + np.arange(5)]
-        cross = ring[:, :-1, 0] * ring[:, 1:, 1] - ring[:, 1:, 0] * ring[:, :-1, 1]
-        shoelace = 0.5 * np.abs(cross.sum(axis=1))
-        rectangles[rows[five]], corners[rows[five]] = _box_corners(ring, bounds[rows[five]], shoelace)
+        ring_areas = _ring_area(ring)  # shapely.area's, to the bit
+        rectangles[rows[five]], corners[rows[five]] = _box_corners(ring, bounds[rows[five]], ring_areas)
         other = ~rectangles[rows[five]]  # rectangles are valid already
         convex[five[other]] = _strictly_convex(ring[other])
-    boxes = rows[rectangles[rows]]
-    areas[boxes] = (bounds[boxes, 2] - bounds[boxes, 0]) * (bounds[boxes, 3] - bounds[boxes, 1])
+        areas[rows[five]] = ring_areas
     # other one-ring polygons travel as their coordinates ("plain"): valid without GEOS's check when
-    # strictly convex quadrilaterals (their area computed as GEOS does), else checked and, when
-    # invalid, repaired into shapely objects like the one-part MultiPolygons
-    ring_of = np.zeros(len(rows), bool)  # per simple row: shipped as a plain ring
-    quads = five[convex[five]]
-    ring_of[quads] = True
-    areas[rows[quads]] = _ring_area(ring[convex[five]]) if quads.size else 0.0
+    # strictly convex quadrilaterals, else checked and, when invalid, repaired into shapely objects
+    # like the one-part MultiPolygons
+    ring_of = convex.copy()  # per simple row: shipped as a plain ring
     for multi in (False, True):
         check = ~rectangles[rows] & (parsed.multi == multi) & ~convex
         if check.any():
@@ -698,13 +696,12 @@ def _read_polygons_fast(
     _check_single_family(type_ids[keep], in_class_data)
     values = values[keep]
     class_values = np.unique(values)
-    a, b, _, d, e, _ = source.transform
     derived = {"bounds": bounds[keep], "areas": areas[keep], "polygonal": polygonal[keep],
                "rectangles": rectangles[keep], "corners": corners[keep], "plain": plain[keep],
                "plain_xy": xy[np.repeat(ring_of, counts)], "plain_counts": counts[ring_of]}
     labels = LabelSet._from_parts(
         geoms[keep], derived, np.searchsorted(class_values, values).astype(np.int32),
-        _classes(class_values, names), abs(a * e - b * d))
+        _classes(class_values, names), _pixel_area(source))
     if require_overlap:
         _check_overlap(labels, source, in_class_data)
     return labels
