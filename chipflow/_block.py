@@ -18,6 +18,7 @@ from affine import Affine
 from distributed.metrics import context_meter
 
 from . import zarr_store
+from ._clip import clip_convex
 from .class_raster import region_features
 from .encode import ChipEncoder
 from .formats import ChipLabel, get
@@ -285,16 +286,18 @@ def _grid_pairs(bounds: np.ndarray, polygonal: np.ndarray, xs: np.ndarray, ys: n
 def _block_features(
     geoms: np.ndarray, bounds: np.ndarray, full_areas: np.ndarray, polygonal: np.ndarray,
     rectangles: np.ndarray, chip_boxes: np.ndarray, chips: np.ndarray, cands: np.ndarray,
-    min_ratio: float, want_geoms: bool,
+    min_ratio: float, want_geoms: bool, quads: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
     """:func:`_chip_features` for every chip of a block at once, from its (chip, candidate) pairs.
 
     ``chip_boxes`` (n_chips, 4) are the chips' pixel boxes; ``chips``/``cands``
-    the pairs of :func:`_grid_pairs`. Rectangles are clipped as boxes for all
-    pairs in one pass; other features cut by a chip's edge go through GEOS, one
-    call per chip. Returns the kept pairs' candidates, boxes, areas and (when
-    asked) clipped geometries, and ``cuts``: chip ``i``'s pairs are
-    ``cuts[i]:cuts[i + 1]``, in ascending candidate order.
+    the pairs of :func:`_grid_pairs`. When no geometry is wanted, rectangles
+    are clipped as boxes and the convex quadrilaterals of ``quads`` (a mask
+    over the candidates and their vertices, :meth:`LabelSet.convex_quads`)
+    with numpy, all pairs in one pass; other features cut by a chip's edge go
+    through GEOS, one call per chip. Returns the kept pairs' candidates,
+    boxes, areas and (when asked) clipped geometries, and ``cuts``: chip
+    ``i``'s pairs are ``cuts[i]:cuts[i + 1]``, in ascending candidate order.
     """
     cb = chip_boxes[chips]
     boxes = bounds[cands]
@@ -311,6 +314,15 @@ def _block_features(
         boxes[q] = cut
         areas[q] = (cut[:, 2] - cut[:, 0]) * (cut[:, 3] - cut[:, 1])
         keep[q] = areas[q] > 0
+    if quads is not None and not want_geoms:  # convex quadrilaterals: Sutherland-Hodgman in numpy
+        is_quad, vertices = quads
+        convex = partial & ~quick & is_quad[cands]
+        v = np.flatnonzero(convex)
+        if v.size:
+            rank = np.cumsum(is_quad) - 1
+            boxes[v], areas[v] = clip_convex(vertices[rank[cands[v]]], cb[v])
+            keep[v] = areas[v] > 0
+        quick |= convex
     slow = np.flatnonzero(partial & ~quick)
     if slow.size:
         parts = np.empty(slow.size, dtype=object)
@@ -597,9 +609,10 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                                       np.minimum(by.ravel() + ty, src.height)]).astype(np.float64)
         chips, pairs = _grid_pairs(cand_bounds, cand_poly, block_xs, block_ys, (tx, ty),
                                    (src.width, src.height))
+        wants = want_geoms or fmt.instances
         kept, kept_boxes, kept_areas, kept_geoms, cuts = _block_features(
             cand_geoms, cand_bounds, cand_areas, cand_poly, cand_rect, chip_boxes, chips, pairs,
-            job.min_overlap_ratio, want_geoms or fmt.instances)
+            job.min_overlap_ratio, wants, None if wants else labels.convex_quads(cand))
         # in each chip's own pixels (origin: the chip's corner, even past the raster's edge)
         corner = np.repeat(np.column_stack([bx.ravel(), by.ravel()]), np.diff(cuts), axis=0)
         kept_boxes = np.clip(kept_boxes - np.tile(corner, 2), 0, (tx, ty, tx, ty)) + 0.0

@@ -187,7 +187,8 @@ class LabelSet:
     coordinates, and the other features one WKB buffer; a worker decodes a
     geometry only when a block needs it (a box format over rectangles needs
     none) and finds features by their bounds, so 200k rectangles cost a worker
-    no shapely object at all.
+    no shapely object at all; nor do convex quadrilaterals (rotated boxes,
+    marked on the wire), which box formats clip with numpy.
     """
 
     def __init__(self, geoms: np.ndarray, class_index: np.ndarray, classes: tuple[ClassInfo, ...],
@@ -202,6 +203,7 @@ class LabelSet:
         self._geoms, self._decoded = geoms, None  # None: every geometry is decoded
         self._plain = np.zeros(len(geoms), bool)  # one-ring polygons shipped as coordinates: none here
         self._plain_xy, self._plain_counts = np.zeros((0, 2)), np.zeros(0, np.int64)
+        self._quads = self._plain  # plain rings that are strictly convex quadrilaterals
         self._others: tuple[bytes, np.ndarray] | None = None  # WKB of the other features
         self._reset()
 
@@ -219,7 +221,7 @@ class LabelSet:
         self.bounds, self.areas, self.polygonal = derived["bounds"], derived["areas"], derived["polygonal"]
         self.rectangles, self._corners = derived["rectangles"], derived["corners"]
         self._plain, self._plain_xy = derived["plain"], derived["plain_xy"]
-        self._plain_counts = derived["plain_counts"]
+        self._plain_counts, self._quads = derived["plain_counts"], derived["quads"]
         self._geoms = geoms
         undecoded = self.rectangles | self._plain
         self._decoded = ~undecoded if undecoded.any() else None
@@ -253,6 +255,7 @@ class LabelSet:
                 "mask": self.mask, "raster": self.raster, "bounds": self.bounds, "areas": self.areas,
                 "polygonal": self.polygonal, "rectangles": self.rectangles, "_corners": self._corners,
                 "_plain": self._plain, "_plain_xy": self._plain_xy, "_plain_counts": self._plain_counts,
+                "_quads": self._quads,
                 "_others": self._wire()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -285,12 +288,8 @@ class LabelSet:
                     self._geoms[boxes] = _rectangle_polygons(self.bounds[boxes], self._corners[boxes])
                     rings = todo[plain]
                     if rings.size:
-                        if self._plain_rank is None:
-                            self._plain_rank = np.cumsum(self._plain) - 1
-                            self._plain_starts = np.cumsum(self._plain_counts) - self._plain_counts
-                        r = self._plain_rank[rings]
-                        self._geoms[rings] = _ring_polygons(self._plain_xy, self._plain_counts[r],
-                                                            self._plain_starts[r])
+                        r, starts = self._plain_slots(rings)
+                        self._geoms[rings] = _ring_polygons(self._plain_xy, self._plain_counts[r], starts)
                     others = todo[~rect & ~plain]
                     if others.size:
                         if self._ends is None:  # where each other feature's WKB ends; its rank
@@ -301,6 +300,25 @@ class LabelSet:
                     if self._decoded.all():
                         self._decoded = None
         return self._geoms[which]
+
+    def _plain_slots(self, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Plain rings ``which``: their rank among the plain rings, and where each starts in ``_plain_xy``."""
+        if self._plain_rank is None:
+            self._plain_rank = np.cumsum(self._plain) - 1
+            self._plain_starts = np.cumsum(self._plain_counts) - self._plain_counts
+        rank = self._plain_rank[which]
+        return rank, self._plain_starts[rank]
+
+    def convex_quads(self, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which of features ``which`` are strictly convex quadrilaterals, and their vertices.
+
+        Rotated boxes, mostly: a box format clips them with numpy
+        (:func:`chipflow._clip.clip_convex`), never decoding them. Returns a
+        mask over ``which`` and the (k, 4, 2) vertices of the features it marks.
+        """
+        mask = self._quads[which]
+        _, starts = self._plain_slots(np.asarray(which)[mask])
+        return mask, self._plain_xy[starts[:, None] + np.arange(4)]
 
     def fingerprint(self) -> str:
         """sha256 of the features as chipflow uses them (pixel-space geometry and class)."""
@@ -675,8 +693,9 @@ def _read_polygons_fast(
             else:  # valid ones travel as coordinates, repaired ones as shapely objects
                 geoms[rows[check][repaired]] = made[repaired]
                 ring_of[np.flatnonzero(check)[~repaired]] = True
-    plain = np.zeros(n, bool)
+    plain, quads = np.zeros(n, bool), np.zeros(n, bool)
     plain[rows[ring_of]] = True
+    quads[rows[convex]] = True
     others = np.flatnonzero(~parsed.simple)
     if others.size:  # holes, multipolygons, points, lines...: shapely's, as the general path does
         raw = shapely.from_wkb(np.asarray(wkb.take(others).to_numpy(zero_copy_only=False), dtype=object))
@@ -698,7 +717,8 @@ def _read_polygons_fast(
     class_values = np.unique(values)
     derived = {"bounds": bounds[keep], "areas": areas[keep], "polygonal": polygonal[keep],
                "rectangles": rectangles[keep], "corners": corners[keep], "plain": plain[keep],
-               "plain_xy": xy[np.repeat(ring_of, counts)], "plain_counts": counts[ring_of]}
+               "plain_xy": xy[np.repeat(ring_of, counts)], "plain_counts": counts[ring_of],
+               "quads": quads[keep]}
     labels = LabelSet._from_parts(
         geoms[keep], derived, np.searchsorted(class_values, values).astype(np.int32),
         _classes(class_values, names), _pixel_area(source))

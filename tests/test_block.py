@@ -8,7 +8,8 @@ import shapely
 import shapely.affinity
 
 from chipflow._block import _block_features, _chip_features, _grid_pairs
-from chipflow.labels import _rectangles
+from chipflow._clip import clip_convex
+from chipflow.labels import _rectangles, _strictly_convex
 
 
 @pytest.mark.parametrize("size", [(1000, 1000), (900, 950)], ids=["inside", "chips past the edge"])
@@ -64,8 +65,10 @@ def test_rectangles_are_exactly_the_polygons_that_equal_their_bounding_box():
 
 
 @pytest.mark.parametrize("min_ratio", [0.0, 0.3])
-def test_block_features_clip_rectangles_as_boxes_like_geos(min_ratio):
-    """The block's box shortcut for axis-aligned rectangles gives GEOS's boxes and areas, chip by chip."""
+@pytest.mark.parametrize("numpy_quads", [False, True], ids=["geos-quads", "numpy-quads"])
+def test_block_features_clip_rectangles_as_boxes_like_geos(min_ratio, numpy_quads):
+    """The block's shortcuts, for axis-aligned rectangles and (with ``quads``) rotated boxes,
+    give GEOS's boxes and areas, chip by chip."""
     rng = np.random.default_rng(7)
     n = 2000
     x, y = rng.uniform(-40, 600, n), rng.uniform(-40, 600, n)
@@ -79,17 +82,37 @@ def test_block_features_clip_rectangles_as_boxes_like_geos(min_ratio):
     xs = ys = np.arange(0, 600, 128) + 0.5  # chip edges off the integer grid too
     chip_boxes = np.array([(x0, y0, min(x0 + 256, 600), min(y0 + 256, 600)) for y0 in ys for x0 in xs])
     chips, cands = _grid_pairs(bounds, polygonal, xs, ys, (256, 256), (600, 600))
-    kept, boxes, kept_areas, _, cuts = _block_features(
-        geoms, bounds, areas, polygonal, rect, chip_boxes, chips, cands, min_ratio, False)
+    quads = None
+    if numpy_quads:
+        quads = (~rect, shapely.get_coordinates(geoms[~rect]).reshape(-1, 5, 2)[:, :4])
+        calls = []
+        import chipflow._block
+
+        def counted(rings, boxes):
+            calls.append(len(rings))
+            return clip_convex(rings, boxes)
+
+        chipflow._block.clip_convex, real = counted, chipflow._block.clip_convex
+    try:
+        kept, boxes, kept_areas, _, cuts = _block_features(
+            geoms, bounds, areas, polygonal, rect, chip_boxes, chips, cands, min_ratio, False, quads)
+    finally:
+        if numpy_quads:
+            chipflow._block.clip_convex = real
     shortcut = 0
     for i, box in enumerate(chip_boxes):
         plain = _chip_features(geoms, bounds, areas, polygonal, tuple(box), min_ratio, False)
         mine = slice(cuts[i], cuts[i + 1])
         np.testing.assert_array_equal(kept[mine], plain[0])
-        np.testing.assert_array_equal(boxes[mine], plain[1])
+        if numpy_quads:  # numpy's crossing points against GEOS's: the same to rounding
+            np.testing.assert_allclose(boxes[mine], plain[1], rtol=0, atol=1e-9)
+        else:
+            np.testing.assert_array_equal(boxes[mine], plain[1])
         np.testing.assert_allclose(kept_areas[mine], plain[2], rtol=1e-12)
         shortcut += int(((bounds[plain[0]] != plain[1]).any(axis=1) & rect[plain[0]]).sum())
     assert shortcut > 50  # rectangles cut by the chips' edges took the shortcut
+    if numpy_quads:
+        assert sum(calls) > 50  # and rotated boxes the numpy clipping
 
 
 @pytest.mark.parametrize("stride", [256, 128, 300, 100, 600])  # 600: 344-row cells between chips
@@ -129,3 +152,42 @@ def test_strictly_convex_quadrilaterals_are_the_valid_ones_geos_need_not_check()
     assert convex.tolist() == [True, True, True, False, False, False, False]
     valid = shapely.is_valid(shapely.polygons(ring))
     assert not (convex & ~valid).any()  # whatever it calls convex, GEOS calls valid
+
+
+def _rotated_boxes(rng, n):
+    """(n, 4, 2) corners of boxes 1-80 px wide at random angles, half of them clockwise."""
+    w, h, angle = rng.uniform(1, 80, n), rng.uniform(1, 80, n), rng.uniform(0, np.pi, n)
+    unit = np.array([(-1, -1), (1, -1), (1, 1), (-1, 1)]) / 2
+    dx, dy = unit[:, 0] * w[:, None], unit[:, 1] * h[:, None]
+    c, s = np.cos(angle)[:, None], np.sin(angle)[:, None]
+    centre = rng.uniform(-20, 300, (n, 1, 2))
+    rings = centre + np.stack([dx * c - dy * s, dx * s + dy * c], axis=2)
+    rings[::2] = rings[::2, ::-1]
+    return rings
+
+
+def test_convex_clipping_equals_geos_clip_by_rect():
+    """Bounds and areas of quadrilaterals clipped to boxes: inside, outside, across edges and corners,
+    with vertices and edges on the box's lines."""
+    rng = np.random.default_rng(3)
+    n = 4000
+    rings = _rotated_boxes(rng, n)
+    rings[:300] = np.round(rings[:300])  # integer vertices, on the integer box edges below
+    rings[300:400] = [[(0, 0), (40, 0), (40, 30), (0, 30)]] * 100  # axis-aligned, shifted below
+    rings[300:400] += rng.integers(-50, 250, (100, 1, 2))
+    rings[400:500] = [[(0, 10), (10, 0), (20, 10), (10, 20)]] * 100  # diamonds touching box lines
+    rings[400:500] += rng.integers(-30, 260, (100, 1, 2))
+    x0, y0 = rng.integers(-10, 150, n).astype(float), rng.integers(-10, 150, n).astype(float)
+    boxes = np.column_stack([x0, y0, x0 + rng.integers(1, 256, n), y0 + rng.integers(1, 256, n)])
+    boxes[::5, :2] += 0.5  # and off the grid
+    polygons = shapely.polygons(np.concatenate([rings, rings[:, :1]], axis=1))
+    assert _strictly_convex(np.concatenate([rings, rings[:, :1]], axis=1)).all()
+    geos = np.array([shapely.clip_by_rect(p, *b) for p, b in zip(polygons, boxes.tolist(), strict=True)])
+    want_bounds, want_areas = shapely.bounds(geos), shapely.area(geos)
+    bounds, areas = clip_convex(rings, boxes)
+    left = want_areas > 0
+    assert 900 < left.sum() < n - 900 and ((want_areas < shapely.area(polygons)) & left).sum() > 500
+    np.testing.assert_array_equal(areas > 0, left)  # the same ones clipped away (or to an edge)
+    np.testing.assert_allclose(areas, want_areas, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(bounds[left], want_bounds[left], rtol=0, atol=1e-9)
+    assert (bounds[left, :2] >= boxes[left, :2] - 1e-9).all() and (bounds[left, 2:] <= boxes[left, 2:] + 1e-9).all()

@@ -11,7 +11,7 @@ from shapely.geometry import box
 import chipflow
 from chipflow.config import ImageChipFormat, NoFeatureTiles, make_config
 from chipflow.errors import ChipflowError, InvalidParameterError
-from chipflow.labels import read_class_data
+from chipflow.labels import _strictly_convex, read_class_data
 from chipflow.sources import open_raster
 
 
@@ -301,6 +301,44 @@ def test_a_layer_of_quadrilaterals_only_reads_like_the_general_path(tmp_path):
     for name in ("bounds", "areas", "rectangles", "_corners"):
         np.testing.assert_array_equal(getattr(fast, name), getattr(general, name), err_msg=name)
     np.testing.assert_array_equal(shapely.to_wkb(fast.geoms), shapely.to_wkb(general.geoms))
+    # the convex ones that are not rectangles (rotated boxes) are marked, on the wire too, with their corners
+    rings = shapely.get_coordinates(general.geoms).reshape(-1, 5, 2)
+    expected = _strictly_convex(rings) & ~general.rectangles
+    assert expected.sum() > 50 and (~expected).sum() > 200  # the dart is not convex
+    for labels in (fast, pickle.loads(pickle.dumps(fast))):
+        which = np.arange(len(labels))[::-1]
+        mask, corners = labels.convex_quads(which)
+        np.testing.assert_array_equal(mask, expected[which])
+        np.testing.assert_array_equal(corners, rings[which[mask], :4])
+    assert not general.convex_quads(np.arange(len(general)))[0].any()  # frames: none (GEOS clips them)
+
+
+@pytest.mark.parametrize("fmt", ["PASCAL_VOC_rectangles", "KITTI_rectangles"])
+def test_box_labels_of_rotated_boxes_clipped_with_numpy_equal_geos(tmp_path, client, fmt):
+    """A file's rotated boxes (clipped with numpy in the blocks) label every chip byte for byte as
+    the same features from a GeoDataFrame do (GEOS's clipping)."""
+    import shapely
+
+    source = open_raster(str(KAMPALA_IMAGE))
+    frame = _pixel_features_in_map_space(source, multi=False)
+    frame.to_file(tmp_path / "features.gpkg")
+    fast = read_class_data(str(tmp_path / "features.gpkg"), class_value_field=None, source=source)
+    assert fast._quads.sum() > 50
+    kw = dict(metadata_format=fmt, tile_size_x=200, tile_size_y=200, stride_x=150, stride_y=150, client=client)
+    chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "file", tmp_path / "features.gpkg", **kw)
+    chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "frame", frame, **kw)
+    files = sorted(p.name for p in (tmp_path / "file" / "labels").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "frame" / "labels").iterdir()) and len(files) > 20
+    for name in files:
+        assert (tmp_path / "file" / "labels" / name).read_bytes() == \
+            (tmp_path / "frame" / "labels" / name).read_bytes(), name
+    # and the chips' edges cut many rotated boxes
+    quads, cut = fast.geoms[fast._quads], 0
+    for y in range(0, source.height - 199, 150):
+        for x in range(0, source.width - 199, 150):
+            part = shapely.area(shapely.clip_by_rect(quads, x, y, x + 200, y + 200))
+            cut += int(((part > 0) & (part < shapely.area(quads))).sum())
+    assert cut > 20
 
 
 def test_plain_polygon_reading_keeps_the_general_errors(tmp_path):
