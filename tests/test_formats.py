@@ -459,3 +459,30 @@ def test_yolo_segmentation_rows_are_normalised_polygons(client, scene_raster, tm
                               classes=emd["Classes"]).items():
             counts[v] += n
     assert stats["FeatureStats"]["NumFeaturesPerClass"] == [counts[ROOF], counts[POOL]] == [4, 3]
+
+
+@pytest.mark.parametrize("name", ["PASCAL_VOC_rectangles", "KITTI_rectangles"])
+def test_box_rows_are_percent_formatting_to_the_byte(name):
+    """Boxes formatted through the table of hundredths read as ``"%.2f" % v`` would: exact ties
+    (x.125, x.375: half-even), values a rounding error off a tie, both chip edges, -0.0, NaN and
+    values past the table (both formatted as before)."""
+    from chipflow.formats.rectangles import _KITTI_ROW, _VOC_OBJECT, _rows
+
+    template = _VOC_OBJECT if name == "PASCAL_VOC_rectangles" else _KITTI_ROW
+    rng = np.random.default_rng(11)
+    ties = np.arange(0, 25600, 12.5) / 100  # every exact half hundredth below 256
+    near = np.concatenate([np.nextafter(ties, 0), np.nextafter(ties, 300), (np.arange(1, 256) + 0.005)])
+    cases = [rng.uniform(0, 256, (300, 4)), np.resize(ties, (len(ties) // 4, 4)),
+             np.resize(near, (len(near) // 4, 4)), np.array([[0.0, 0.0, 256.0, 256.0], [1e-9, 0.004999, 0.005, 255.995]]),
+             np.array([[-0.0, 0.0, 1.0, 2.0]]), np.array([[np.nan, 0.0, 1.0, 2.0]]), np.array([[0, 0, 9e6, 1.0]]),
+             np.zeros((0, 4))]
+    for boxes in cases:
+        values = rng.integers(1, 300, len(boxes))
+        chip = ChipLabel(stem="x", image_name="x.tif", width=256, height=256, depth=3, values=values,
+                         boxes=boxes, class_index=np.zeros(len(boxes), int), classes=())
+        expected = (template * len(boxes)) % tuple(
+            v for row in zip(values.tolist(), *boxes.T.tolist(), strict=True) for v in row)
+        assert _rows(chip, template) == expected
+    assert "0.12" in _rows(ChipLabel(stem="x", image_name="x", width=1, height=1, depth=1, values=np.array([1]),
+                                     boxes=np.array([[0.125, 0.375, 0.625, 0.875]]), class_index=np.zeros(1, int),
+                                     classes=()), template)

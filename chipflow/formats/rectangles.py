@@ -7,9 +7,13 @@ coordinates of the feature clipped to the chip, rounded to two decimals.
 
 from __future__ import annotations
 
+import functools
+import re
 import xml.etree.ElementTree as ET
 from collections import Counter
 from typing import Any
+
+import numpy as np
 
 from .base import ChipLabel, LabelFormat
 
@@ -43,14 +47,61 @@ _VOC_OBJECT = """    <object>
 """
 
 
+_TABLE_LIMIT = 409_600  # hundredths: boxes of chips up to 4096 px are formatted through the table
+_table = np.array([], dtype=object)
+
+
+def _hundredths(values: np.ndarray) -> np.ndarray | None:
+    """``"%.2f" % v`` of each value (an object array of str), from a table of every hundredth.
+
+    None when a value is out of the table's range (negative, NaN, huge).
+    Formatting floats one by one was most of a box format's label time with
+    hundreds of boxes a chip. A value is looked up by ``rint(100 v)``, which is
+    the decimal rounding ``%.2f`` does except within rounding error of half a
+    hundredth: those few are formatted with ``%`` as before, so the text is
+    the same to the byte (a test checks ties and near-ties).
+    """
+    global _table
+    scaled = values * 100.0
+    nearest = np.rint(scaled)
+    top = float(nearest.max(initial=0.0))
+    if not top < _TABLE_LIMIT or np.signbit(values).any():  # NaN and -0.00 too
+        return None
+    if top >= len(_table):  # grown as chips need it, once per process
+        _table = np.array([f"{i // 100}.{i % 100:02d}" for i in range(max(int(top) + 1, 25_601))],
+                          dtype=object)
+    text = _table[nearest.astype(np.intp)]
+    for i in np.flatnonzero(np.abs(scaled - np.floor(scaled) - 0.5) < 1e-6).tolist():
+        text[i] = f"{values[i]:.2f}"
+    return text
+
+
 def _rows(chip: ChipLabel, template: str) -> str:
-    """``template`` (``%``-style: value, then the box) once per feature, formatted in one call."""
+    """``template`` (``%``-style: ``%d`` the value, then ``%.2f`` the box) once per feature."""
     n = len(chip.values)
-    fields: list[Any] = [None] * (5 * n)  # value, x0, y0, x1, y1 of each feature in turn
-    fields[0::5] = chip.values.tolist()
-    for k, column in enumerate(chip.boxes.reshape(n, 4).T.tolist(), 1):
-        fields[k::5] = column
-    return (template * n) % tuple(fields)
+    boxes = np.asarray(chip.boxes, dtype=np.float64).reshape(n, 4)
+    text = _hundredths(boxes.T.ravel())
+    if text is None:
+        fields: list[Any] = [None] * (5 * n)  # value, x0, y0, x1, y1 of each feature in turn
+        fields[0::5] = chip.values.tolist()
+        for k, column in enumerate(boxes.T.tolist(), 1):
+            fields[k::5] = column
+        return (template * n) % tuple(fields)
+    # the template's text around the fields, and the fields, joined: 3x faster than `%`
+    pieces = _pieces(template)
+    out: list[str] = [""] * (11 * n)
+    for k, piece in enumerate(pieces):
+        out[2 * k::11] = [piece] * n
+    out[1::11] = map(str, chip.values.tolist())
+    for k, column in enumerate(text.reshape(4, n).tolist()):
+        out[3 + 2 * k::11] = column
+    return "".join(out)
+
+
+@functools.cache
+def _pieces(template: str) -> tuple[str, ...]:
+    """The six runs of text around a row template's five fields."""
+    return tuple(re.split(r"%d|%\.2f", template))
 
 
 class KittiRectangles(LabelFormat):
