@@ -46,6 +46,18 @@ def _u32(header: np.ndarray, at: int) -> np.ndarray:
     return np.ascontiguousarray(header[:, at:at + 4]).view("<u4").ravel()
 
 
+def _records(data: np.ndarray, starts: np.ndarray, size: int) -> np.ndarray:
+    """The ``size`` bytes at each of ``starts`` in ``data``, as a (len(starts), size) array.
+
+    One row copy each, through a view that has a ``size``-byte record at every byte.
+    """
+    if len(data) < size:
+        return np.zeros((0, size), np.uint8)
+    every = np.lib.stride_tricks.as_strided(data, shape=(len(data) - size + 1, size), strides=(1, 1),
+                                            writeable=False)
+    return every[starts]
+
+
 def simple_polygons(column: Any) -> SimplePolygons:
     """Parse the plain polygons of an Arrow binary (WKB) column: one ring, 2D, little-endian, closed.
 
@@ -68,27 +80,20 @@ def simple_polygons(column: Any) -> SimplePolygons:
     if arr.null_count:
         candidate &= arr.is_valid().to_numpy(zero_copy_only=False)
     rows = np.flatnonzero(candidate)
-    head = data[start[rows, None] + np.arange(_HEADER)]
+    head = _records(data, start[rows], _HEADER)
     kind = _u32(head, 1)
     multi = (head[:, 0] == 1) & (kind == 6) & (_u32(head, 5) == 1)  # one part: its polygon follows
     rows, multi, head = rows[(kind == 3) | multi], multi[(kind == 3) | multi], head[(kind == 3) | multi]
     skip = np.where(multi, 9, 0)  # a one-part MultiPolygon's own header, before its polygon's
-    head = data[start[rows, None] + skip[:, None] + np.arange(_HEADER)]
+    head = _records(data, start[rows] + skip, _HEADER)
     points = _u32(head, 9).astype(np.int64)
     ok = ((head[:, 0] == 1) & (_u32(head, 1) == 3) & (_u32(head, 5) == 1)
           & (size[rows] == skip + _HEADER + 16 * points))
     rows, points, multi, skip = rows[ok], points[ok], multi[ok], skip[ok]
-    # the coordinate bytes of those rows, gathered in one pass: a mask over the data buffer made of
-    # alternating runs (bytes to skip, coordinate bytes), one pair per row, then the rest skipped
-    base = offsets[0]
-    begin, end = start[rows] - base + skip + _HEADER, start[rows] - base + size[rows]
-    runs = np.empty(2 * len(rows) + 1, np.int64)
-    runs[0:-1:2] = begin - np.r_[0, end[:-1]]
-    runs[1::2] = end - begin
-    runs[-1] = offsets[-1] - base - (end[-1] if len(rows) else 0)
-    inside = np.repeat(np.resize(np.array([False, True]), len(runs)), runs)
-    coords = data[base:offsets[-1]][inside].view("<f8").reshape(-1, 2)
+    # the coordinates of those rows, gathered in one pass: 16 bytes (x, y) from each point's offset
     first = np.cumsum(points) - points
+    at = np.repeat(start[rows] + skip + _HEADER - 16 * first, points) + 16 * np.arange(int(points.sum()))
+    coords = _records(data, at, 16).view("<f8").reshape(-1, 2)
     closed = (coords[first] == coords[first + points - 1]).all(axis=1)
     if not closed.all():  # left to shapely, which says what is wrong with them
         coords = coords[np.repeat(closed, points)]

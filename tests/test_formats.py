@@ -472,7 +472,7 @@ def test_box_rows_are_percent_formatting_to_the_byte(name):
     rng = np.random.default_rng(11)
     ties = np.arange(0, 25600, 12.5) / 100  # every exact half hundredth below 256
     near = np.concatenate([np.nextafter(ties, 0), np.nextafter(ties, 300), (np.arange(1, 256) + 0.005)])
-    cases = [rng.uniform(0, 256, (300, 4)), np.resize(ties, (len(ties) // 4, 4)),
+    cases = [rng.uniform(0, 256, (300, 4)), rng.uniform(0, 256, (5, 4)), np.resize(ties, (len(ties) // 4, 4)),
              np.resize(near, (len(near) // 4, 4)), np.array([[0.0, 0.0, 256.0, 256.0], [1e-9, 0.004999, 0.005, 255.995]]),
              np.array([[-0.0, 0.0, 1.0, 2.0]]), np.array([[np.nan, 0.0, 1.0, 2.0]]), np.array([[0, 0, 9e6, 1.0]]),
              np.zeros((0, 4))]
