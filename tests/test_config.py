@@ -238,13 +238,24 @@ def _pixel_features_in_map_space(source, seed: int = 4, multi: bool = True) -> g
 
 @pytest.mark.parametrize("multi", [False, True], ids=["polygons", "promoted-to-multipolygons"])
 @pytest.mark.parametrize("suffix", [".gpkg", ".parquet"])
-def test_plain_polygons_read_with_numpy_equal_the_general_path(tmp_path, multi, suffix):
+@pytest.mark.parametrize("chunk", [None, 90], ids=["one-thread", "row-ranges-in-threads"])
+def test_plain_polygons_read_with_numpy_equal_the_general_path(tmp_path, multi, suffix, chunk, monkeypatch):
     """A layer of Polygons, and one GeoPackage stores as MultiPolygons (its features mix both);
-    GeoParquet keeps each feature's own type."""
+    GeoParquet keeps each feature's own type. Read in one piece, and in four row ranges on
+    threads, as large inputs are."""
     import shapely
 
+    import chipflow.labels
     from chipflow._wkb import simple_polygons
     from chipflow.labels import _arrow_vector
+
+    if chunk:
+        monkeypatch.setattr(chipflow.labels, "_CHUNK_ROWS", chunk)
+        monkeypatch.setattr(chipflow.labels.os, "cpu_count", lambda: 4)
+        threads = []
+        real = chipflow.labels._wkb_features
+        monkeypatch.setattr(chipflow.labels, "_wkb_features",
+                            lambda wkb, source: threads.append(len(wkb)) or real(wkb, source))
 
     source = open_raster(str(KAMPALA_IMAGE))
     frame = _pixel_features_in_map_space(source, multi=multi)
@@ -266,6 +277,7 @@ def test_plain_polygons_read_with_numpy_equal_the_general_path(tmp_path, multi, 
     fast = read_class_data(str(path), class_value_field=None, source=source)
     general = read_class_data(general_frame, class_value_field=None, source=source)
     assert len(fast) == len(general) == 398  # the null and the empty dropped
+    assert not chunk or threads == [100] * 4
     if not promoted:  # rectangles never became shapely objects
         assert fast.rectangles.sum() > 200 and (fast._geoms[fast.rectangles] == None).all()  # noqa: E711
     assert fast.classes == general.classes
