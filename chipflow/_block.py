@@ -286,15 +286,15 @@ def _grid_pairs(bounds: np.ndarray, polygonal: np.ndarray, xs: np.ndarray, ys: n
 def _block_features(
     geoms: np.ndarray, bounds: np.ndarray, full_areas: np.ndarray, polygonal: np.ndarray,
     rectangles: np.ndarray, chip_boxes: np.ndarray, chips: np.ndarray, cands: np.ndarray,
-    min_ratio: float, want_geoms: bool, quads: tuple[np.ndarray, np.ndarray] | None = None,
+    min_ratio: float, want_geoms: bool, quads: tuple[np.ndarray, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
     """:func:`_chip_features` for every chip of a block at once, from its (chip, candidate) pairs.
 
     ``chip_boxes`` (n_chips, 4) are the chips' pixel boxes; ``chips``/``cands``
     the pairs of :func:`_grid_pairs`. When no geometry is wanted, rectangles
     are clipped as boxes and the convex quadrilaterals of ``quads`` (a mask
-    over the candidates and their vertices, :meth:`LabelSet.convex_quads`)
-    with numpy, all pairs in one pass; other features cut by a chip's edge go
+    over the candidates, and a function giving the vertices of candidates,
+    :meth:`LabelSet.quad_vertices`) with numpy, all pairs in one pass; other features cut by a chip's edge go
     through GEOS, one call per chip. Returns the kept pairs' candidates,
     boxes, areas and (when asked) clipped geometries, and ``cuts``: chip
     ``i``'s pairs are ``cuts[i]:cuts[i + 1]``, in ascending candidate order.
@@ -319,8 +319,7 @@ def _block_features(
         convex = partial & ~quick & is_quad[cands]
         v = np.flatnonzero(convex)
         if v.size:
-            rank = np.cumsum(is_quad) - 1
-            boxes[v], areas[v] = clip_convex(vertices[rank[cands[v]]], cb[v])
+            boxes[v], areas[v] = clip_convex(vertices(cands[v]), cb[v])
             keep[v] = areas[v] > 0
         quick |= convex
     slow = np.flatnonzero(partial & ~quick)
@@ -612,7 +611,8 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
         wants = want_geoms or fmt.instances
         kept, kept_boxes, kept_areas, kept_geoms, cuts = _block_features(
             cand_geoms, cand_bounds, cand_areas, cand_poly, cand_rect, chip_boxes, chips, pairs,
-            job.min_overlap_ratio, wants, None if wants else labels.convex_quads(cand))
+            job.min_overlap_ratio, wants,
+            None if wants else (labels._quads[cand], lambda pos: labels.quad_vertices(cand[pos])))
         # in each chip's own pixels (origin: the chip's corner, even past the raster's edge)
         corner = np.repeat(np.column_stack([bx.ravel(), by.ravel()]), np.diff(cuts), axis=0)
         kept_boxes = np.clip(kept_boxes - np.tile(corner, 2), 0, (tx, ty, tx, ty)) + 0.0

@@ -142,7 +142,7 @@ class _BoundsIndex:
         limit = float(np.quantile(heights, 0.99)) if len(bounds) else 0.0
         tall = heights > limit
         short = np.flatnonzero(~tall)
-        self.order = short[np.argsort(bounds[short, 1], kind="stable")]
+        self.order = short[np.argsort(bounds[short, 1])]  # any order of equal tops: queries sort
         self.sorted = np.ascontiguousarray(bounds[self.order])
         self.tall = np.flatnonzero(tall)
         self.tall_bounds = bounds[self.tall]
@@ -310,16 +310,15 @@ class LabelSet:
         rank = self._plain_rank[which]
         return rank, self._plain_starts[rank]
 
-    def convex_quads(self, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Which of features ``which`` are strictly convex quadrilaterals, and their vertices.
+    def quad_vertices(self, which: np.ndarray) -> np.ndarray:
+        """The (k, 4, 2) vertices of features ``which``, each a strictly convex quadrilateral.
 
-        Rotated boxes, mostly: a box format clips them with numpy
-        (:func:`chipflow._clip.clip_convex`), never decoding them. Returns a
-        mask over ``which`` and the (k, 4, 2) vertices of the features it marks.
+        Those the numpy reader marked (``quads``: rotated boxes, mostly), which
+        box formats clip with numpy (:func:`chipflow._clip.clip_convex`) without
+        decoding them.
         """
-        mask = self._quads[which]
-        _, starts = self._plain_slots(np.asarray(which)[mask])
-        return mask, self._plain_xy[starts[:, None] + np.arange(4)]
+        _, starts = self._plain_slots(np.asarray(which))
+        return self._plain_xy[starts[:, None] + np.arange(4)]
 
     def fingerprint(self) -> str:
         """sha256 of the features as chipflow uses them (pixel-space geometry and class)."""
@@ -438,15 +437,18 @@ def _class_values(frame: Any, class_value_field: str | None) -> tuple[np.ndarray
         if name is None:
             return np.ones(len(frame), dtype=np.int64), None
     column = frame[name]
-    values = np.asarray(column.to_numpy(), dtype=object)
-    try:
-        numeric = values.astype(np.float64)
-    except (TypeError, ValueError):
-        numeric = None
-    if numeric is None or not np.all(np.isfinite(numeric)) or not np.all(numeric == np.round(numeric)):
+    import pandas as pd
+
+    # numbers as they are (no Python object per row), text that reads as one as numbers, the rest NaN
+    numbers = column if column.dtype.kind in "iuf" else pd.to_numeric(column, errors="coerce")
+    numeric = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
+    whole = np.isfinite(numeric) & (numeric == np.round(numeric))
+    if not whole.all():
+        example = column.iloc[int(np.argmin(whole))]  # the first that is not
+        example = example.item() if isinstance(example, np.generic) else example
         raise LabelError(
             f"class_value_field={name!r} must hold whole numbers, but it is {column.dtype} "
-            f"(e.g. {values[0]!r}); fields: "
+            f"(e.g. {example!r}); fields: "
             + ", ".join(f"{c} ({frame[c].dtype})" for c in columns)
         )
     ints = numeric.astype(np.int64)
@@ -467,7 +469,11 @@ def _class_names(frame: Any, values: np.ndarray) -> dict[int, str]:
     column = frame[field_name]
     given = column.notna().to_numpy()
     rows, of = np.flatnonzero(given), values[given]
-    uniq, first = np.unique(of, return_index=True)  # usually each value's first name is not blank
+    # each value's first row: the last write of a reversed scatter wins (values are 1..65535)
+    at = np.full(_MAX_CLASS_VALUE + 1, -1, np.int64)
+    at[of[::-1]] = np.arange(len(of))[::-1]
+    uniq = np.flatnonzero(at >= 0)
+    first = at[uniq]  # usually each value's first name is not blank
     text = column.iloc[rows[first]].astype(str).str.strip().to_numpy()
     if (text != "").all():
         return dict(zip(uniq.tolist(), text.tolist(), strict=True))

@@ -1,4 +1,5 @@
 import pickle
+import re
 
 import geopandas as gpd
 import numpy as np
@@ -103,6 +104,29 @@ def test_missing_inputs_and_bad_class_field(tmp_path):
         chipflow.export_training_data(NC / "landsat_multiband.tif", tmp_path / "o",
                                       NC / "landsat96_polygons.shp", class_value_field="label")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("column", "shown"), [
+    (pd.Series([1, 2, None, 3], dtype="Int32"), "Int32 (e.g. <NA>)"),
+    (pd.Series([1.0, 2.5, np.nan]), "float64 (e.g. 2.5)"),
+    (pd.Series([1, "2", "roof", 4], dtype=object), "object (e.g. 'roof')"),
+])
+def test_a_class_field_that_is_not_whole_numbers_names_its_first_bad_value(column, shown):
+    from chipflow.labels import _class_values
+
+    frame = pd.DataFrame({"Value": column, "name": ["x"] * len(column)})
+    with pytest.raises(chipflow.LabelError, match=rf"class_value_field='Value' must hold whole numbers, "
+                                                  rf"but it is {re.escape(shown)}; fields: Value .*, name"):
+        _class_values(frame, None)
+    assert _class_values(frame.iloc[:1], None)[0].tolist() == [1]  # the rows before it are fine
+
+
+def test_class_values_given_as_text_of_digits_are_read_as_numbers():
+    from chipflow.labels import _class_values
+
+    frame = pd.DataFrame({"classvalue": pd.Series([1, "2", " 3"], dtype=object)})
+    values, name = _class_values(frame, None)
+    assert name == "classvalue" and values.tolist() == [1, 2, 3] and values.dtype == np.int64
 
 
 def test_non_empty_out_folder_is_refused_unless_overwrite(tmp_path):
@@ -318,11 +342,10 @@ def test_a_layer_of_quadrilaterals_only_reads_like_the_general_path(tmp_path):
     expected = _strictly_convex(rings) & ~general.rectangles
     assert expected.sum() > 50 and (~expected).sum() > 200  # the dart is not convex
     for labels in (fast, pickle.loads(pickle.dumps(fast))):
-        which = np.arange(len(labels))[::-1]
-        mask, corners = labels.convex_quads(which)
-        np.testing.assert_array_equal(mask, expected[which])
-        np.testing.assert_array_equal(corners, rings[which[mask], :4])
-    assert not general.convex_quads(np.arange(len(general)))[0].any()  # frames: none (GEOS clips them)
+        np.testing.assert_array_equal(labels._quads, expected)
+        which = np.flatnonzero(expected)[::-1]
+        np.testing.assert_array_equal(labels.quad_vertices(which), rings[which, :4])
+    assert not general._quads.any()  # frames: none (GEOS clips them)
 
 
 @pytest.mark.parametrize("fmt", ["PASCAL_VOC_rectangles", "KITTI_rectangles"])
