@@ -129,8 +129,7 @@ def _byte_moments(pixels: np.ndarray, ys: np.ndarray, xs: np.ndarray, weight: np
     sums, squares, lows, highs = [], [], [], []
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         rows = pixels[:, a:b]
-        sq = rows.astype(np.uint16)
-        np.multiply(sq, sq, out=sq)
+        sq = np.square(rows, dtype=np.uint16)  # squared while widened: one pass
         narrow = b - a <= 257
         sums.append(np.add.reduce(rows, axis=1, dtype=np.uint16 if narrow else np.uint32))
         squares.append(np.add.reduce(sq, axis=1, dtype=np.uint32 if narrow else np.uint64))
