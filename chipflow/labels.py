@@ -462,6 +462,7 @@ def _class_values(frame: Any, class_value_field: str | None) -> tuple[np.ndarray
 
 
 def _class_names(frame: Any, values: np.ndarray) -> dict[int, str]:
+    """Each class value's first non-blank ``classname`` (``values``: as :func:`_class_values` gives them)."""
     columns = _fields(frame)
     field_name = _find_field(columns, (_NAME_FIELD,))
     if field_name is None:
