@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +17,7 @@ from .labels import LabelSet
 from .progress import Progress
 from .stats import BlockResult, merge_all
 
-__all__ = ["WorkerTuning", "cluster_client", "finalize_format", "run_blocks"]
+__all__ = ["StartingCluster", "WorkerTuning", "cluster_client", "finalize_format", "run_blocks"]
 
 #: Fan-in of the reduction tree.
 SPLIT_EVERY = 8
@@ -72,7 +73,7 @@ def cluster_client(client: Any = None, scheduler: str | None = None,
     worker process per core (GDAL decoding and Python encoding both scale with
     processes, not threads). It is closed when the export ends.
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client, default_client
 
     if client is not None:
         yield client
@@ -81,21 +82,91 @@ def cluster_client(client: Any = None, scheduler: str | None = None,
         with Client(scheduler) as c:
             yield c
         return
+    if _has_default_client():  # a client already made in this process (a notebook's): Dask's default
+        yield default_client()
+        return
+    with contextlib.ExitStack() as stack:
+        yield _local_client(n_workers, stack)
+
+
+def _local_client(n_workers: int | None, stack: contextlib.ExitStack) -> Any:
+    """A new LocalCluster (one single-threaded worker process per core) and its Client, closed by ``stack``.
+
+    The Client is not entered as a context (that sets a context variable), so
+    another thread may close it.
+    """
+    from distributed import Client, LocalCluster
+
+    workers = n_workers or os.cpu_count() or 1
+    cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True))
+    client = Client(cluster)
+    stack.callback(client.close)
+    return client
+
+
+class StartingCluster:
+    """:func:`cluster_client`, with the embedded local cluster started at once on a thread.
+
+    An export first reads its inputs on the client (the first read of a process
+    also imports the readers); a new ``LocalCluster`` takes about as long to
+    start. Started here before the planning, it comes up meanwhile: the CLI's
+    whole run is shorter by the smaller of the two (about 0.5 s). A given
+    client, a scheduler address or the process's default client are used as
+    :func:`cluster_client` uses them, when :meth:`client` is first called.
+    Use as a context manager: leaving it closes what it started, also when the
+    planning failed.
+    """
+
+    def __init__(self, client: Any = None, scheduler: str | None = None, n_workers: int | None = None,
+                 start_now: bool = True):
+        self._context = cluster_client(client, scheduler, n_workers)
+        self._n_workers = n_workers
+        self._stack = contextlib.ExitStack()
+        self._client: Any = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if start_now and client is None and scheduler is None and not _has_default_client():
+            self._thread = threading.Thread(target=self._start, name="chipflow-cluster-start", daemon=True)
+            self._thread.start()
+
+    @property
+    def started_early(self) -> bool:
+        """Whether the embedded cluster is being started in the background."""
+        return self._thread is not None
+
+    def _start(self) -> None:
+        try:
+            self._client = _local_client(self._n_workers, self._stack)
+        except BaseException as error:  # raised in the caller's thread by client()
+            self._error = error
+
+    def client(self) -> Any:
+        """The Dask client (waits for the cluster the thread is starting)."""
+        if self._thread is not None:
+            self._thread.join()
+            if self._error is not None:
+                raise self._error
+        elif self._client is None:
+            self._client = self._stack.enter_context(self._context)
+        return self._client
+
+    def __enter__(self) -> StartingCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        self._stack.close()
+
+
+def _has_default_client() -> bool:
     from distributed import default_client
 
-    try:  # a client already made in this process (a notebook's): Dask's default
-        existing = default_client()
+    try:
+        default_client()
     except ValueError:
-        existing = None
-    if existing is not None:
-        yield existing
-        return
-    workers = n_workers or os.cpu_count() or 1
-    with (
-        LocalCluster(n_workers=workers, threads_per_worker=1, processes=True) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
+        return False
+    return True
 
 
 def run_blocks(

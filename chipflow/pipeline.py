@@ -14,7 +14,7 @@ from typing import Any
 import shapely
 
 from . import _cloud, zarr_store
-from ._dask import cluster_client, finalize_format, run_blocks
+from ._dask import StartingCluster, finalize_format, run_blocks
 from ._partition import PARTITION_THRESHOLD, partition_labels
 from ._version import __version__
 from .config import ExportConfig, make_config
@@ -171,7 +171,8 @@ def export_training_data(
         Address of a Dask scheduler to connect to (``tcp://host:8786``).
     n_workers : int, optional
         Worker processes of the local cluster started when neither ``client`` nor
-        ``scheduler`` is given (default: one per core).
+        ``scheduler`` is given (default: one per core). It starts on a thread
+        while the inputs are read, and is closed when the export ends.
     progress : chipflow.progress.Progress, optional
         Told when the run starts and as each block finishes (the CLI passes a
         live progress bar).
@@ -208,23 +209,26 @@ def export_training_data(
         edge_policy=edge_policy, overwrite=overwrite,
     )
     options = _cloud.freeze(storage_options)
-    with _cloud.use(options), _gc_paused():  # the client reads the inputs' metadata and the class data
-        plan = plan_export(cfg, in_class_data, in_mask_polygons)
-    timings = {"plan": time.perf_counter() - started}
-    source, labels, blocks = plan.source, plan.labels, list(plan.blocks)
-    store = Store(cfg.out_folder, options)  # carries the options to the workers
-    markers = store.open_run(_run_params(cfg, plan), [] if zarr_store.enabled(cfg) else ["images"],
-                             overwrite=cfg.overwrite)
-    zarr_store.create(store, plan)  # image_chip_format="ZARR": chips.zarr, before any block task
-    committed = {i: BlockResult.from_json(raw) for i, raw in markers.items()}
-    jobs = [plan.job(item, store) for item in plan.items]
-    fmt = cfg.label_format
-    shipped = [_shipped(item.labels, store, fmt) for item in plan.items]
-    work = [(b, job, labels_) for item, job, labels_ in zip(plan.items, jobs, shipped, strict=True)
-            for b in item.blocks]
-    mark = time.perf_counter()
-    with cluster_client(client, scheduler, n_workers) as c:
-        timings["cluster"] = time.perf_counter() - mark
+    # the embedded cluster starts on a thread while the client plans; closed on leaving, also on errors
+    early = _inputs_exist(cfg, in_class_data)
+    with StartingCluster(client, scheduler, n_workers, start_now=early) as cluster:
+        with _cloud.use(options), _gc_paused():  # the client reads the inputs' metadata and the class data
+            plan = plan_export(cfg, in_class_data, in_mask_polygons)
+        timings = {"plan": time.perf_counter() - started}
+        source, labels, blocks = plan.source, plan.labels, list(plan.blocks)
+        store = Store(cfg.out_folder, options)  # carries the options to the workers
+        markers = store.open_run(_run_params(cfg, plan), [] if zarr_store.enabled(cfg) else ["images"],
+                                 overwrite=cfg.overwrite)
+        zarr_store.create(store, plan)  # image_chip_format="ZARR": chips.zarr, before any block task
+        committed = {i: BlockResult.from_json(raw) for i, raw in markers.items()}
+        jobs = [plan.job(item, store) for item in plan.items]
+        fmt = cfg.label_format
+        shipped = [_shipped(item.labels, store, fmt) for item in plan.items]
+        work = [(b, job, labels_) for item, job, labels_ in zip(plan.items, jobs, shipped, strict=True)
+                for b in item.blocks]
+        mark = time.perf_counter()
+        c = cluster.client()
+        timings["cluster"] = time.perf_counter() - mark  # what was left of its start-up
         mark = time.perf_counter()
         merged = run_blocks(c, work, committed=committed, progress=progress)
         if not work:
@@ -276,6 +280,14 @@ def export_training_data(
         num_blocks=len(blocks),
         timings=timings,
     )
+
+
+def _inputs_exist(cfg: ExportConfig, in_class_data: Any) -> bool:
+    """Whether the local input paths exist: if not, the plan fails at once, and no cluster is started."""
+    paths = [cfg.in_raster] if isinstance(cfg.in_raster, str | os.PathLike) else list(cfg.in_raster)
+    if isinstance(in_class_data, str | os.PathLike):
+        paths.append(in_class_data)
+    return all(os.path.exists(p) for p in map(os.fspath, paths) if "://" not in p)
 
 
 @contextlib.contextmanager

@@ -307,3 +307,45 @@ def test_planning_runs_without_cyclic_gc_and_restores_it(client, tmp_path, monke
     chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "out", KAMPALA_BUILDINGS, client=client,
                                   metadata_format="PASCAL_VOC_rectangles")
     assert seen == [False] and gc.isenabled()
+
+
+def test_the_embedded_cluster_starts_while_the_client_plans(tmp_path, monkeypatch):
+    """No client given: the LocalCluster comes up on a thread during the planning, and the export
+    runs on it and closes it."""
+    import threading
+
+    import chipflow._dask
+    import chipflow.pipeline
+
+    monkeypatch.setattr(chipflow._dask, "_has_default_client", lambda: False)  # as in a fresh process
+    seen, real_plan = [], chipflow.pipeline.plan_export
+
+    def plan(*args, **kwargs):
+        seen.append(any(t.name == "chipflow-cluster-start" for t in threading.enumerate()))
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(chipflow.pipeline, "plan_export", plan)
+    made = []
+    real_local = chipflow._dask._local_client
+    monkeypatch.setattr(chipflow._dask, "_local_client", lambda *a: made.append(real_local(*a)) or made[-1])
+    result = chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "o", KAMPALA_BUILDINGS, n_workers=1,
+                                           metadata_format="PASCAL_VOC_rectangles")
+    assert seen == [True] and len(made) == 1 and made[0].status == "closed"
+    assert result.num_chips == len(list((tmp_path / "o" / "images").iterdir())) > 0
+
+
+def test_a_failed_plan_closes_the_cluster_started_for_it_and_missing_inputs_start_none(tmp_path, monkeypatch):
+    import chipflow._dask
+
+    monkeypatch.setattr(chipflow._dask, "_has_default_client", lambda: False)
+    made = []
+    real_local = chipflow._dask._local_client
+    monkeypatch.setattr(chipflow._dask, "_local_client", lambda *a: made.append(real_local(*a)) or made[-1])
+    with pytest.raises(chipflow.LabelError, match="class_value_field='klass'"):
+        chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "o", KAMPALA_BUILDINGS, n_workers=1,
+                                      class_value_field="klass")
+    assert len(made) == 1 and made[0].status == "closed" and made[0].cluster.status.name == "closed"
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(FileNotFoundError, match="nope.gpkg"):  # fails at once: no cluster started
+        chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "o", tmp_path / "nope.gpkg", n_workers=1)
+    assert len(made) == 1
