@@ -4,8 +4,8 @@ A box label needs only the bounds and the area of a feature's part inside a
 chip. For a convex polygon that part is again convex, and Sutherland-Hodgman
 clipping (one half-plane after another, each keeping the inside of the ring)
 gives it exactly; done as array operations over every (polygon, box) pair of a
-block it costs microseconds a pair, where building a shapely polygon per
-feature and calling GEOS per chip cost 20-50. Rotated building boxes, the
+block it costs one or two microseconds a pair, where building a shapely polygon
+per feature and calling GEOS per chip cost tens of them. Rotated building boxes, the
 common detection label that is not axis-aligned, are the convex quadrilaterals
 this is for. The results equal GEOS's ``clip_by_rect`` to rounding (a test
 compares them on random quadrilaterals and chip boxes).
