@@ -2,8 +2,9 @@
 
 ``python benchmarks/features_scaling.py [--size 8192] [--features 20000 200000 2000000]``
 exports the same raster with each label set (stride 256, PASCAL VOC, ALL_TILES) on a
-2-worker LocalCluster and prints wall time, its ratio to the smallest set, and the peak
-RSS of the largest worker process. Above 500k features chipflow partitions the class
+2-worker LocalCluster and prints wall time, its ratio to the smallest set (of the
+medians, and per repeat: the runs of one repeat follow one another), and the peak RSS
+of the largest worker process. Above 500k features chipflow partitions the class
 data (dask-geopandas, Hilbert order) instead of broadcasting it.
 """
 
@@ -73,8 +74,14 @@ def main() -> None:
     base = rows[0]["seconds"]
     for row in rows:
         row["ratio"] = row["seconds"] / base
+        # each repeat's runs follow one another, so their ratio is the least disturbed by the machine's drift
+        row["paired_ratios"] = [r["seconds"] / b["seconds"] for r, b in zip(row["runs"], rows[0]["runs"],
+                                                                            strict=True)]
         print(f"{row['features']:>10,}  x{row['features'] / rows[0]['features']:>6.0f} features  "
-              f"x{row['ratio']:.2f} time  {row['peak_process_rss_mb']:.0f} MiB")
+              f"x{row['ratio']:.2f} time (ratio of medians; paired runs: median "
+              f"x{statistics.median(row['paired_ratios']):.2f}, "
+              f"x{min(row['paired_ratios']):.2f}-{max(row['paired_ratios']):.2f})  "
+              f"{row['peak_process_rss_mb']:.0f} MiB")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
 

@@ -62,6 +62,24 @@ def test_quick_run_measures_all_systems(tmp_path):
             systems["chipflow"]["chips_per_s"] / systems["chipflow_1_core"]["chips_per_s"])
 
 
+def test_features_scaling_runs_and_pairs_its_repeats(tmp_path):
+    out = tmp_path / "f.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.features_scaling", "--size", "1024", "--features", "100", "1000",
+         "--repeat", "2", "--workdir", str(tmp_path), "--out", str(out)],
+        capture_output=True, text=True, timeout=180, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    small, large = json.loads(out.read_text())
+    assert (small["features"], large["features"]) == (100, 1000)
+    assert [r["chips"] for r in small["runs"] + large["runs"]] == [16] * 4  # 1024² at stride 256
+    assert large["ratio"] == large["seconds"] / small["seconds"] and small["ratio"] == 1
+    pairs = zip(small["runs"], large["runs"], strict=True)
+    assert large["paired_ratios"] == [b["seconds"] / a["seconds"] for a, b in pairs]
+    assert all(r["peak_process_rss_mb"] > 50 for r in small["runs"] + large["runs"])
+    assert "paired runs: median" in proc.stdout
+
+
 def test_pinned_child_runs_on_the_cpus_it_was_given():
     """--scaling's one-core run: the measured process and its children see one CPU."""
     if not hasattr(os, "sched_setaffinity"):
