@@ -291,12 +291,13 @@ def _block_features(
 
     ``chip_boxes`` (n_chips, 4) are the chips' pixel boxes; ``chips``/``cands``
     the pairs of :func:`_grid_pairs`. When no geometry is wanted, rectangles
-    are clipped as boxes and the convex quadrilaterals of ``quads`` (a mask
-    over the candidates, and a function giving the vertices of candidates,
-    :meth:`LabelSet.quad_vertices`) with numpy, all pairs in one pass; other features cut by a chip's edge go
-    through GEOS, one call per chip. Returns the kept pairs' candidates,
-    boxes, areas and (when asked) clipped geometries, and ``cuts``: chip
-    ``i``'s pairs are ``cuts[i]:cuts[i + 1]``, in ascending candidate order.
+    are clipped as boxes, and the convex quadrilaterals of ``quads`` (a mask
+    over the candidates, and a function giving candidates' vertices, as
+    :meth:`LabelSet.quad_vertices`) with numpy, all pairs in one pass; other
+    features cut by a chip's edge go through GEOS, one call per chip. Returns
+    the kept pairs' candidates, boxes, areas and (when asked) clipped
+    geometries, and ``cuts``: chip ``i``'s pairs are ``cuts[i]:cuts[i + 1]``,
+    in ascending candidate order.
     """
     cb = chip_boxes[chips]
     boxes = bounds[cands]
@@ -378,9 +379,6 @@ class _Geometries:
 
     def __getitem__(self, which: Any) -> np.ndarray:
         return self.labels.geometries(self.index[which])
-
-    def __len__(self) -> int:
-        return len(self.index)
 
 
 class _Block:
@@ -611,7 +609,7 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
         kept, kept_boxes, kept_areas, kept_geoms, cuts = _block_features(
             cand_geoms, cand_bounds, cand_areas, cand_poly, cand_rect, chip_boxes, chips, pairs,
             job.min_overlap_ratio, wants,
-            None if wants else (labels._quads[cand], lambda pos: labels.quad_vertices(cand[pos])))
+            None if wants else (labels.quads[cand], lambda pos: labels.quad_vertices(cand[pos])))
         # in each chip's own pixels (origin: the chip's corner, even past the raster's edge)
         corner = np.repeat(np.column_stack([bx.ravel(), by.ravel()]), np.diff(cuts), axis=0)
         kept_boxes = np.clip(kept_boxes - np.tile(corner, 2), 0, (tx, ty, tx, ty)) + 0.0

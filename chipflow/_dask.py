@@ -119,8 +119,7 @@ class StartingCluster:
 
     def __init__(self, client: Any = None, scheduler: str | None = None, n_workers: int | None = None,
                  start_now: bool = True):
-        self._context = cluster_client(client, scheduler, n_workers)
-        self._n_workers = n_workers
+        self._given, self._n_workers = (client, scheduler, n_workers), n_workers
         self._stack = contextlib.ExitStack()
         self._client: Any = None
         self._error: BaseException | None = None
@@ -128,11 +127,6 @@ class StartingCluster:
         if start_now and client is None and scheduler is None and not _has_default_client():
             self._thread = threading.Thread(target=self._start, name="chipflow-cluster-start", daemon=True)
             self._thread.start()
-
-    @property
-    def started_early(self) -> bool:
-        """Whether the embedded cluster is being started in the background."""
-        return self._thread is not None
 
     def _start(self) -> None:
         try:
@@ -147,7 +141,7 @@ class StartingCluster:
             if self._error is not None:
                 raise self._error
         elif self._client is None:
-            self._client = self._stack.enter_context(self._context)
+            self._client = self._stack.enter_context(cluster_client(*self._given))
         return self._client
 
     def __enter__(self) -> StartingCluster:

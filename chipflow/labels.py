@@ -179,9 +179,11 @@ class LabelSet:
     raster : chipflow.class_raster.ClassRaster or None
         Class data given as a classified raster (then there are no features and
         each block reads its class values from it).
-    bounds, areas, polygonal, rectangles : numpy.ndarray
+    bounds, areas, polygonal, rectangles, quads : numpy.ndarray
         Derived per feature: pixel bounds, area, whether it is a (multi)polygon,
-        and whether it is exactly its bounding box (clipped without GEOS).
+        whether it is exactly its bounding box, and whether it is a strictly
+        convex quadrilateral the numpy reader shipped as coordinates (both are
+        clipped without GEOS by box formats).
 
     On the wire, rectangles are their bounds and a corner code (no WKB), the
     one-ring polygons the numpy reader found (:func:`read_class_data`) their
@@ -204,7 +206,7 @@ class LabelSet:
         self._geoms, self._decoded = geoms, None  # None: every geometry is decoded
         self._plain = np.zeros(len(geoms), bool)  # one-ring polygons shipped as coordinates: none here
         self._plain_xy, self._plain_counts = np.zeros((0, 2)), np.zeros(0, np.int64)
-        self._quads = self._plain  # plain rings that are strictly convex quadrilaterals
+        self.quads = np.zeros(len(geoms), bool)  # plain rings that are strictly convex quadrilaterals
         self._others: tuple[bytes, np.ndarray] | None = None  # WKB of the other features
         self._reset()
 
@@ -222,7 +224,7 @@ class LabelSet:
         self.bounds, self.areas, self.polygonal = derived["bounds"], derived["areas"], derived["polygonal"]
         self.rectangles, self._corners = derived["rectangles"], derived["corners"]
         self._plain, self._plain_xy = derived["plain"], derived["plain_xy"]
-        self._plain_counts, self._quads = derived["plain_counts"], derived["quads"]
+        self._plain_counts, self.quads = derived["plain_counts"], derived["quads"]
         self._geoms = geoms
         undecoded = self.rectangles | self._plain
         self._decoded = ~undecoded if undecoded.any() else None
@@ -256,7 +258,7 @@ class LabelSet:
                 "mask": self.mask, "raster": self.raster, "bounds": self.bounds, "areas": self.areas,
                 "polygonal": self.polygonal, "rectangles": self.rectangles, "_corners": self._corners,
                 "_plain": self._plain, "_plain_xy": self._plain_xy, "_plain_counts": self._plain_counts,
-                "_quads": self._quads,
+                "quads": self.quads,
                 "_others": self._wire()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:

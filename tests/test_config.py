@@ -342,10 +342,10 @@ def test_a_layer_of_quadrilaterals_only_reads_like_the_general_path(tmp_path):
     expected = _strictly_convex(rings) & ~general.rectangles
     assert expected.sum() > 50 and (~expected).sum() > 200  # the dart is not convex
     for labels in (fast, pickle.loads(pickle.dumps(fast))):
-        np.testing.assert_array_equal(labels._quads, expected)
+        np.testing.assert_array_equal(labels.quads, expected)
         which = np.flatnonzero(expected)[::-1]
         np.testing.assert_array_equal(labels.quad_vertices(which), rings[which, :4])
-    assert not general._quads.any()  # frames: none (GEOS clips them)
+    assert not general.quads.any()  # frames: none (GEOS clips them)
 
 
 @pytest.mark.parametrize("fmt", ["PASCAL_VOC_rectangles", "KITTI_rectangles"])
@@ -358,7 +358,7 @@ def test_box_labels_of_rotated_boxes_clipped_with_numpy_equal_geos(tmp_path, cli
     frame = _pixel_features_in_map_space(source, multi=False)
     frame.to_file(tmp_path / "features.gpkg")
     fast = read_class_data(str(tmp_path / "features.gpkg"), class_value_field=None, source=source)
-    assert fast._quads.sum() > 50
+    assert fast.quads.sum() > 50
     kw = dict(metadata_format=fmt, tile_size_x=200, tile_size_y=200, stride_x=150, stride_y=150, client=client)
     chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "file", tmp_path / "features.gpkg", **kw)
     chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "frame", frame, **kw)
@@ -368,7 +368,7 @@ def test_box_labels_of_rotated_boxes_clipped_with_numpy_equal_geos(tmp_path, cli
         assert (tmp_path / "file" / "labels" / name).read_bytes() == \
             (tmp_path / "frame" / "labels" / name).read_bytes(), name
     # and the chips' edges cut many rotated boxes
-    quads, cut = fast.geoms[fast._quads], 0
+    quads, cut = fast.geoms[fast.quads], 0
     for y in range(0, source.height - 199, 150):
         for x in range(0, source.width - 199, 150):
             part = shapely.area(shapely.clip_by_rect(quads, x, y, x + 200, y + 200))
