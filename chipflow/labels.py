@@ -579,14 +579,9 @@ def read_class_data(
     keep = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
     geoms, values = geoms[keep], values[keep]
     _check_single_family(shapely.get_type_id(geoms), in_class_data)
-    pixels = _to_pixels(np.asarray(geoms), source)
-    class_values = np.unique(values)
-    labels = LabelSet(
-        geoms=pixels,
-        class_index=np.searchsorted(class_values, values).astype(np.int32),
-        classes=_classes(class_values, names),
-        pixel_area=_pixel_area(source),
-    )
+    class_index, classes = _class_index(values, names)
+    labels = LabelSet(geoms=_to_pixels(np.asarray(geoms), source), class_index=class_index, classes=classes,
+                      pixel_area=_pixel_area(source))
     if require_overlap:
         _check_overlap(labels, source, in_class_data)
     return labels
@@ -758,17 +753,20 @@ def _read_polygons_fast(
     f = _parallel_wkb_features(table.column(geometry), source)
     keep = np.flatnonzero(f["present"])
     _check_single_family(f["type_ids"][keep], in_class_data)
-    values = values[keep]
-    class_values = np.unique(values)
     derived = {name: f[name][keep] for name in ("bounds", "areas", "polygonal", "rectangles", "corners",
                                                  "plain", "quads")}
     derived.update(plain_xy=f["plain_xy"], plain_counts=f["plain_counts"])  # plain rings are all present
-    labels = LabelSet._from_parts(
-        f["geoms"][keep], derived, np.searchsorted(class_values, values).astype(np.int32),
-        _classes(class_values, names), _pixel_area(source))
+    labels = LabelSet._from_parts(f["geoms"][keep], derived, *_class_index(values[keep], names),
+                                  _pixel_area(source))
     if require_overlap:
         _check_overlap(labels, source, in_class_data)
     return labels
+
+
+def _class_index(values: np.ndarray, names: dict[int, str]) -> tuple[np.ndarray, tuple[ClassInfo, ...]]:
+    """Each feature's index into its classes (int32), and the classes: the values present, sorted."""
+    class_values = np.unique(values)
+    return np.searchsorted(class_values, values).astype(np.int32), _classes(class_values, names)
 
 
 def _classes(values: np.ndarray, names: dict[int, str]) -> tuple[ClassInfo, ...]:
