@@ -76,6 +76,10 @@ def simple_polygons(column: Any) -> SimplePolygons:
     offsets = offsets.astype(np.int64)
     data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
     start, size = offsets[:-1], np.diff(offsets)
+    if n and not arr.null_count and (size == size[0]).all():  # e.g. a layer of boxes: one table of records
+        same = _uniform(data[start[0]:start[0] + n * size[0]].reshape(n, size[0]))
+        if same is not None:
+            return same
     candidate = size >= _HEADER + 4 * 16
     if arr.null_count:
         candidate &= arr.is_valid().to_numpy(zero_copy_only=False)
@@ -101,3 +105,31 @@ def simple_polygons(column: Any) -> SimplePolygons:
     simple = np.zeros(n, bool)
     simple[rows] = True
     return SimplePolygons(simple, coords, points, multi)
+
+
+def _uniform(records: np.ndarray) -> SimplePolygons | None:
+    """:func:`simple_polygons` of rows whose WKB all have one size (``records``: one row each).
+
+    When every row is a plain polygon of the same point count (or every row a
+    one-part MultiPolygon of one), the records are a table: headers checked
+    column by column, coordinates one slice. None when any row is not such a
+    polygon, or not closed: the general gather sorts a mixed column out.
+    """
+    n, size = records.shape
+    multi = size > 9 and records[0, 0] == 1 and records[0, 1:5].view("<u4")[0] == 6
+    skip = 9 if multi else 0
+    points, extra = divmod(size - skip - _HEADER, 16)
+    if extra or points < 4:
+        return None
+    head = records[:, skip:skip + _HEADER]
+    ok = (head[:, 0] == 1) & (_u32(head, 1) == 3) & (_u32(head, 5) == 1) & (_u32(head, 9) == points)
+    if multi:
+        outer = records[:, :9]
+        ok &= (outer[:, 0] == 1) & (_u32(outer, 1) == 6) & (_u32(outer, 5) == 1)
+    if not ok.all():
+        return None
+    coords = np.ascontiguousarray(records[:, skip + _HEADER:]).view("<f8").reshape(n, points, 2)
+    if not (coords[:, 0] == coords[:, -1]).all():
+        return None
+    return SimplePolygons(np.ones(n, bool), coords.reshape(-1, 2), np.full(n, points, np.int64),
+                          np.full(n, multi))

@@ -322,6 +322,65 @@ def test_plain_polygons_read_with_numpy_equal_the_general_path(tmp_path, multi, 
     np.testing.assert_array_equal(shapely.to_wkb(pickled.geoms[same]), shapely.to_wkb(general.geoms[same]))
 
 
+def _wkb_column(geoms, byte_order: int = 1):
+    import pyarrow as pa
+    import shapely
+
+    return pa.array(shapely.to_wkb(np.asarray(geoms, dtype=object), byte_order=byte_order).tolist(), pa.binary())
+
+
+@pytest.mark.parametrize("case", ["boxes", "one-part-multipolygons", "hexagons", "one-big-endian", "one-open",
+                                  "a-null"])
+def test_wkb_of_one_record_size_parses_as_a_table_like_the_gather(case, monkeypatch):
+    """Every row's WKB of one size (a layer of boxes): read as a table of records when each is a
+    plain polygon, else by the general gather; the two give the same arrays."""
+    import shapely
+
+    import chipflow._wkb as wkb
+
+    rng = np.random.default_rng(7)
+    x, y = rng.uniform(0, 1000, (2, 300))
+    boxes = shapely.box(x, y, x + rng.uniform(1, 30, 300), y + rng.uniform(1, 30, 300))
+    from shapely.affinity import rotate
+
+    rows: list = [rotate(b, float(a)) for b, a in zip(boxes, rng.uniform(0, 90, 300), strict=True)]
+    if case == "one-part-multipolygons":
+        rows = [shapely.MultiPolygon([r]) for r in rows]
+    elif case == "hexagons":
+        rows = [shapely.Polygon([(a + 5 * np.cos(t), b + 5 * np.sin(t)) for t in np.linspace(0, 2 * np.pi, 6, endpoint=False)])
+                for a, b in zip(x, y, strict=True)]
+    column = _wkb_column(rows)
+    if case == "one-big-endian":
+        column = _wkb_column(rows[:100]).to_pylist() + [shapely.to_wkb(rows[100], byte_order=0)] + \
+            _wkb_column(rows[101:]).to_pylist()
+    elif case == "one-open":  # the last point of row 50 moved: not closed, left to shapely
+        column = column.to_pylist()
+        column[50] = column[50][:-8] + np.float64(1e6).tobytes()
+    elif case == "a-null":
+        column = column.to_pylist()
+        column[20] = None
+    import pyarrow as pa
+
+    column = pa.array(column, pa.binary()) if isinstance(column, list) else column
+    assert len(set(map(len, (v for v in column.to_pylist() if v is not None)))) == 1  # one record size
+    used = []
+    real = wkb._uniform
+    monkeypatch.setattr(wkb, "_uniform", lambda records: used.append(real(records)) or used[-1])
+    table = wkb.simple_polygons(column)
+    monkeypatch.setattr(wkb, "_uniform", lambda records: None)
+    gathered = wkb.simple_polygons(column)
+    for name in ("simple", "coords", "counts", "multi"):
+        expected, got = getattr(gathered, name), getattr(table, name)
+        assert got.dtype == expected.dtype, name
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+    as_table = case in ("boxes", "one-part-multipolygons", "hexagons")
+    assert (used[-1] is not None) == as_table if used else case == "a-null"
+    assert table.simple.sum() == 300 - (case in ("one-big-endian", "one-open", "a-null"))
+    assert table.multi.all() == (case == "one-part-multipolygons")
+    np.testing.assert_array_equal(table.coords, shapely.get_coordinates(
+        np.asarray(rows, dtype=object)[table.simple]))
+
+
 def test_a_layer_of_quadrilaterals_only_reads_like_the_general_path(tmp_path):
     """Boxes and rotated boxes only (every ring five points: no gather needed)."""
     import shapely
