@@ -1,7 +1,7 @@
 """How chipflow's time and worker memory grow with the number of label features.
 
-``python benchmarks/features_scaling.py [--size 8192] [--features 20000 200000 2000000]``
-exports the same raster with each label set (stride 256, PASCAL VOC, ALL_TILES) on a
+``python benchmarks/features_scaling.py [--size 8192] [--stride 256] [--features 20000 200000 2000000]``
+exports the same raster with each label set (PASCAL VOC, ALL_TILES) on a
 2-worker LocalCluster and prints wall time, its ratio to the smallest set (of the
 medians, and per repeat: the runs of one repeat follow one another), and the peak RSS
 of the largest worker process. Above 500k features chipflow partitions the class
@@ -42,6 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=8192)
     parser.add_argument("--features", type=int, nargs="+", default=[20_000, 200_000, 2_000_000])
+    parser.add_argument("--stride", type=int, default=256, help="chip stride in pixels (256 px chips)")
     parser.add_argument("--workdir", default="/tmp/chipflow-bench")
     parser.add_argument("--out", default=None)
     parser.add_argument("--repeat", type=int, default=1, help="runs per label set, interleaved; medians kept")
@@ -55,13 +56,13 @@ def main() -> None:
         folder = Path(args.workdir) / "inputs"
         files = {n: make_inputs(folder, size=args.size, n_features=n) for n in args.features}
         # warm-up (imports, GDAL set-up on the workers), not measured: the first set would pay it alone
-        _export(client, *files[args.features[0]], args.workdir)
+        _export(client, *files[args.features[0]], args.workdir, args.stride)
         for _ in range(args.repeat):
             for n in args.features:
                 stop, peak = threading.Event(), []
                 watcher = threading.Thread(target=_peak_worker_rss, args=(stop, peak))
                 watcher.start()
-                result, seconds = _export(client, *files[n], args.workdir)
+                result, seconds = _export(client, *files[n], args.workdir, args.stride)
                 stop.set()
                 watcher.join()
                 runs[n].append({"chips": result.num_chips, "seconds": seconds, "timings": result.timings,
@@ -86,7 +87,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(rows, indent=2))
 
 
-def _export(client: object, raster: Path, vector: Path, workdir: str) -> tuple[object, float]:
+def _export(client: object, raster: Path, vector: Path, workdir: str, stride: int) -> tuple[object, float]:
     """One export of ``raster`` with ``vector`` into a fresh folder (deleted after): result, seconds."""
     import chipflow
 
@@ -94,7 +95,7 @@ def _export(client: object, raster: Path, vector: Path, workdir: str) -> tuple[o
     os.sync()  # earlier runs' files reach the disk before this one starts
     started = time.perf_counter()
     result = chipflow.export_training_data(
-        raster, out, vector, stride_x=256, stride_y=256, metadata_format="PASCAL_VOC_rectangles",
+        raster, out, vector, stride_x=stride, stride_y=stride, metadata_format="PASCAL_VOC_rectangles",
         output_nofeature_tiles="ALL_TILES", class_value_field="classvalue", client=client)
     seconds = time.perf_counter() - started
     shutil.rmtree(out.parent)

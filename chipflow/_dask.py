@@ -193,7 +193,8 @@ def run_blocks(
         scattered: dict[int, Any] = {}
         for _, _, labels in todo:
             if id(labels) not in scattered:
-                scattered[id(labels)] = client.scatter(labels, broadcast=True, hash=False)
+                scattered[id(labels)] = client.scatter(labels, broadcast=True, hash=False,
+                                                       direct=_direct(client))
         futures = client.map(
             run_block, [b for b, _, _ in todo], [j for _, j, _ in todo],
             [scattered[id(lab)] for _, _, lab in todo],
@@ -228,6 +229,36 @@ def run_blocks(
             progress.finish()
     root = level[0]
     return root.result() if isinstance(root, Future) else root
+
+
+def _direct(client: Any) -> bool | None:
+    """Whether to send the class data to the workers straight from the client.
+
+    Through the scheduler (Dask's default for a client outside the cluster) it
+    travels client → scheduler → one worker → the others; straight, client →
+    worker → the others: 0.05 → 0.03 s for 200k features on a local cluster.
+    Straight when the client says so (``direct_to_workers``), or when every
+    worker is on this machine, which the client can always reach; else Dask's
+    default (workers in a Kubernetes cluster may be out of the client's reach).
+    """
+    if client.direct_to_workers is not None:
+        return client.direct_to_workers
+    workers = client.scheduler_info().get("workers", {})
+    return True if workers and all(_loopback(address) for address in workers) else None
+
+
+def _loopback(address: str) -> bool:
+    """Whether a Dask address is on this machine's loopback (or in this process)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    if address.startswith("inproc://"):
+        return True
+    host = urlsplit(address).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _finalize(store: Any, metadata_format: str, block_ids: list[int], classes: tuple[Any, ...]) -> None:

@@ -66,13 +66,13 @@ def test_features_scaling_runs_and_pairs_its_repeats(tmp_path):
     out = tmp_path / "f.json"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.features_scaling", "--size", "1024", "--features", "100", "1000",
-         "--repeat", "2", "--workdir", str(tmp_path), "--out", str(out)],
+         "--stride", "128", "--repeat", "2", "--workdir", str(tmp_path), "--out", str(out)],
         capture_output=True, text=True, timeout=180, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     small, large = json.loads(out.read_text())
     assert (small["features"], large["features"]) == (100, 1000)
-    assert [r["chips"] for r in small["runs"] + large["runs"]] == [16] * 4  # 1024² at stride 256
+    assert [r["chips"] for r in small["runs"] + large["runs"]] == [49] * 4  # 1024² at stride 128: 7 x 7
     assert large["ratio"] == large["seconds"] / small["seconds"] and small["ratio"] == 1
     pairs = zip(small["runs"], large["runs"], strict=True)
     assert large["paired_ratios"] == [b["seconds"] / a["seconds"] for a, b in pairs]

@@ -69,3 +69,27 @@ def test_partitioned_class_data_gives_the_same_dataset(client, tmp_path, monkeyp
     whole, partitioned = tree(tmp_path / "whole"), tree(tmp_path / "parts")
     assert sorted(whole) == sorted(partitioned)
     assert [k for k in whole if whole[k] != partitioned[k]] == []
+
+
+def test_class_data_goes_straight_to_local_workers_and_through_the_scheduler_to_others(client, tmp_path,
+                                                                                      monkeypatch):
+    """On a cluster of this machine the broadcast skips the scheduler; a client that says
+    ``direct_to_workers=False``, or workers elsewhere, keep Dask's way."""
+    from conftest import KAMPALA_BUILDINGS, KAMPALA_IMAGE
+    from distributed import Client
+
+    import chipflow
+    from chipflow._dask import _direct, _loopback
+
+    assert [_loopback(a) for a in ("tcp://127.0.0.1:8786", "tls://localhost:1", "tcp://[::1]:9", "inproc://x/1/2",
+                                   "tcp://10.0.0.5:8786", "tcp://dask-worker-0.dask:8786", "ucx://192.168.1.2:1")] \
+        == [True, True, True, True, False, False, False]
+    calls = []
+    real = type(client).scatter
+    monkeypatch.setattr(type(client), "scatter", lambda self, *a, **k: calls.append(k) or real(self, *a, **k))
+    result = chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "out", KAMPALA_BUILDINGS, client=client,
+                                           metadata_format="PASCAL_VOC_rectangles")
+    assert result.num_chips > 0
+    assert [(k["broadcast"], k["direct"]) for k in calls] == [(True, True)]
+    with Client(client.scheduler.address, direct_to_workers=False) as other:
+        assert _direct(other) is False
