@@ -349,7 +349,7 @@ class LabelSet:
         digest = hashlib.sha256()
         for array in (self.bounds, self.rectangles, self._corners, self._plain, self._plain_xy,
                       self._plain_counts):
-            digest.update(np.ascontiguousarray(array).tobytes())
+            digest.update(np.ascontiguousarray(array))  # hashed in place, not copied
         digest.update(self._wire()[0])
         digest.update(np.asarray(self.values, "<i8").tobytes())
         digest.update(repr(self.classes).encode())
