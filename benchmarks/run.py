@@ -394,6 +394,11 @@ def add_comparisons(entry: dict, workers: int) -> None:
     speed = {name: s["chips_per_s"] for name, s in systems.items()}
     entry["ratios"] = {f"chipflow/{name}": speed["chipflow"] / speed[name]
                        for name in ("by_hand", "floor", "floor_labels") if name in speed}
+    entry["paired_ratios"] = {f"chipflow/{name}": _paired(systems[name], systems["chipflow"])
+                              for name in ("by_hand", "floor", "floor_labels") if name in speed}
+    for name in ("chipflow_1_worker", "chipflow_1_core"):
+        if name in speed:
+            entry["paired_ratios"][f"chipflow/{name}"] = _paired(systems[name], systems["chipflow"])
     if "chipflow_1_worker" in speed:
         entry["scaling"] = {
             "chips_per_s": {"1": speed["chipflow_1_worker"], str(workers): speed["chipflow"]},
@@ -405,6 +410,16 @@ def add_comparisons(entry: dict, workers: int) -> None:
                 "chips_per_s": {"1": speed["chipflow_1_core"], str(cores): speed["chipflow"]},
                 "ratio": speed["chipflow"] / speed["chipflow_1_core"],
             }
+
+
+def _paired(other: dict, chipflow: dict) -> dict:
+    """chipflow's speed over ``other``'s, repeat by repeat (the two ran minutes apart at most).
+
+    The machine's drift moves both runs of a repeat alike, so these ratios
+    scatter less than the medians' ratio does.
+    """
+    ratios = [a["seconds"] / b["seconds"] for a, b in zip(other["runs"], chipflow["runs"], strict=True)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "runs": ratios}
 
 
 def bench_cli(entry: dict, args: argparse.Namespace) -> dict:
@@ -470,17 +485,17 @@ def print_entry(entry: dict) -> None:
             f"{s['mb_per_s']:>9.1f}{s['peak_rss_mb']:>14.0f}{startup:>11}{warmup:>11}"
         )
     for name, value in entry.get("ratios", {}).items():
-        print(f"{name}: {value:.2f}x")
+        paired = entry["paired_ratios"][name]
+        print(f"{name}: {value:.2f}x (repeat by repeat: median {paired['median']:.2f}x, "
+              f"{paired['min']:.2f}-{paired['max']:.2f}x)")
     if "scaling" in entry:
-        print(
-            f"chipflow scaling {' -> '.join(entry['scaling']['chips_per_s'])} workers: "
-            f"{entry['scaling']['ratio']:.2f}x"
-        )
-        if "per_core" in entry["scaling"]:
-            print(
-                f"chipflow scaling {' -> '.join(entry['scaling']['per_core']['chips_per_s'])} cores "
-                f"(one worker per core, pinned): {entry['scaling']['per_core']['ratio']:.2f}x"
-            )
+        scaling, paired = entry["scaling"], entry["paired_ratios"]
+        print(f"chipflow scaling {' -> '.join(scaling['chips_per_s'])} workers: {scaling['ratio']:.2f}x "
+              f"(repeat by repeat: median {paired['chipflow/chipflow_1_worker']['median']:.2f}x)")
+        if "per_core" in scaling:
+            print(f"chipflow scaling {' -> '.join(scaling['per_core']['chips_per_s'])} cores "
+                  f"(one worker per core, pinned): {scaling['per_core']['ratio']:.2f}x "
+                  f"(repeat by repeat: median {paired['chipflow/chipflow_1_core']['median']:.2f}x)")
     print(flush=True)
 
 

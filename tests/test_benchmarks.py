@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,12 @@ def test_quick_run_measures_all_systems(tmp_path):
     assert result["counts_equal"]
     scaling = result["scaling"]
     assert scaling["ratio"] == systems["chipflow"]["chips_per_s"] / systems["chipflow_1_worker"]["chips_per_s"]
+    for name in ("by_hand", "floor", "chipflow_1_worker"):  # each repeat's own ratio, the other's time over chipflow's
+        paired = result["paired_ratios"][f"chipflow/{name}"]
+        assert paired["runs"] == [a["seconds"] / b["seconds"] for a, b in zip(
+            systems[name]["runs"], systems["chipflow"]["runs"], strict=True)]
+        assert paired["median"] == statistics.median(paired["runs"]) and len(paired["runs"]) == 1
+    assert "chipflow/floor" in proc.stdout and "repeat by repeat: median" in proc.stdout
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) <= 2:  # --workers 2 has every core
         assert systems["chipflow_1_core"]["chips"] == systems["chipflow"]["chips"]
         assert scaling["per_core"]["ratio"] == (
