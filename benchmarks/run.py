@@ -340,6 +340,8 @@ def bench_config(config: dict, args: argparse.Namespace, systems: list[str]) -> 
     specs = {name: {**base, "system": name} for name in systems}
     if args.floor_labels:
         specs["floor_labels"] = {**base, "system": "floor_labels"}
+    if args.scaling and "floor" in systems:  # the machine's own scaling, for comparison
+        specs["floor_1_process"] = {**base, "system": "floor", "workers": 1}
     if args.scaling and "chipflow" in systems:
         specs["chipflow_1_worker"] = {**base, "system": "chipflow", "workers": 1}
         if hasattr(os, "sched_setaffinity") and args.workers >= (os.cpu_count() or 1):
@@ -389,9 +391,15 @@ def add_comparisons(entry: dict, workers: int) -> None:
     entry["counts_equal"] = len(set(counts.values())) == 1
     if not entry["counts_equal"]:
         print(f"WARNING: systems wrote different numbers of chips: {counts}", file=sys.stderr)
+    speed = {name: s["chips_per_s"] for name, s in systems.items()}
+    if "floor_1_process" in speed:
+        entry["floor_scaling"] = {
+            "chips_per_s": {"1": speed["floor_1_process"], str(workers): speed["floor"]},
+            "ratio": speed["floor"] / speed["floor_1_process"],
+            "paired": _paired(systems["floor_1_process"], systems["floor"]),
+        }
     if "chipflow" not in systems:
         return
-    speed = {name: s["chips_per_s"] for name, s in systems.items()}
     entry["ratios"] = {f"chipflow/{name}": speed["chipflow"] / speed[name]
                        for name in ("by_hand", "floor", "floor_labels") if name in speed}
     entry["paired_ratios"] = {f"chipflow/{name}": _paired(systems[name], systems["chipflow"])
@@ -413,7 +421,7 @@ def add_comparisons(entry: dict, workers: int) -> None:
 
 
 def _paired(other: dict, chipflow: dict) -> dict:
-    """chipflow's speed over ``other``'s, repeat by repeat (the two ran minutes apart at most).
+    """A system's speed (``chipflow``) over ``other``'s, repeat by repeat (the two ran minutes apart at most).
 
     The machine's drift moves both runs of a repeat alike, so these ratios
     scatter less than the medians' ratio does.
@@ -488,6 +496,10 @@ def print_entry(entry: dict) -> None:
         paired = entry["paired_ratios"][name]
         print(f"{name}: {value:.2f}x (repeat by repeat: median {paired['median']:.2f}x, "
               f"{paired['min']:.2f}-{paired['max']:.2f}x)")
+    if "floor_scaling" in entry:
+        floor = entry["floor_scaling"]
+        print(f"floor scaling {' -> '.join(floor['chips_per_s'])} processes: {floor['ratio']:.2f}x "
+              f"(repeat by repeat: median {floor['paired']['median']:.2f}x)")
     if "scaling" in entry:
         scaling, paired = entry["scaling"], entry["paired_ratios"]
         print(f"chipflow scaling {' -> '.join(scaling['chips_per_s'])} workers: {scaling['ratio']:.2f}x "

@@ -63,6 +63,13 @@ def test_quick_run_measures_all_systems(tmp_path):
             systems[name]["runs"], systems["chipflow"]["runs"], strict=True)]
         assert paired["median"] == statistics.median(paired["runs"]) and len(paired["runs"]) == 1
     assert "chipflow/floor" in proc.stdout and "repeat by repeat: median" in proc.stdout
+    # the floor's own scaling, 1 -> 2 processes, puts chipflow's in context
+    assert systems["floor_1_process"]["chips"] == systems["floor"]["chips"]
+    floor = result["floor_scaling"]
+    assert floor["ratio"] == systems["floor"]["chips_per_s"] / systems["floor_1_process"]["chips_per_s"]
+    assert floor["paired"]["runs"] == [systems["floor_1_process"]["runs"][0]["seconds"]
+                                       / systems["floor"]["runs"][0]["seconds"]]
+    assert "floor scaling 1 -> 2 processes" in proc.stdout
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) <= 2:  # --workers 2 has every core
         assert systems["chipflow_1_core"]["chips"] == systems["chipflow"]["chips"]
         assert scaling["per_core"]["ratio"] == (
