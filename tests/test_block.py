@@ -48,6 +48,23 @@ def test_block_features_equal_a_per_chip_scan(size):
                 assert shapely.equals_exact(clipped[mine], scan[3], tolerance=0).all()
 
 
+def test_grid_pairs_of_a_block_with_more_chips_than_16_bits_count():
+    """Over 32767 chips in a block (tiny strides): the pairs still come sorted by chip, then candidate."""
+    rng = np.random.default_rng(2)
+    x, y = rng.uniform(0, 990, (2, 300))
+    bounds = np.column_stack([x, y, x + rng.uniform(0, 12, 300), y + rng.uniform(0, 12, 300)])
+    xs = ys = np.arange(0, 1000, 5)  # 200 x 200 chips of 8 px
+    chips, cands = _grid_pairs(bounds, np.ones(300, bool), xs, ys, (8, 8), (1000, 1000))
+    assert len(xs) * len(ys) > 2**15 and len(chips) > 1000
+    cx0, cy0 = np.meshgrid(xs, ys)
+    cx0, cy0 = cx0.ravel()[:, None], cy0.ravel()[:, None]
+    meets = ((bounds[:, 0] < np.minimum(cx0 + 8, 1000)) & (bounds[:, 2] > cx0)
+             & (bounds[:, 1] < np.minimum(cy0 + 8, 1000)) & (bounds[:, 3] > cy0))
+    expected_chips, expected_cands = np.nonzero(meets)  # row-major: by chip, then candidate
+    np.testing.assert_array_equal(chips, expected_chips)
+    np.testing.assert_array_equal(cands, expected_cands)
+
+
 def test_rectangles_are_exactly_the_polygons_that_equal_their_bounding_box():
     geoms = np.array([
         shapely.box(0, 0, 10, 5),  # a box
