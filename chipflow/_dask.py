@@ -119,7 +119,7 @@ class StartingCluster:
 
     def __init__(self, client: Any = None, scheduler: str | None = None, n_workers: int | None = None,
                  start_now: bool = True):
-        self._given, self._n_workers = (client, scheduler, n_workers), n_workers
+        self._given = (client, scheduler, n_workers)
         self._stack = contextlib.ExitStack()
         self._client: Any = None
         self._error: BaseException | None = None
@@ -130,7 +130,7 @@ class StartingCluster:
 
     def _start(self) -> None:
         try:
-            self._client = _local_client(self._n_workers, self._stack)
+            self._client = _local_client(self._given[2], self._stack)
         except BaseException as error:  # raised in the caller's thread by client()
             self._error = error
 
@@ -191,10 +191,10 @@ def run_blocks(
     if todo:
         client.register_plugin(WorkerTuning(), name=WorkerTuning.name)
         scattered: dict[int, Any] = {}
+        direct = _direct(client)
         for _, _, labels in todo:
             if id(labels) not in scattered:
-                scattered[id(labels)] = client.scatter(labels, broadcast=True, hash=False,
-                                                       direct=_direct(client))
+                scattered[id(labels)] = client.scatter(labels, broadcast=True, hash=False, direct=direct)
         futures = client.map(
             run_block, [b for b, _, _ in todo], [j for _, j, _ in todo],
             [scattered[id(lab)] for _, _, lab in todo],

@@ -95,7 +95,7 @@ def _box_corners(xy: np.ndarray, b: np.ndarray, areas: np.ndarray) -> tuple[np.n
 
 
 def _columns(xy: np.ndarray, points: int) -> np.ndarray:
-    """The first ``points`` vertices of rings ``xy`` (k, m, 2) as rows: x0, y0, x1, y1, ... (2 points, k)."""
+    """The first ``points`` vertices of rings ``xy`` (k, m, 2) as rows x0, y0, x1, y1...: (2 * points, k)."""
     return xy[:, :points].reshape(len(xy), 2 * points).T.copy()
 
 
@@ -661,7 +661,8 @@ def _wkb_features(wkb: Any, source: RasterSource) -> dict[str, np.ndarray]:
     xy = _map_to_pixels(parsed.coords, source)
     rows, counts = np.flatnonzero(parsed.simple), parsed.counts
     first = np.cumsum(counts) - counts
-    if rows.size and len(rows) == n and (counts == counts[0]).all():  # one point count: a table of rings
+    same = bool(rows.size) and bool((counts == counts[0]).all())  # one point count: a table of rings
+    if same and len(rows) == n:
         ring = xy.reshape(n, counts[0], 2)
         low, high = ring[:, 0].copy(), ring[:, 0].copy()
         for i in range(1, counts[0] - 1):  # the last point is the first; point by point beats a reduce here
@@ -721,14 +722,9 @@ def _wkb_features(wkb: Any, source: RasterSource) -> dict[str, np.ndarray]:
         geoms[general[rect]] = None
     return {"geoms": geoms, "present": present, "type_ids": type_ids, "bounds": bounds, "areas": areas,
             "polygonal": polygonal, "rectangles": rectangles, "corners": corners, "plain": plain,
-            "quads": quads, "plain_xy": _rings_of(xy, counts, ring_of), "plain_counts": counts[ring_of]}
-
-
-def _rings_of(xy: np.ndarray, counts: np.ndarray, which: np.ndarray) -> np.ndarray:
-    """The coordinates of the rings ``which`` (bool) of ``xy``, ring ``i`` having ``counts[i]`` points."""
-    if len(counts) and (counts == counts[0]).all():  # one point count: whole rings at once
-        return xy.reshape(len(counts), counts[0], 2)[which].reshape(-1, 2)
-    return xy[np.repeat(which, counts)]
+            "quads": quads, "plain_counts": counts[ring_of],
+            "plain_xy": xy.reshape(len(rows), counts[0], 2)[ring_of].reshape(-1, 2) if same  # whole rings
+            else xy[np.repeat(ring_of, counts)]}
 
 
 _CHUNK_ROWS = 50_000  # per thread, when reading class data with numpy
