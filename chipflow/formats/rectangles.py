@@ -71,7 +71,8 @@ def _hundredths(values: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     whole, cents = np.divmod(nearest.astype(np.intp), 100)
     whole = _WHOLE[whole]
-    for i in np.flatnonzero(np.abs(scaled - np.floor(scaled) - 0.5) < 1e-6).tolist():
+    # within 1e-6 of a tie (rint is at most half away): those few go through `%`
+    for i in np.flatnonzero(np.abs(scaled - nearest, out=scaled) > 0.5 - 1e-6).tolist():
         whole[i], cents[i] = f"{values[i]:.2f}", 100
     return whole, cents
 
@@ -89,15 +90,31 @@ def _rows(chip: ChipLabel, template: str) -> str:
         return (template * n) % tuple(fields)
     # per row: its head (the text up to the first number, with the class value), then per number
     # the text up to its point and its decimals with the text after them: 3x faster than `%`
-    pieces, tails = _pieces(template), _tails(template)
-    values, which = np.unique(chip.values, return_inverse=True)
-    heads = np.array([f"{pieces[0]}{v}{pieces[1]}" for v in values.tolist()], dtype=object)
+    tails = _tails(template)
     whole, cents = text[0].reshape(4, n).tolist(), text[1].reshape(4, n)
     out: list[str] = [""] * (9 * n)
-    out[0::9] = heads[which].tolist()
+    out[0::9] = map(_heads(template).__getitem__, chip.values.tolist())
     for k in range(4):
         out[1 + 2 * k::9], out[2 + 2 * k::9] = whole[k], tails[k][cents[k]].tolist()
     return "".join(out)
+
+
+class _Heads(dict[int, str]):
+    """Row heads by class value: a template's text up to its first number, with the value in it."""
+
+    def __init__(self, template: str):
+        super().__init__()
+        self.before, self.after = _pieces(template)[:2]
+
+    def __missing__(self, value: int) -> str:
+        head = self[value] = f"{self.before}{value}{self.after}"
+        return head
+
+
+@functools.cache
+def _heads(template: str) -> _Heads:
+    """The row heads of ``template`` (one per class value, made on first use)."""
+    return _Heads(template)
 
 
 @functools.cache
