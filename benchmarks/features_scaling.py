@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,6 +20,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.generate import make_inputs
+from benchmarks.scratch import Scratch
 
 
 def _peak_worker_rss(stop: threading.Event, out: list[float]) -> None:
@@ -51,18 +49,19 @@ def main() -> None:
     from distributed import Client, LocalCluster
 
     runs: dict[int, list[dict]] = {n: [] for n in args.features}
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
+    with (Scratch(args.workdir) as scratch,
+          LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+          Client(cluster) as client):
         folder = Path(args.workdir) / "inputs"
         files = {n: make_inputs(folder, size=args.size, n_features=n) for n in args.features}
         # warm-up (imports, GDAL set-up on the workers), not measured: the first set would pay it alone
-        _export(client, *files[args.features[0]], args.workdir, args.stride)
+        _export(client, *files[args.features[0]], scratch, args.stride)
         for _ in range(args.repeat):
             for n in args.features:
                 stop, peak = threading.Event(), []
                 watcher = threading.Thread(target=_peak_worker_rss, args=(stop, peak))
                 watcher.start()
-                result, seconds = _export(client, *files[n], args.workdir, args.stride)
+                result, seconds = _export(client, *files[n], scratch, args.stride)
                 stop.set()
                 watcher.join()
                 runs[n].append({"chips": result.num_chips, "seconds": seconds, "timings": result.timings,
@@ -87,18 +86,24 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(rows, indent=2))
 
 
-def _export(client: object, raster: Path, vector: Path, workdir: str, stride: int) -> tuple[object, float]:
-    """One export of ``raster`` with ``vector`` into a fresh folder (deleted after): result, seconds."""
+def _export(client: object, raster: Path, vector: Path, scratch: Scratch,
+            stride: int) -> tuple[object, float]:
+    """One export of ``raster`` with ``vector`` into a fresh folder (then trashed): result, seconds."""
+    import rasterio
+
     import chipflow
 
-    out = Path(tempfile.mkdtemp(dir=workdir)) / "out"
-    os.sync()  # earlier runs' files reach the disk before this one starts
+    with rasterio.open(raster) as src:  # the chips' bytes, uncompressed
+        need = src.width * src.height * src.count * (256 // stride) ** 2
+    folder = scratch.fresh("features")
+    scratch.ready(need)  # synced, and no deletion of files in the last half-minute (benchmarks/scratch.py)
     started = time.perf_counter()
     result = chipflow.export_training_data(
-        raster, out, vector, stride_x=stride, stride_y=stride, metadata_format="PASCAL_VOC_rectangles",
-        output_nofeature_tiles="ALL_TILES", class_value_field="classvalue", client=client)
+        raster, folder / "out", vector, stride_x=stride, stride_y=stride,
+        metadata_format="PASCAL_VOC_rectangles", output_nofeature_tiles="ALL_TILES",
+        class_value_field="classvalue", client=client)
     seconds = time.perf_counter() - started
-    shutil.rmtree(out.parent)
+    scratch.discard(folder)
     return result, seconds
 
 

@@ -27,8 +27,12 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
+
+if TYPE_CHECKING:
+    from benchmarks.scratch import Scratch
 
 REPO = Path(__file__).resolve().parent.parent
 TILE = 256
@@ -268,12 +272,6 @@ def _has_file(folder: Path) -> bool:
         return False
 
 
-def fresh_dir(workdir: Path, name: str) -> Path:
-    """A new empty output folder under ``workdir/runs``."""
-    (workdir / "runs").mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir / "runs"))
-
-
 def summarize(runs: list[dict], chip_bytes: int) -> dict:
     """Medians over repeated runs of one system.
 
@@ -297,20 +295,21 @@ def summarize(runs: list[dict], chip_bytes: int) -> dict:
     return summary
 
 
-def run_once(spec: dict, workdir: Path, name: str) -> dict:
-    """Run one system once in a fresh, empty output folder, then delete it.
+def run_once(spec: dict, scratch: Scratch, name: str, need_bytes: int) -> dict:
+    """Run one system once in a fresh, empty output folder, then put it in the trash.
 
     The disk is synced before each run, so no run pays for writing back the
-    files of the one before (gigabytes of dirty pages at large sizes).
+    files of the one before (gigabytes of dirty pages at large sizes), and no
+    run follows a deletion of files by less than ``scratch.QUIET_SECONDS``
+    (see :mod:`benchmarks.scratch`).
     """
-    out = fresh_dir(workdir, name)
-    warmup = fresh_dir(workdir, f"{name}-warmup")
+    out = scratch.fresh(name)
+    warmup = scratch.fresh(f"{name}-warmup")
     try:
-        os.sync()
+        scratch.ready(need_bytes)
         return run_child({**spec, "out": str(out), "warmup": str(warmup)})
     finally:
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(warmup, ignore_errors=True)
+        scratch.discard(out, warmup)
 
 
 def bench_config(config: dict, args: argparse.Namespace, systems: list[str]) -> dict:
@@ -347,18 +346,20 @@ def bench_config(config: dict, args: argparse.Namespace, systems: list[str]) -> 
         if hasattr(os, "sched_setaffinity") and args.workers >= (os.cpu_count() or 1):
             # per core: only when the main run has every core (one worker per core)
             specs["chipflow_1_core"] = {**base, "system": "chipflow", "workers": 1, "cpus": 1}
+    chip_bytes = chip_nbytes(raster)
+    expected_chips = len(chip_offsets(config["size"], TILE, config["stride"])) ** 2
+    need_bytes = int(expected_chips * chip_bytes * 1.3)  # chips and labels, uncompressed
     runs: dict[str, list[dict]] = {name: [] for name in specs}
     for _ in range(args.repeat):
         for name, spec in specs.items():
             print(f"   {name} ...", end=" ", flush=True)
-            runs[name].append(run_once(spec, args.workdir, name))
+            runs[name].append(run_once(spec, args.scratch, name, need_bytes))
             print(f"{runs[name][-1]['seconds']:.2f} s", flush=True)
-    chip_bytes = chip_nbytes(raster)
     entry = {
         "config": {**config, "tile": TILE},
         "inputs": [str(raster), str(vector)],
         "generate_seconds": generate_seconds,
-        "expected_chips": len(chip_offsets(config["size"], TILE, config["stride"])) ** 2,
+        "expected_chips": expected_chips,
         "systems": {name: summarize(r, chip_bytes) for name, r in runs.items()},
     }
     add_comparisons(entry, args.workers)
@@ -435,13 +436,14 @@ def bench_cli(entry: dict, args: argparse.Namespace) -> dict:
     raster, vector = (Path(p) for p in entry["inputs"])
     stride = entry["config"]["stride"]
     runs = []
+    need_bytes = int(entry["expected_chips"] * chip_nbytes(raster) * 1.3)
     for _ in range(args.repeat):
-        out = fresh_dir(args.workdir, "cli")
+        out = args.scratch.fresh("cli")
         try:
-            os.sync()
+            args.scratch.ready(need_bytes)
             runs.append(run_cli(raster, vector, stride, out))
         finally:
-            shutil.rmtree(out, ignore_errors=True)
+            args.scratch.discard(out)
     cli = {"config": entry["config"], **summarize(runs, chip_nbytes(raster))}
     floor = entry["systems"].get("floor")
     if floor:  # both timed from the outside: interpreter, imports, pools or cluster, metadata
@@ -624,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
             "workdir": str(args.workdir),
         },
     }
+    from benchmarks.scratch import Scratch
+
+    args.scratch = Scratch(args.workdir)
     try:
         for config in configs(args):
             print(f"== {label(config)}", flush=True)
@@ -642,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        args.scratch.empty()  # the runs' folders, deleted only now (see benchmarks/scratch.py)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"results written to {args.out}")

@@ -5,6 +5,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,7 @@ def test_quick_run_measures_all_systems(tmp_path):
             systems[name]["runs"], systems["chipflow"]["runs"], strict=True)]
         assert paired["median"] == statistics.median(paired["runs"]) and len(paired["runs"]) == 1
     assert "chipflow/floor" in proc.stdout and "repeat by repeat: median" in proc.stdout
+    assert not any((tmp_path / "runs").iterdir()) and _trashed(tmp_path) == []  # deleted at the end
     # the floor's own scaling, 1 -> 2 processes, puts chipflow's in context
     assert systems["floor_1_process"]["chips"] == systems["floor"]["chips"]
     floor = result["floor_scaling"]
@@ -92,6 +94,40 @@ def test_features_scaling_runs_and_pairs_its_repeats(tmp_path):
     assert large["paired_ratios"] == [b["seconds"] / a["seconds"] for a, b in pairs]
     assert all(r["peak_process_rss_mb"] > 50 for r in small["runs"] + large["runs"])
     assert "paired runs: median" in proc.stdout
+    assert not any((tmp_path / "runs").iterdir()) and _trashed(tmp_path) == []  # deleted at the end
+
+
+def _trashed(workdir):
+    return sorted(p.name for p in (workdir / "trash").iterdir() if p.name != ".emptied")
+
+
+def test_scratch_deletes_runs_only_away_from_measured_runs(tmp_path, monkeypatch):
+    """Finished runs' folders go to the trash (nothing deleted); it is emptied when the disk needs the
+    room or at the end, and a run right after an emptying waits until QUIET_SECONDS have passed."""
+    import benchmarks.scratch as scratch_module
+    from benchmarks.scratch import Scratch
+
+    monkeypatch.setattr(scratch_module, "QUIET_SECONDS", 0.6)
+    (tmp_path / "runs" / "left-over").mkdir(parents=True)  # an interrupted invocation's run
+    scratch = Scratch(tmp_path)
+    assert not any(scratch.runs.iterdir()) and _trashed(tmp_path)[0].startswith("left-over-")
+    assert scratch.ready() == 0  # nothing deleted yet: no wait
+    out = scratch.fresh("floor")
+    (out / "chip.tif").write_bytes(b"x")
+    scratch.discard(out)
+    assert not out.exists() and len(_trashed(tmp_path)) == 2
+    kept = tmp_path / "trash" / _trashed(tmp_path)[0]
+    assert kept.exists()
+    assert scratch.ready(need_bytes=2**20) == 0 and kept.exists()  # room enough: nothing deleted
+    waited = scratch.ready(need_bytes=2**62)  # not enough room: emptied, then the quiet wait
+    assert _trashed(tmp_path) == [] and 0.4 < waited <= 0.6
+    os.utime(scratch.stamp, (0, time.time() - 1))  # the last deletion a second ago
+    assert scratch.ready() == 0
+    with Scratch(tmp_path) as again:  # a new invocation after a fresh deletion waits too
+        os.utime(again.stamp, None)
+        assert again.ready() > 0.4
+        again.discard(again.fresh("cli"))
+    assert _trashed(tmp_path) == []  # emptied on leaving
 
 
 def test_pinned_child_runs_on_the_cpus_it_was_given():
