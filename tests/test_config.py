@@ -129,6 +129,28 @@ def test_class_values_given_as_text_of_digits_are_read_as_numbers():
     assert name == "classvalue" and values.tolist() == [1, 2, 3] and values.dtype == np.int64
 
 
+@pytest.mark.parametrize("with_empty", [False, True])
+def test_class_index_of_a_file_ranks_values_with_gaps(tmp_path, with_empty):
+    """The numpy reader's class index: classes sorted by value, each feature's index into them
+    (values unsorted, with gaps, up to 65535); a missing geometry is dropped with its value."""
+    source = open_raster(str(KAMPALA_IMAGE))
+    from chipflow.labels import _read_polygons_fast
+
+    frame = gpd.read_file(KAMPALA_BUILDINGS).iloc[:6].to_crs(source.crs_wkt)  # the raster's: numpy reads it
+    frame["classvalue"] = [65535, 7, 300, 7, 1, 300]
+    if with_empty:
+        frame.loc[1, "geometry"] = None
+    path = tmp_path / "classes.gpkg"
+    frame.to_file(path)
+    labels = _read_polygons_fast(str(path), class_value_field=None, source=source, buffer_radius=0,
+                                 require_overlap=True)
+    assert labels is not None
+    expected = [v for i, v in enumerate(frame["classvalue"]) if not (with_empty and i == 1)]
+    assert [c.value for c in labels.classes] == sorted(set(expected))
+    assert labels.values.tolist() == expected and labels.class_index.dtype == np.int32
+    assert len(labels.bounds) == len(expected)
+
+
 def test_non_empty_out_folder_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
