@@ -348,7 +348,7 @@ def bench_config(config: dict, args: argparse.Namespace, systems: list[str]) -> 
             specs["chipflow_1_core"] = {**base, "system": "chipflow", "workers": 1, "cpus": 1}
     chip_bytes = chip_nbytes(raster)
     expected_chips = len(chip_offsets(config["size"], TILE, config["stride"])) ** 2
-    need_bytes = int(expected_chips * chip_bytes * 1.3)  # chips and labels, uncompressed
+    need_bytes = run_bytes(expected_chips, chip_bytes)
     runs: dict[str, list[dict]] = {name: [] for name in specs}
     for _ in range(args.repeat):
         for name, spec in specs.items():
@@ -383,6 +383,11 @@ def chip_nbytes(raster: Path) -> int:
 
     with rasterio.open(raster) as src:
         return TILE * TILE * src.count * np.dtype(src.dtypes[0]).itemsize
+
+
+def run_bytes(chips: int, chip_bytes: int) -> int:
+    """The disk room one run needs: its chips uncompressed, and 30% for labels and metadata."""
+    return int(chips * chip_bytes * 1.3)
 
 
 def add_comparisons(entry: dict, workers: int) -> None:
@@ -436,7 +441,8 @@ def bench_cli(entry: dict, args: argparse.Namespace) -> dict:
     raster, vector = (Path(p) for p in entry["inputs"])
     stride = entry["config"]["stride"]
     runs = []
-    need_bytes = int(entry["expected_chips"] * chip_nbytes(raster) * 1.3)
+    chip_bytes = chip_nbytes(raster)
+    need_bytes = run_bytes(entry["expected_chips"], chip_bytes)
     for _ in range(args.repeat):
         out = args.scratch.fresh("cli")
         try:
@@ -444,7 +450,7 @@ def bench_cli(entry: dict, args: argparse.Namespace) -> dict:
             runs.append(run_cli(raster, vector, stride, out))
         finally:
             args.scratch.discard(out)
-    cli = {"config": entry["config"], **summarize(runs, chip_nbytes(raster))}
+    cli = {"config": entry["config"], **summarize(runs, chip_bytes)}
     floor = entry["systems"].get("floor")
     if floor:  # both timed from the outside: interpreter, imports, pools or cluster, metadata
         cli["floor_process_seconds"] = floor["process_seconds"]

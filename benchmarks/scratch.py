@@ -7,7 +7,7 @@ freed in the last ``vm.dirty_expire_centisecs`` (30 s, +5 s while the inode's
 block is dirty), reading an inode-table block for each (``perf``:
 ``recently_deleted`` under ``find_inode_bit``, a quarter of the samples). A run
 creating its files right after the run before it deleted thousands then paid
-250-370 µs of CPU a file instead of 7-20 µs: the benchmark measured the
+250-370 µs of CPU a file instead of 7-30 µs: the benchmark measured the
 previous run's deletion as much as the run, and chipflow (two files a chip)
 more than the floor (one).
 
