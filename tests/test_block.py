@@ -133,18 +133,29 @@ def test_block_features_clip_rectangles_as_boxes_like_geos(min_ratio, numpy_quad
         assert sum(calls) > 50  # and rotated boxes the numpy clipping
 
 
+@pytest.mark.parametrize("every", [False, True], ids=["some-chips", "every-chip"])
 @pytest.mark.parametrize("stride", [256, 128, 300, 100, 600])  # 600: 344-row cells between chips
-def test_band_moments_of_8_bit_blocks_equal_the_chips_own_statistics(stride):
-    """The 8-bit path (all bands per row of cells, 16-bit column sums) against numpy over the chips."""
-    from chipflow._block import _band_moments
+def test_band_moments_of_8_bit_blocks_equal_the_chips_own_statistics(stride, every, monkeypatch):
+    """The 8-bit path (all bands per row of cells, 16-bit column sums, squares in pieces of rows)
+    against numpy over the chips: with some chips missing, and with chips covering the whole block."""
+    from chipflow import _block
 
+    monkeypatch.setattr(_block, "_SQUARE_BYTES", 3 * 1100 * 2 * 7)  # pieces of 7 rows: cells end mid-piece
     rng = np.random.default_rng(stride)
-    pixels = rng.integers(0, 256, (3, 900, 1100), dtype=np.uint8)
+    pixels = rng.integers(10, 246, (3, 900, 1100), dtype=np.uint8)
     pixels[1, :40] = 255  # a band at its maximum over whole rows
     tile = 256
     chips = [(y, x) for y in range(0, 900 - tile + 1, stride) for x in range(0, 1100 - tile + 1, stride)]
-    chips = chips[::2] + chips[1:3]  # some chips missing, so some cells are covered by none
-    n, mean, m2, vmin, vmax = _band_moments(pixels, None, chips, (tile, tile))
+    if every:  # the block ends where the chips do: each cell is in a chip (one min/max pass per band)
+        pixels = pixels[:, :max(y for y, _ in chips) + tile, :max(x for _, x in chips) + tile]
+        ys, xs = (_block._cell_starts(np.unique([c[k] for c in chips]), tile, pixels.shape[1 + k])
+                  for k in (0, 1))
+        covered = (_block._chip_weights(chips, ys, xs, (tile, tile)) > 0).all()
+        assert covered == (stride <= tile)  # beyond the tile, gaps between chips
+    else:
+        chips = chips[::2] + chips[1:3]  # some chips missing, so some cells are covered by none
+    pixels[0, 0, 0], pixels[2, -1, -1] = 3, 0  # lone extremes at the corners: the last in a chip or not
+    n, mean, m2, vmin, vmax = _block._band_moments(pixels, None, chips, (tile, tile))
     values = np.stack([pixels[:, y:y + tile, x:x + tile] for y, x in chips]).transpose(1, 0, 2, 3)
     values = values.reshape(3, -1).astype(np.float64)
     assert n.tolist() == [values.shape[1]] * 3
