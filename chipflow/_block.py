@@ -66,16 +66,20 @@ class Job:
 
 
 def _valid_mask(pixels: np.ndarray, nodata: float | None) -> np.ndarray | None:
-    """Per band and pixel: not nodata (None when every pixel is valid)."""
+    """Per band and pixel: not nodata (None when every pixel is valid).
+
+    None also when the raster has a nodata value that no pixel here holds (most
+    blocks of most rasters): the statistics then take the fast path (a 2048²
+    4-band 8-bit block: 62 -> 9 ms).
+    """
     floating = pixels.dtype.kind == "f"
     if nodata is None and not floating:
         return None
-    valid = np.ones(pixels.shape, bool)
-    if floating:
+    marked = nodata is not None and not np.isnan(nodata)
+    valid = pixels != np.asarray(nodata).astype(pixels.dtype) if marked else ~np.isnan(pixels)
+    if floating and marked:
         valid &= ~np.isnan(pixels)
-    if nodata is not None and not np.isnan(nodata):
-        valid &= pixels != np.asarray(nodata).astype(pixels.dtype)
-    return valid
+    return None if valid.all() else valid
 
 
 def _cell_starts(offsets: np.ndarray, tile: int, size: int) -> np.ndarray:
@@ -121,31 +125,43 @@ def _chip_weights(chips: list[tuple[int, int]], ys: np.ndarray, xs: np.ndarray,
 _SQUARE_BYTES = 1 << 19  # squares are made in pieces of rows this large, which stay in the core's cache
 
 
-def _byte_moments(pixels: np.ndarray, ys: np.ndarray, xs: np.ndarray, weight: np.ndarray) -> tuple:
-    """:func:`_band_moments` of 8-bit data without nodata: all bands per row of cells, exact in int64.
+def _exact_type(bound: int, signed: bool, least: int = 2) -> type:
+    """The narrowest integer type of at least ``least`` bytes holding magnitudes up to ``bound``."""
+    for size in (2, 4, 8):
+        if size >= least and bound < 2 ** (8 * size - signed):
+            return np.dtype(f"{'i' if signed else 'u'}{size}").type
+    raise OverflowError(bound)
 
-    Column sums of each row of cells go into 16-bit accumulators while a cell is
-    at most 257 rows high (255 x 257 < 2**16), sums of squares into 32-bit ones
-    (up to 66051 rows). The squares are made in pieces of rows that stay in
-    cache: squaring a whole row of cells at once allocated megabytes of fresh
-    memory each time, and took twice as long (16 -> 9 ms for a 2048² 4-band block).
-    Cell rows no exported chip covers are skipped; when the chips cover the
-    whole block, its minimum and maximum are taken in one pass over each band.
+
+def _integer_moments(pixels: np.ndarray, ys: np.ndarray, xs: np.ndarray, weight: np.ndarray) -> tuple:
+    """:func:`_band_moments` of 8- and 16-bit integers without nodata: all bands per row of cells, exact.
+
+    Each row of cells gets its column sums and sums of squares in the narrowest
+    exact accumulators (8-bit data: 16-bit sums while a cell is at most 257 rows
+    high, 32-bit sums of squares). The squares are made in pieces of rows that
+    stay in cache: squaring a whole row of cells at once allocated megabytes of
+    fresh memory each time and took twice as long (16 -> 9 ms for a 2048² 4-band
+    8-bit block; 16-bit: 35 -> 20 ms). Cell rows no exported chip covers are
+    skipped; when the chips cover the whole block, its minimum and maximum are
+    taken in one pass over each band.
     """
     n_bands, h, w = pixels.shape
+    info, signed = np.iinfo(pixels.dtype), pixels.dtype.kind == "i"
+    peak = max(-int(info.min), int(info.max))
     bounds = np.append(ys, h)
     heights = np.diff(bounds)
     covered = weight > 0
     tallest = int(heights.max())
-    sum_type = np.uint16 if tallest <= 257 else np.uint32
-    square_type = np.uint32 if tallest <= 66051 else np.uint64
-    step = max(1, _SQUARE_BYTES // (2 * n_bands * w))
-    piece = np.empty((n_bands, min(step, tallest), w), np.uint16)
+    square_type = _exact_type(peak * peak, signed, 2 * info.bits // 8)
+    sum_type = _exact_type(tallest * peak, signed, 2 * info.bits // 8)
+    squares_sum_type = _exact_type(tallest * peak * peak, signed, 4 * info.bits // 8)
+    step = max(1, _SQUARE_BYTES // (np.dtype(square_type).itemsize * n_bands * w))
+    piece = np.empty((n_bands, min(step, tallest), w), square_type)
     sums = np.zeros((n_bands, len(ys), w), sum_type)
-    squares = np.zeros((n_bands, len(ys), w), square_type)
+    squares = np.zeros((n_bands, len(ys), w), squares_sum_type)
     whole = bool(covered.all())
-    lows = None if whole else np.full((n_bands, len(ys), w), np.iinfo(np.uint8).max, np.uint8)
-    highs = None if whole else np.zeros((n_bands, len(ys), w), np.uint8)
+    lows = None if whole else np.full((n_bands, len(ys), w), info.max, pixels.dtype)
+    highs = None if whole else np.full((n_bands, len(ys), w), info.min, pixels.dtype)
     for i, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)):
         if not covered[i].any():
             continue
@@ -153,15 +169,16 @@ def _byte_moments(pixels: np.ndarray, ys: np.ndarray, xs: np.ndarray, weight: np
         np.add.reduce(rows, axis=1, dtype=sum_type, out=sums[:, i])
         for c in range(a, b, step):
             d = min(c + step, b)
-            squared = np.square(pixels[:, c:d], dtype=np.uint16, out=piece[:, :d - c])
-            squares[:, i] += np.add.reduce(squared, axis=1, dtype=square_type)
+            squared = np.square(pixels[:, c:d], dtype=square_type, out=piece[:, :d - c])
+            squares[:, i] += np.add.reduce(squared, axis=1, dtype=squares_sum_type)
         if not whole:
             np.minimum.reduce(rows, axis=1, out=lows[:, i])
             np.maximum.reduce(rows, axis=1, out=highs[:, i])
     widths = np.diff(np.append(xs, w))
     total = int((weight * np.outer(heights, widths)).sum())
-    s = (np.add.reduceat(sums, xs, axis=2, dtype=np.int64) * weight).sum(axis=(1, 2)).tolist()
-    ss = (np.add.reduceat(squares, xs, axis=2, dtype=np.int64) * weight).sum(axis=(1, 2)).tolist()
+    wobj = weight.astype(object)  # Python ints: no overflow, whatever the raster's size
+    s = [int(v) for v in (np.add.reduceat(sums, xs, axis=2).astype(object) * wobj).sum(axis=(1, 2))]
+    ss = [int(v) for v in (np.add.reduceat(squares, xs, axis=2).astype(object) * wobj).sum(axis=(1, 2))]
     n = np.full(n_bands, total, np.int64)
     mean = np.array([v / total for v in s])
     m2 = np.array([(total * q - v * v) / total for v, q in zip(s, ss, strict=True)])
@@ -187,8 +204,8 @@ def _band_moments(pixels: np.ndarray, valid: np.ndarray | None, chips: list[tupl
     cx0 = np.array([c[1] for c in chips])
     ys, xs = _cell_starts(np.unique(cy0), ty, h), _cell_starts(np.unique(cx0), tx, w)
     weight = _chip_weights(chips, ys, xs, tile)
-    if valid is None and pixels.dtype.kind in "ub" and pixels.dtype.itemsize == 1 and weight.any():
-        return _byte_moments(pixels, ys, xs, weight)
+    if valid is None and pixels.dtype.kind in "ui" and pixels.dtype.itemsize <= 2 and weight.any():
+        return _integer_moments(pixels, ys, xs, weight)
     covered = weight > 0
     heights = np.diff(np.append(ys, h))
     widths = np.diff(np.append(xs, w))

@@ -133,17 +133,19 @@ def test_block_features_clip_rectangles_as_boxes_like_geos(min_ratio, numpy_quad
         assert sum(calls) > 50  # and rotated boxes the numpy clipping
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "int8"])
 @pytest.mark.parametrize("every", [False, True], ids=["some-chips", "every-chip"])
 @pytest.mark.parametrize("stride", [256, 128, 300, 100, 600])  # 600: 344-row cells between chips
-def test_band_moments_of_8_bit_blocks_equal_the_chips_own_statistics(stride, every, monkeypatch):
-    """The 8-bit path (all bands per row of cells, 16-bit column sums, squares in pieces of rows)
+def test_band_moments_of_small_integer_blocks_equal_the_chips_own_statistics(stride, every, dtype, monkeypatch):
+    """The 8- and 16-bit path (all bands per row of cells, narrow exact sums, squares in pieces of rows)
     against numpy over the chips: with some chips missing, and with chips covering the whole block."""
     from chipflow import _block
 
-    monkeypatch.setattr(_block, "_SQUARE_BYTES", 3 * 1100 * 2 * 7)  # pieces of 7 rows: cells end mid-piece
+    monkeypatch.setattr(_block, "_SQUARE_BYTES", 3 * 1100 * 4 * 7)  # pieces of 7 or 14 rows: cells end mid-piece
+    info = np.iinfo(dtype)
     rng = np.random.default_rng(stride)
-    pixels = rng.integers(10, 246, (3, 900, 1100), dtype=np.uint8)
-    pixels[1, :40] = 255  # a band at its maximum over whole rows
+    pixels = rng.integers(int(info.min) + 10, int(info.max) - 9, (3, 900, 1100), dtype=dtype)
+    pixels[1, :40] = info.max  # a band at its maximum over whole rows
     tile = 256
     chips = [(y, x) for y in range(0, 900 - tile + 1, stride) for x in range(0, 1100 - tile + 1, stride)]
     if every:  # the block ends where the chips do: each cell is in a chip (one min/max pass per band)
@@ -154,7 +156,8 @@ def test_band_moments_of_8_bit_blocks_equal_the_chips_own_statistics(stride, eve
         assert covered == (stride <= tile)  # beyond the tile, gaps between chips
     else:
         chips = chips[::2] + chips[1:3]  # some chips missing, so some cells are covered by none
-    pixels[0, 0, 0], pixels[2, -1, -1] = 3, 0  # lone extremes at the corners: the last in a chip or not
+    # lone extremes at the corners: the last in a chip or not
+    pixels[0, 0, 0], pixels[2, -1, -1] = int(info.min) + 3, info.min
     n, mean, m2, vmin, vmax = _block._band_moments(pixels, None, chips, (tile, tile))
     values = np.stack([pixels[:, y:y + tile, x:x + tile] for y, x in chips]).transpose(1, 0, 2, 3)
     values = values.reshape(3, -1).astype(np.float64)
@@ -220,3 +223,22 @@ def test_convex_clipping_equals_geos_clip_by_rect():
     np.testing.assert_allclose(areas, want_areas, rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(bounds[left], want_bounds[left], rtol=0, atol=1e-9)
     assert (bounds[left, :2] >= boxes[left, :2] - 1e-9).all() and (bounds[left, 2:] <= boxes[left, 2:] + 1e-9).all()
+
+
+@pytest.mark.parametrize("dtype, nodata", [("uint8", 0), ("uint16", 65535), ("float32", -9999.0),
+                                           ("float32", None), ("float32", float("nan"))])
+def test_valid_mask_is_none_when_no_pixel_is_nodata(dtype, nodata):
+    """No nodata pixel in the block: None (the statistics' fast path); else exactly the nodata pixels."""
+    from chipflow._block import _valid_mask
+
+    pixels = np.full((2, 5, 6), 7, dtype=dtype)
+    assert _valid_mask(pixels, nodata) is None
+    pixels[1, 2, 3] = float("nan") if nodata is None or np.isnan(nodata) else nodata
+    if dtype.startswith("float"):
+        pixels[0, 4, 5] = np.nan  # NaN is never valid in floats, nodata value or not
+    valid = _valid_mask(pixels, nodata)
+    expected = np.ones(pixels.shape, bool)
+    expected[1, 2, 3] = False
+    if dtype.startswith("float"):
+        expected[0, 4, 5] = False
+    assert valid is not None and valid.tolist() == expected.tolist()
