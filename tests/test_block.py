@@ -133,19 +133,25 @@ def test_block_features_clip_rectangles_as_boxes_like_geos(min_ratio, numpy_quad
         assert sum(calls) > 50  # and rotated boxes the numpy clipping
 
 
-@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "int8"])
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "int8", "float32", "float64"])
 @pytest.mark.parametrize("every", [False, True], ids=["some-chips", "every-chip"])
 @pytest.mark.parametrize("stride", [256, 128, 300, 100, 600])  # 600: 344-row cells between chips
-def test_band_moments_of_small_integer_blocks_equal_the_chips_own_statistics(stride, every, dtype, monkeypatch):
-    """The 8- and 16-bit path (all bands per row of cells, narrow exact sums, squares in pieces of rows)
-    against numpy over the chips: with some chips missing, and with chips covering the whole block."""
+def test_band_moments_without_nodata_equal_the_chips_own_statistics(stride, every, dtype, monkeypatch):
+    """The path for blocks without nodata (all bands per row of cells; integers summed exactly in narrow
+    accumulators, floats in two passes; squares in pieces of rows) against numpy over the chips: with
+    some chips missing, and with chips covering the whole block."""
     from chipflow import _block
 
-    monkeypatch.setattr(_block, "_SQUARE_BYTES", 3 * 1100 * 4 * 7)  # pieces of 7 or 14 rows: cells end mid-piece
-    info = np.iinfo(dtype)
+    monkeypatch.setattr(_block, "_SQUARE_BYTES", 3 * 1100 * 8 * 7)  # pieces of 7-28 rows: cells end mid-piece
     rng = np.random.default_rng(stride)
-    pixels = rng.integers(int(info.min) + 10, int(info.max) - 9, (3, 900, 1100), dtype=dtype)
-    pixels[1, :40] = info.max  # a band at its maximum over whole rows
+    if dtype.startswith("float"):  # far from 0, so one pass of sums of squares would lose digits
+        pixels = rng.normal(10_000, 30, (3, 900, 1100)).astype(dtype)
+        top, bottom = 20_000, -5_000
+    else:
+        info = np.iinfo(dtype)
+        pixels = rng.integers(int(info.min) + 10, int(info.max) - 9, (3, 900, 1100), dtype=dtype)
+        top, bottom = info.max, info.min
+    pixels[1, :40] = top  # a band at its maximum over whole rows
     tile = 256
     chips = [(y, x) for y in range(0, 900 - tile + 1, stride) for x in range(0, 1100 - tile + 1, stride)]
     if every:  # the block ends where the chips do: each cell is in a chip (one min/max pass per band)
@@ -157,7 +163,7 @@ def test_band_moments_of_small_integer_blocks_equal_the_chips_own_statistics(str
     else:
         chips = chips[::2] + chips[1:3]  # some chips missing, so some cells are covered by none
     # lone extremes at the corners: the last in a chip or not
-    pixels[0, 0, 0], pixels[2, -1, -1] = int(info.min) + 3, info.min
+    pixels[0, 0, 0], pixels[2, -1, -1] = bottom + 3, bottom
     n, mean, m2, vmin, vmax = _block._band_moments(pixels, None, chips, (tile, tile))
     values = np.stack([pixels[:, y:y + tile, x:x + tile] for y, x in chips]).transpose(1, 0, 2, 3)
     values = values.reshape(3, -1).astype(np.float64)
