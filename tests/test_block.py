@@ -133,13 +133,18 @@ def test_block_features_clip_rectangles_as_boxes_like_geos(min_ratio, numpy_quad
         assert sum(calls) > 50  # and rotated boxes the numpy clipping
 
 
-@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "int8", "float32", "float64"])
+@pytest.mark.parametrize("nodata", [False, True], ids=["all-valid", "nodata"])
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "int8", "float32", "float64", "int32"])
 @pytest.mark.parametrize("every", [False, True], ids=["some-chips", "every-chip"])
 @pytest.mark.parametrize("stride", [256, 128, 300, 100, 600])  # 600: 344-row cells between chips
-def test_band_moments_without_nodata_equal_the_chips_own_statistics(stride, every, dtype, monkeypatch):
-    """The path for blocks without nodata (all bands per row of cells; integers summed exactly in narrow
-    accumulators, floats in two passes; squares in pieces of rows) against numpy over the chips: with
-    some chips missing, and with chips covering the whole block."""
+def test_band_moments_equal_the_chips_own_statistics(stride, every, dtype, nodata, monkeypatch):
+    """Band statistics of a block against numpy over its chips' valid pixels (overlaps counted per chip).
+
+    8/16-bit integers and floats go row of cells by row (integers summed exactly in narrow
+    accumulators, floats in two passes, pieces of rows that end mid-cell); int32 a band at a time.
+    Some chips missing, or chips covering the whole block; with nodata, scattered nodata pixels
+    (NaN in floats), a band with a nodata stretch and a band with no valid pixel at all.
+    """
     from chipflow import _block
 
     monkeypatch.setattr(_block, "_SQUARE_BYTES", 3 * 1100 * 8 * 7)  # pieces of 7-28 rows: cells end mid-piece
@@ -164,13 +169,27 @@ def test_band_moments_without_nodata_equal_the_chips_own_statistics(stride, ever
         chips = chips[::2] + chips[1:3]  # some chips missing, so some cells are covered by none
     # lone extremes at the corners: the last in a chip or not
     pixels[0, 0, 0], pixels[2, -1, -1] = bottom + 3, bottom
-    n, mean, m2, vmin, vmax = _block._band_moments(pixels, None, chips, (tile, tile))
-    values = np.stack([pixels[:, y:y + tile, x:x + tile] for y, x in chips]).transpose(1, 0, 2, 3)
-    values = values.reshape(3, -1).astype(np.float64)
-    assert n.tolist() == [values.shape[1]] * 3
-    np.testing.assert_allclose(mean, values.mean(axis=1), rtol=1e-13)
-    np.testing.assert_allclose(m2, ((values - values.mean(axis=1, keepdims=True)) ** 2).sum(axis=1), rtol=1e-11)
-    assert vmin.tolist() == values.min(axis=1).tolist() and vmax.tolist() == values.max(axis=1).tolist()
+    valid = None
+    if nodata:
+        valid = rng.random(pixels.shape) > 0.05
+        valid[1, 100:230] = False  # a stretch of band 1, through the rows of extremes
+        valid[0, 0, 0] = False  # band 0's lone minimum is nodata: not in the statistics
+        valid[2] = False  # band 2 has no valid pixel
+        if dtype.startswith("float"):
+            pixels[~valid] = np.nan
+    n, mean, m2, vmin, vmax = _block._band_moments(pixels, valid, chips, (tile, tile))
+    for b in range(3):
+        values = np.concatenate([pixels[b, y:y + tile, x:x + tile][
+            slice(None) if valid is None else valid[b, y:y + tile, x:x + tile]] for y, x in chips])
+        values = values.astype(np.float64)
+        assert n[b] == values.size
+        if not values.size:  # no valid pixel: nothing to merge
+            assert (mean[b], m2[b], vmin[b], vmax[b]) == (0, 0, np.inf, -np.inf)
+            continue
+        assert mean[b] == pytest.approx(values.mean(), rel=1e-13)
+        assert m2[b] == pytest.approx(((values - values.mean()) ** 2).sum(), rel=1e-11)
+        assert (vmin[b], vmax[b]) == (values.min(), values.max())
+    assert valid is not None or n[2] > 0
 
 
 def test_strictly_convex_quadrilaterals_are_the_valid_ones_geos_need_not_check():
