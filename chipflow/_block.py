@@ -114,6 +114,14 @@ def _chip_weights(chips: list[tuple[int, int]], ys: np.ndarray, xs: np.ndarray,
 _SQUARE_BYTES = 1 << 19  # squares are made in pieces of rows this large, which stay in the core's cache
 
 
+def _extreme_fills(dtype: np.dtype) -> tuple[Any, Any]:
+    """What nodata pixels become for a minimum and for a maximum: the type's top and bottom."""
+    if dtype.kind in "ui":
+        info = np.iinfo(dtype)
+        return info.max, info.min
+    return np.inf, -np.inf
+
+
 def _exact_type(bound: int, signed: bool, least: int = 2) -> type:
     """The narrowest integer type of at least ``least`` bytes holding magnitudes up to ``bound``."""
     for size in (2, 4, 8):
@@ -146,15 +154,15 @@ def _row_moments(pixels: np.ndarray, valid: np.ndarray | None, ys: np.ndarray, x
     covered = weight > 0
     tallest = int(heights.max())
     floating = pixels.dtype.kind == "f"
+    low, high = _extreme_fills(pixels.dtype)
     if floating:
         sum_type = square_type = squares_sum_type = np.float64
-        low, high = np.inf, -np.inf
     else:
-        info, signed = np.iinfo(pixels.dtype), pixels.dtype.kind == "i"
-        peak, low, high = max(-int(info.min), int(info.max)), info.max, info.min
-        square_type = _exact_type(peak * peak, signed, 2 * info.bits // 8)
-        sum_type = _exact_type(tallest * peak, signed, 2 * info.bits // 8)
-        squares_sum_type = _exact_type(tallest * peak * peak, signed, 4 * info.bits // 8)
+        signed, size = pixels.dtype.kind == "i", pixels.dtype.itemsize
+        peak = max(-int(high), int(low))
+        square_type = _exact_type(peak * peak, signed, 2 * size)
+        sum_type = _exact_type(tallest * peak, signed, 2 * size)
+        squares_sum_type = _exact_type(tallest * peak * peak, signed, 4 * size)
     step = max(1, _SQUARE_BYTES // (np.dtype(square_type).itemsize * n_bands * w))
     piece = np.empty((n_bands, min(step, tallest), w), square_type)
     sums = np.zeros((n_bands, len(ys), w), sum_type)
@@ -248,8 +256,7 @@ def _band_moments(pixels: np.ndarray, valid: np.ndarray | None, chips: list[tupl
     n = np.zeros(n_bands, np.int64)
     mean, m2 = np.zeros(n_bands), np.zeros(n_bands)
     vmin, vmax = np.full(n_bands, np.inf), np.full(n_bands, -np.inf)
-    info = np.iinfo(pixels.dtype) if kind in "ui" else None
-    low, high = (np.inf, -np.inf) if info is None else (info.max, info.min)
+    low, high = _extreme_fills(pixels.dtype)
     for i in range(n_bands):
         band = pixels[i]
         if valid is None:
