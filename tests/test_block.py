@@ -48,6 +48,29 @@ def test_block_features_equal_a_per_chip_scan(size):
                 assert shapely.equals_exact(clipped[mine], scan[3], tolerance=0).all()
 
 
+@pytest.mark.parametrize("starts", [np.arange(0, 1000, 128), np.array([0, 256, 512, 744]),
+                                    np.array([-64, 64, 192]), np.array([0.0, 100.5])],
+                         ids=["grid", "shifted last chip", "past the edge", "fractional edges"])
+def test_axis_hits_equal_binary_searches(starts):
+    """Edges, just off them, far outside, NaN-free; the table and searchsorted agree."""
+    from chipflow._block import _axis_hits
+
+    starts = starts.astype(np.float64)
+    ends = np.minimum(starts + 256, 1000)
+    starts = np.maximum(starts, 0)
+    rng = np.random.default_rng(3)
+    on = np.concatenate([starts, ends])
+    lo = np.concatenate([rng.uniform(-300, 1300, 4000), on, on - 1e-9, on + 1e-9, on - 0.5, [-1e12, 1e12]])
+    hi = lo + np.concatenate([rng.choice([0, 0.25, 3, 128, 300], lo.size - on.size), np.zeros(on.size)])
+    polygonal = rng.random(lo.size) < 0.5
+    first, last = _axis_hits(starts, ends, lo, hi, polygonal)
+    want_first = np.searchsorted(ends, lo, side="right")
+    want_last = np.where(polygonal, np.searchsorted(starts, hi, side="left"),
+                         np.searchsorted(starts, hi, side="right"))
+    np.testing.assert_array_equal(first, want_first)
+    np.testing.assert_array_equal(last, np.maximum(want_last, want_first))
+
+
 def test_grid_pairs_of_a_block_with_more_chips_than_16_bits_count():
     """Over 32767 chips in a block (tiny strides): the pairs still come sorted by chip, then candidate."""
     rng = np.random.default_rng(2)
