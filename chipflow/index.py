@@ -18,6 +18,7 @@ chip carries (pixel coordinates in ``PIXEL_SPACE``): ``Affine(*row.transform)``.
 from __future__ import annotations
 
 import io
+import json
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ import shapely
 from affine import Affine
 
 from ._block import _rotation
+from ._version import __version__
 from .grid import feature_windows
 from .stats import BlockResult
 
@@ -105,9 +107,6 @@ def _unrotated(item: Any, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def chip_index(plan: Any, merged: BlockResult) -> bytes:
     """The GeoParquet bytes of the chip index."""
-    import geopandas as gpd
-    import pandas as pd
-
     order = np.argsort(merged.chip_ids, kind="stable")
     ids = merged.chip_ids[order]
     polygons, sources, rotations, transforms = _chips(plan, ids)
@@ -117,7 +116,7 @@ def chip_index(plan: Any, merged: BlockResult) -> bytes:
         "label_path": [merged.label_paths[i] for i in order.tolist()],
         "source": sources,
         "rotation": rotations,
-        "transform": list(transforms),
+        "transform": transforms,
     }
     if plan.cfg.split:
         columns["split"] = [merged.image_paths[i].split("/", 1)[0] for i in order.tolist()]
@@ -125,8 +124,36 @@ def chip_index(plan: Any, merged: BlockResult) -> bytes:
         columns[f"features_{c.value}"] = merged.chip_class_counts[order, k]
         if plan.cfg.label_format.rasterize or plan.labels.raster is not None:
             columns[f"pixels_{c.value}"] = merged.chip_pixel_counts[order, k]
-    frame = gpd.GeoDataFrame(pd.DataFrame(columns), geometry=list(polygons),
-                             crs=plan.source.crs_wkt or None)
+    return _geoparquet(columns, polygons, plan.source.crs_wkt or None)
+
+
+def _geoparquet(columns: dict[str, Any], polygons: np.ndarray, crs_wkt: str | None) -> bytes:
+    """GeoParquet 1.1 of ``columns`` (2-D arrays: a list per row) and a ``geometry`` column of ``polygons``.
+
+    Written with pyarrow directly (WKB, the ``geo`` metadata with the CRS as
+    PROJJSON, the GeoArrow field type): geopandas' frame and writer took 9-20 ms
+    of the client's serial tail for 1,024 chips, this 3 ms. ``gpd.read_parquet``
+    gives the same frame (a test compares them).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pyproj
+
+    crs = None if crs_wkt is None else pyproj.CRS.from_user_input(crs_wkt).to_json_dict()
+    arrays = {name: pa.ListArray.from_arrays(  # rows of a 2-D array: lists (the transforms)
+        np.arange(0, values.size + 1, values.shape[1], dtype=np.int32), values.reshape(-1))
+        if isinstance(values, np.ndarray) and values.ndim == 2
+        else pa.array(values, pa.string() if isinstance(values, list) else None)  # lists: paths, names
+        for name, values in columns.items()}
+    column = {"encoding": "WKB", "crs": crs, "geometry_types": ["Polygon"] if len(polygons) else []}
+    if len(polygons):
+        column["bbox"] = shapely.total_bounds(polygons).tolist()
+    geo = {"primary_column": "geometry", "columns": {"geometry": column}, "version": "1.1.0",
+           "creator": {"library": "chipflow", "version": __version__}}
+    field = pa.field("geometry", pa.binary(), metadata={
+        b"ARROW:extension:name": b"geoarrow.wkb",
+        b"ARROW:extension:metadata": json.dumps({} if crs is None else {"crs": crs}).encode()})
+    table = pa.table(arrays).append_column(field, pa.array(shapely.to_wkb(polygons), pa.binary()))
     buf = io.BytesIO()
-    frame.to_parquet(buf, index=False)
+    pq.write_table(table.replace_schema_metadata({b"geo": json.dumps(geo).encode()}), buf)
     return buf.getvalue()
