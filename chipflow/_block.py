@@ -319,22 +319,21 @@ def _axis_hits(starts: np.ndarray, ends: np.ndarray, lo: np.ndarray, hi: np.ndar
     features: 1.4 of a block's 2.3 ms of pairing).
     """
     edges = np.concatenate([starts, ends])
-    if not edges.size or not (np.isfinite(edges).all() and (edges == np.floor(edges)).all()):
+    if edges.size and np.isfinite(edges).all() and (edges == np.floor(edges)).all():
+        base = int(edges.min()) - 1  # pixel p is row p - base; below and above the edges: clipped
+        pixels = np.arange(base, int(edges.max()) + 2, dtype=np.float64)
+        ends_upto = np.searchsorted(ends, pixels, side="right")  # per pixel: how many ends are <= it
+        starts_upto = np.searchsorted(starts, pixels, side="right")
+
+        def row(values: np.ndarray) -> np.ndarray:  # NaN-free: bounds of features
+            return np.clip(values, pixels[0], pixels[-1]).astype(np.intp) - base
+
+        first = ends_upto[row(np.floor(lo))]
+        last = np.where(polygonal, starts_upto[row(np.ceil(hi) - 1)], starts_upto[row(np.floor(hi))])
+    else:
         first = np.searchsorted(ends, lo, side="right")
         last = np.where(polygonal, np.searchsorted(starts, hi, side="left"),
                         np.searchsorted(starts, hi, side="right"))
-        return first, np.maximum(last, first)
-    base = int(edges.min()) - 1  # pixel p is row p - base; below and above the edges: clipped
-    pixels = np.arange(base, int(edges.max()) + 2, dtype=np.float64)
-    ends_upto = np.searchsorted(ends, pixels, side="right")  # per pixel: how many ends are <= it
-    starts_upto = np.searchsorted(starts, pixels, side="right")
-    top = len(pixels) - 1
-
-    def row(values: np.ndarray) -> np.ndarray:
-        return np.clip(values, base, base + top).astype(np.intp) - base  # NaN-free: bounds of features
-
-    first = ends_upto[row(np.floor(lo))]
-    last = np.where(polygonal, starts_upto[row(np.ceil(hi) - 1)], starts_upto[row(np.floor(hi))])
     return first, np.maximum(last, first)
 
 

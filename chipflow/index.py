@@ -140,11 +140,7 @@ def _geoparquet(columns: dict[str, Any], polygons: np.ndarray, crs_wkt: str | No
     import pyproj
 
     crs = None if crs_wkt is None else pyproj.CRS.from_user_input(crs_wkt).to_json_dict()
-    arrays = {name: pa.ListArray.from_arrays(  # rows of a 2-D array: lists (the transforms)
-        np.arange(0, values.size + 1, values.shape[1], dtype=np.int32), values.reshape(-1))
-        if isinstance(values, np.ndarray) and values.ndim == 2
-        else pa.array(values, pa.string() if isinstance(values, list) else None)  # lists: paths, names
-        for name, values in columns.items()}
+    arrays = {name: _arrow_column(values) for name, values in columns.items()}
     column = {"encoding": "WKB", "crs": crs, "geometry_types": ["Polygon"] if len(polygons) else []}
     if len(polygons):
         column["bbox"] = shapely.total_bounds(polygons).tolist()
@@ -157,3 +153,19 @@ def _geoparquet(columns: dict[str, Any], polygons: np.ndarray, crs_wkt: str | No
     buf = io.BytesIO()
     pq.write_table(table.replace_schema_metadata({b"geo": json.dumps(geo).encode()}), buf)
     return buf.getvalue()
+
+
+def _arrow_column(values: Any) -> Any:
+    """A column of the index for pyarrow.
+
+    2-D arrays become a list per row (the transforms), Python lists strings
+    (paths, names); 1-D arrays stay as they are.
+    """
+    import pyarrow as pa
+
+    if isinstance(values, list):
+        return pa.array(values, pa.string())
+    if values.ndim == 2:
+        return pa.ListArray.from_arrays(np.arange(0, values.size + 1, values.shape[1], dtype=np.int32),
+                                        values.reshape(-1))
+    return pa.array(values)
