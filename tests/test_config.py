@@ -284,24 +284,26 @@ def _pixel_features_in_map_space(source, seed: int = 4, multi: bool = True) -> g
 
 @pytest.mark.parametrize("multi", [False, True], ids=["polygons", "promoted-to-multipolygons"])
 @pytest.mark.parametrize("suffix", [".gpkg", ".parquet"])
-@pytest.mark.parametrize("chunk", [None, 90], ids=["one-thread", "row-ranges-in-threads"])
-def test_plain_polygons_read_with_numpy_equal_the_general_path(tmp_path, multi, suffix, chunk, monkeypatch):
+@pytest.mark.parametrize("batch", [None, 90], ids=["one-batch", "batches-parsed-on-threads-as-read"])
+def test_plain_polygons_read_with_numpy_equal_the_general_path(tmp_path, multi, suffix, batch, monkeypatch):
     """A layer of Polygons, and one GeoPackage stores as MultiPolygons (its features mix both);
-    GeoParquet keeps each feature's own type. Read in one piece, and in four row ranges on
-    threads, as large inputs are."""
+    GeoParquet keeps each feature's own type. Read in one batch, and in five batches parsed on
+    threads while the next is read, as large inputs are."""
+    import threading
+
     import shapely
 
     import chipflow.labels
     from chipflow._wkb import simple_polygons
     from chipflow.labels import _arrow_vector
 
-    if chunk:
-        monkeypatch.setattr(chipflow.labels, "_CHUNK_ROWS", chunk)
+    if batch:
+        monkeypatch.setattr(chipflow.labels, "_BATCH_ROWS", batch)
         monkeypatch.setattr(chipflow.labels.os, "cpu_count", lambda: 4)
         threads = []
         real = chipflow.labels._wkb_features
-        monkeypatch.setattr(chipflow.labels, "_wkb_features",
-                            lambda wkb, source: threads.append(len(wkb)) or real(wkb, source))
+        monkeypatch.setattr(chipflow.labels, "_wkb_features", lambda wkb, source: threads.append(
+            (len(wkb), threading.current_thread() is threading.main_thread())) or real(wkb, source))
 
     source = open_raster(str(KAMPALA_IMAGE))
     frame = _pixel_features_in_map_space(source, multi=multi)
@@ -314,7 +316,8 @@ def test_plain_polygons_read_with_numpy_equal_the_general_path(tmp_path, multi, 
         frame.to_file(path)
         promoted = multi
         general_frame = gpd.read_file(path)
-    table, column, crs = _arrow_vector(str(path))
+    with _arrow_vector(str(path)) as (batches, column, crs):
+        table = batches.read_all()
     assert pyproj.CRS.from_user_input(crs).equals(pyproj.CRS.from_user_input(source.crs_wkt))
     parsed = simple_polygons(table.column(column))
     several = 400 // 10 if multi else 0  # every 10th has a hole; with multi the next has two parts
@@ -323,7 +326,8 @@ def test_plain_polygons_read_with_numpy_equal_the_general_path(tmp_path, multi, 
     fast = read_class_data(str(path), class_value_field=None, source=source)
     general = read_class_data(general_frame, class_value_field=None, source=source)
     assert len(fast) == len(general) == 398  # the null and the empty dropped
-    assert not chunk or threads == [100] * 4
+    if batch:  # the first four on the pool, the last on the reading thread
+        assert sorted(threads) == [(40, True)] + [(90, False)] * 4
     if not promoted:  # rectangles never became shapely objects
         assert fast.rectangles.sum() > 200 and (fast._geoms[fast.rectangles] == None).all()  # noqa: E711
     assert fast.classes == general.classes
@@ -349,6 +353,44 @@ def _wkb_column(geoms, byte_order: int = 1):
     import shapely
 
     return pa.array(shapely.to_wkb(np.asarray(geoms, dtype=object), byte_order=byte_order).tolist(), pa.binary())
+
+
+def test_a_file_failing_part_way_is_read_by_the_general_path_and_a_parsing_error_is_not_hidden(
+        tmp_path, monkeypatch):
+    """The numpy reader streams batches: a read error after the first batch sends the file to the
+    general path (the same features as reading it there); an error in chipflow's own parsing is
+    raised, not taken for an unreadable file."""
+    import contextlib
+
+    import chipflow.labels
+
+    source = open_raster(str(KAMPALA_IMAGE))
+    path = tmp_path / "features.gpkg"
+    _pixel_features_in_map_space(source, multi=False).to_file(path)
+    general = read_class_data(gpd.read_file(path), class_value_field=None, source=source)
+    real = chipflow.labels._arrow_vector
+    monkeypatch.setattr(chipflow.labels, "_BATCH_ROWS", 100)
+
+    @contextlib.contextmanager
+    def failing(name):
+        with real(name) as (batches, column, crs):
+            def stream():
+                yield next(iter(batches))
+                raise OSError("disk gone")
+            yield stream(), column, crs
+
+    monkeypatch.setattr(chipflow.labels, "_arrow_vector", failing)
+    parsed = []
+    monkeypatch.setattr(chipflow.labels, "_wkb_features", lambda wkb, src: parsed.append(len(wkb)))
+    fallback = read_class_data(str(path), class_value_field=None, source=source)
+    assert parsed == []  # the first batch was never parsed: the error came before the next batch
+    np.testing.assert_array_equal(fallback.bounds, general.bounds)
+    np.testing.assert_array_equal(fallback.class_index, general.class_index)
+
+    monkeypatch.setattr(chipflow.labels, "_arrow_vector", real)
+    monkeypatch.setattr(chipflow.labels, "_wkb_features", lambda wkb, src: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        read_class_data(str(path), class_value_field=None, source=source)
 
 
 @pytest.mark.parametrize("case", ["boxes", "one-part-multipolygons", "hexagons", "one-big-endian", "one-open",
