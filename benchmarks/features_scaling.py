@@ -2,7 +2,7 @@
 
 ``python benchmarks/features_scaling.py [--size 8192] [--stride 256] [--features 20000 200000 2000000]``
 exports the same raster with each label set (PASCAL VOC, ALL_TILES) on a
-2-worker LocalCluster and prints wall time, its ratio to the smallest set (of the
+2-worker ``chipflow.local_cluster`` and prints wall time, its ratio to the smallest set (of the
 medians, and per repeat: the runs of one repeat follow one another), and the peak RSS
 of the largest worker process. Above 500k features chipflow partitions the class
 data (dask-geopandas, Hilbert order) instead of broadcasting it.
@@ -46,11 +46,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs per label set, interleaved; medians kept")
     args = parser.parse_args()
 
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    import chipflow
 
     runs: dict[int, list[dict]] = {n: [] for n in args.features}
     with (Scratch(args.workdir) as scratch,
-          LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+          chipflow.local_cluster(2, dashboard_address=":0") as cluster,
           Client(cluster) as client):
         folder = Path(args.workdir) / "inputs"
         files = {n: make_inputs(folder, size=args.size, n_features=n) for n in args.features}

@@ -111,12 +111,11 @@ def measure_chipflow(spec: dict) -> dict:
         class_value_field="classvalue",
     )
     start = time.perf_counter()
-    with (
-        LocalCluster(
-            n_workers=spec["workers"], threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    cluster = (  # chipflow's own cluster (the CLI's), or Dask's defaults with --dask-defaults
+        LocalCluster(n_workers=spec["workers"], threads_per_worker=1, processes=True, dashboard_address=None)
+        if spec.get("dask_defaults") else chipflow.local_cluster(spec["workers"], dashboard_address=None)
+    )
+    with cluster, Client(cluster) as client:
         startup = time.perf_counter() - start
         start = time.perf_counter()
         warm_raster, warm_vector = spec["warmup_inputs"]
@@ -129,8 +128,10 @@ def measure_chipflow(spec: dict) -> dict:
             spec["raster"], spec["out"], spec["vector"], client=client, **kwargs
         )
         seconds = time.perf_counter() - start
+        tick_ms = sorted(set(client.run(
+            lambda dask_worker: dask_worker.periodic_callbacks["tick"].callback_time).values()))
     return {"chips": int(result.num_chips), "seconds": seconds, "startup_seconds": startup,
-            "warmup_seconds": warmup}
+            "warmup_seconds": warmup, "worker_tick_ms": tick_ms}
 
 
 # -------------------------------------------------------------------- parent side
@@ -332,6 +333,7 @@ def bench_config(config: dict, args: argparse.Namespace, systems: list[str]) -> 
         "stride": config["stride"],
         "format": config["format"],
         "workers": args.workers,
+        "dask_defaults": args.dask_defaults,
     }
     if "chipflow" in systems:
         warm = {"size": 4096, "features": 4000, "format": config["format"]}
@@ -589,6 +591,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also time the `chipflow export` command on the first config",
     )
+    parser.add_argument(
+        "--dask-defaults",
+        action="store_true",
+        help="run chipflow on a LocalCluster with Dask's default settings instead of "
+        "chipflow.local_cluster (the CLI's cluster)",
+    )
     parser.add_argument("--out", type=Path, help="JSON results (default WORKDIR/results.json)")
     parser.add_argument("--plot", type=Path, help="write a PNG bar chart of chips/s")
     parser.add_argument(
@@ -629,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
             "tile": TILE,
             "repeat": args.repeat,
             "workers": args.workers,
+            "cluster": "LocalCluster" if args.dask_defaults else "chipflow.local_cluster",
             "workdir": str(args.workdir),
         },
     }

@@ -5,6 +5,7 @@
 ...     "image.tif", "out/", "buildings.gpkg", metadata_format="PASCAL_VOC_rectangles")
 """
 
+from ._dask import local_cluster
 from ._version import __version__
 from .config import ExportConfig
 from .errors import (
@@ -36,5 +37,6 @@ __all__ = [
     "RasterError",
     "__version__",
     "export_training_data",
+    "local_cluster",
 ]
 

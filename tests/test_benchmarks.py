@@ -56,6 +56,9 @@ def test_quick_run_measures_all_systems(tmp_path):
         assert systems[name]["chips_per_s"] > 0
     assert systems["by_hand"]["chips"] == systems["floor"]["chips"] == systems["chipflow"]["chips"]
     assert result["counts_equal"]
+    # chipflow ran on chipflow.local_cluster (the CLI's cluster), whose servers tick every 200 ms
+    assert all(run["worker_tick_ms"] == [200] for run in systems["chipflow"]["runs"])
+    assert json.loads(out.read_text())["settings"]["cluster"] == "chipflow.local_cluster"
     scaling = result["scaling"]
     assert scaling["ratio"] == systems["chipflow"]["chips_per_s"] / systems["chipflow_1_worker"]["chips_per_s"]
     for name in ("by_hand", "floor", "chipflow_1_worker"):  # each repeat's own ratio, the other's time over chipflow's

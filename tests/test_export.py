@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
@@ -328,10 +329,46 @@ def test_the_embedded_cluster_starts_while_the_client_plans(tmp_path, monkeypatc
     made = []
     real_local = chipflow._dask._local_client
     monkeypatch.setattr(chipflow._dask, "_local_client", lambda *a: made.append(real_local(*a)) or made[-1])
+    ticks = []
+    real_run = chipflow.pipeline.run_blocks
+
+    def run(client, *args, **kwargs):
+        ticks.extend(client.run(_periodic_ms).values())
+        return real_run(client, *args, **kwargs)
+
+    monkeypatch.setattr(chipflow.pipeline, "run_blocks", run)
     result = chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "o", KAMPALA_BUILDINGS, n_workers=1,
                                            metadata_format="PASCAL_VOC_rectangles")
     assert seen == [True] and len(made) == 1 and made[0].status == "closed"
+    assert ticks == [(200, 100)]  # chipflow.local_cluster's settings
     assert result.num_chips == len(list((tmp_path / "o" / "images").iterdir())) > 0
+
+
+def _periodic_ms(dask_worker: Any) -> tuple[float, float | None]:
+    """A worker's event-loop tick and profiler sampling intervals (ms); None: no profiler."""
+    callbacks = dask_worker.periodic_callbacks
+    return callbacks["tick"].callback_time, getattr(callbacks.get("profile"), "callback_time", None)
+
+
+def test_local_cluster_does_less_periodic_work_and_leaves_the_callers_dask_config_alone():
+    """chipflow.local_cluster: one single-threaded worker process per core; every server ticks
+    every 200 ms (Dask: 20 ms) and workers sample their profile every 100 ms (Dask: 10 ms), while
+    the process's own Dask config is unchanged."""
+    import dask
+    from distributed import Client, LocalCluster, Nanny
+
+    before = dask.config.get("distributed")
+    with chipflow.local_cluster(n_workers=2, dashboard_address=None) as cluster, Client(cluster) as c:
+        assert dask.config.get("distributed") == before
+        assert all(isinstance(w, Nanny) for w in cluster.workers.values())  # worker processes
+        assert sorted(c.nthreads().values()) == [1, 1]
+        assert set(c.run(_periodic_ms).values()) == {(200, 100)}
+        assert cluster.scheduler.periodic_callbacks["tick"].callback_time == 200
+        assert {w.periodic_callbacks["tick"].callback_time for w in cluster.workers.values()} == {200}
+        c.restart()  # a worker the nanny starts again keeps the settings
+        assert set(c.run(_periodic_ms).values()) == {(200, 100)}
+    with LocalCluster(n_workers=1, processes=True, dashboard_address=None) as plain, Client(plain) as c:
+        assert set(c.run(_periodic_ms).values()) == {(20, 10)}  # Dask's own defaults, for contrast
 
 
 def test_a_failed_plan_closes_the_cluster_started_for_it_and_missing_inputs_start_none(tmp_path, monkeypatch):
