@@ -179,6 +179,21 @@ def test_daskcluster_structure() -> None:
     assert {"secretRef": {"name": secret}} in worker["spec"]["containers"][0]["envFrom"]
 
 
+@pytest.mark.parametrize("role", ["scheduler", "worker"])
+def test_daskcluster_runs_with_the_settings_of_chipflows_own_cluster(role: str) -> None:
+    """The pods' DASK_* variables, read as Dask reads its environment, give chipflow.local_cluster's settings."""
+    import dask
+
+    from chipflow._dask import CLUSTER_CONFIG
+
+    container = MANIFESTS["DaskCluster"]["spec"][role]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    expected: dict = {}
+    for key, value in CLUSTER_CONFIG.items():
+        dask.config.set({key: value}, config=expected)
+    assert dask.config.collect_env(env) == expected
+
+
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("role", ["scheduler", "worker"])
 def test_daskcluster_pod_specs_match_kubernetes_schema(role: str, version: str) -> None:
