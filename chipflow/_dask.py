@@ -157,9 +157,9 @@ def local_cluster(n_workers: int | None = None, **kwargs: Any) -> Any:
 
     options = {"n_workers": n_workers or os.cpu_count() or 1, "threads_per_worker": 1, "processes": True,
                **kwargs}
-    with dask.config.set(CLUSTER_CONFIG):  # the scheduler and the nannies read it as they start
-        # each nanny starts its worker (again after a restart) with its own copy of the config
-        options["config"] = dask.config.merge(dask.config.config, kwargs.get("config", {}))
+    with dask.config.set(CLUSTER_CONFIG):  # servers read it as they start
+        if options["processes"]:  # each nanny starts its worker (again after a restart) with this copy
+            options["config"] = dask.config.merge(dask.config.config, kwargs.get("config", {}))
         return LocalCluster(**options)
 
 

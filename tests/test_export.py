@@ -367,6 +367,9 @@ def test_local_cluster_does_less_periodic_work_and_leaves_the_callers_dask_confi
         assert {w.periodic_callbacks["tick"].callback_time for w in cluster.workers.values()} == {200}
         c.restart()  # a worker the nanny starts again keeps the settings
         assert set(c.run(_periodic_ms).values()) == {(200, 100)}
+    with chipflow.local_cluster(1, processes=False, dashboard_address=None) as threads, Client(threads) as c:
+        assert set(c.run(_periodic_ms).values()) == {(200, 100)}  # workers in this process: the same
+    assert dask.config.get("distributed") == before
     with LocalCluster(n_workers=1, processes=True, dashboard_address=None) as plain, Client(plain) as c:
         assert set(c.run(_periodic_ms).values()) == {(20, 10)}  # Dask's own defaults, for contrast
 
