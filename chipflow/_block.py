@@ -696,6 +696,7 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
         corner = np.repeat(np.column_stack([bx.ravel(), by.ravel()]), np.diff(cuts), axis=0)
         kept_boxes = np.clip(kept_boxes - np.tile(corner, 2), 0, (tx, ty, tx, ty)) + 0.0
         kept_classes = labels.class_index[cand[kept]]
+        rows = fmt.block_rows(b.class_values[kept_classes + 1], kept_boxes, cuts)
     chip_affine = src.chip_affine
     ca, cb, cc, cd, ce, cf = chip_affine[:6]
     for r, row in enumerate(range(*block.rows)):
@@ -713,6 +714,7 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                     if b.any_valid is not None and not b.any_valid[sl].any():
                         continue  # entirely nodata: not exported
                     mask = None if b.mask is None else b.mask[sl]
+                    text = None
                     if labels.raster is not None:
                         class_index, boxes, areas, geoms = region_features(
                             mask, b.class_values[1:], regions=regions)
@@ -722,6 +724,7 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                         pos, boxes, areas = kept[mine], kept_boxes[mine], kept_areas[mine]
                         geoms = None if kept_geoms is None else kept_geoms[mine]
                         class_index = kept_classes[mine]
+                        text = None if rows is None else rows[i]
                         if geoms is not None:
                             geoms = shapely.transform(geoms, lambda xy, o=(cx0, cy0): xy - o)
                     if job.only_with_features and class_index.size == 0:
@@ -731,7 +734,7 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                     if mask is not None and not fmt.rasterize:
                         mask = None  # read only to find the raster's regions
                 else:
-                    to_raster = _rotation(angle, tx, ty, cx0 + tx / 2, cy0 + ty / 2)
+                    to_raster, text = _rotation(angle, tx, ty, cx0 + tx / 2, cy0 + ty / 2), None
                     shift = ~to_raster
                     chip_valid = None if valid_u8 is None else _sample(
                         valid_u8, (wx0, wy0), to_raster, (ty, tx), None)[0].astype(bool)
@@ -792,7 +795,7 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                     values=b.class_values[class_index + 1], boxes=boxes, class_index=class_index,
                     classes=labels.classes, mask=mask, instances=inst,
                     geoms=geoms if want_geoms else None,
-                    encode_raster=lambda m, t=transform: job.encoder.label(m, t),
+                    encode_raster=lambda m, t=transform: job.encoder.label(m, t), rows=text,
                 )
                 image, files = out.write(split, label, chip, transform, fmt)
                 if fmt.has_parts:

@@ -6,6 +6,7 @@ computed by hand or by rasterizing the source features independently.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -476,6 +477,7 @@ def test_box_rows_are_percent_formatting_to_the_byte(name):
              np.resize(near, (len(near) // 4, 4)), np.array([[0.0, 0.0, 256.0, 256.0], [1e-9, 0.004999, 0.005, 255.995]]),
              np.array([[-0.0, 0.0, 1.0, 2.0]]), np.array([[np.nan, 0.0, 1.0, 2.0]]), np.array([[0, 0, 9e6, 1.0]]),
              np.zeros((0, 4))]
+    every = []
     for boxes in cases:
         values = rng.integers(1, 300, len(boxes))
         chip = ChipLabel(stem="x", image_name="x.tif", width=256, height=256, depth=3, values=values,
@@ -483,6 +485,17 @@ def test_box_rows_are_percent_formatting_to_the_byte(name):
         expected = (template * len(boxes)) % tuple(
             v for row in zip(values.tolist(), *boxes.T.tolist(), strict=True) for v in row)
         assert _rows(chip, template) == expected
+        every.append((values, boxes, expected))
+    # a block's chips rendered at once (the export's path): each chip's text as on its own, in either
+    # of the two ways of formatting (the last chip's NaN sends the whole block through `%`)
+    for chips in (every[:5] + every[-1:], every):
+        cuts = np.cumsum([0] + [len(v) for v, _, _ in chips])
+        texts = get(name).block_rows(np.concatenate([v for v, _, _ in chips]),
+                                     np.concatenate([b for _, b, _ in chips]), cuts)
+        assert texts == [expected for _, _, expected in chips]
+        label = ChipLabel(stem="x", image_name="x.tif", width=256, height=256, depth=3, values=chips[0][0],
+                          boxes=chips[0][1], class_index=np.zeros(len(chips[0][0]), int), rows=texts[0])
+        assert get(name).encode(label) == get(name).encode(dataclasses.replace(label, rows=None))
     assert "0.12" in _rows(ChipLabel(stem="x", image_name="x", width=1, height=1, depth=1, values=np.array([1]),
                                      boxes=np.array([[0.125, 0.375, 0.625, 0.875]]), class_index=np.zeros(1, int),
                                      classes=()), template)

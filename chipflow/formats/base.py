@@ -45,6 +45,9 @@ class ChipLabel:
     encode_raster : callable or None
         Encodes a ``(height, width)`` array as a georeferenced chip in the
         dataset's label raster format.
+    rows : str or None
+        The chip's features already rendered as text by the format's
+        :meth:`LabelFormat.block_rows` (with the rest of its block), or None.
     """
 
     stem: str
@@ -60,6 +63,7 @@ class ChipLabel:
     instances: np.ndarray | None = None
     geoms: np.ndarray | None = None
     encode_raster: Callable[[np.ndarray], bytes] | None = None
+    rows: str | None = None
 
 
 class LabelFormat(ABC):
@@ -121,6 +125,17 @@ class LabelFormat(ABC):
 
     def finalize(self, store: Any, parts: list[bytes], classes: tuple[Any, ...]) -> None:
         """Write dataset-wide files from the blocks' parts (in block order), after every block."""
+        return None
+
+    def block_rows(self, values: np.ndarray, boxes: np.ndarray, cuts: np.ndarray) -> list[str] | None:
+        """The text of every chip's features of a block, rendered at once (``ChipLabel.rows``), or None.
+
+        ``values`` and ``boxes`` are as in :class:`ChipLabel`, for the features
+        of all the block's chips, chip ``i``'s being ``cuts[i]:cuts[i + 1]``.
+        Formats whose label is a row per feature render them here, where numpy
+        works on a block's thousands of boxes rather than a chip's dozens; the
+        others (the default) render each chip in :meth:`encode`.
+        """
         return None
 
     @abstractmethod

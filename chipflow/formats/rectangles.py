@@ -8,6 +8,7 @@ coordinates of the feature clipped to the chip, rounded to two decimals.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -78,25 +79,39 @@ def _hundredths(values: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _rows(chip: ChipLabel, template: str) -> str:
-    """``template`` (``%``-style: ``%d`` the value, then ``%.2f`` the box) once per feature."""
-    n = len(chip.values)
-    boxes = np.asarray(chip.boxes, dtype=np.float64).reshape(n, 4)
+    """``template`` (``%``-style: ``%d`` the value, then ``%.2f`` the box) once per feature of the chip."""
+    if chip.rows is not None:  # rendered with the rest of its block (:meth:`LabelFormat.block_rows`)
+        return chip.rows
+    return _block_rows(chip.values, chip.boxes, np.array([0, len(chip.values)]), template)[0]
+
+
+def _block_rows(values: np.ndarray, boxes: np.ndarray, cuts: np.ndarray, template: str) -> list[str]:
+    """:func:`_rows` of many chips at once: chip ``i``'s features are ``cuts[i]:cuts[i + 1]``.
+
+    A block's chips are rendered together: with hundreds of boxes a chip, the
+    set-up of :func:`_hundredths` and of the row list cost as much per chip as
+    the rows themselves (block by block: 0.13 → 0.06 s a 1,024-chip export of
+    200k boxes).
+    """
+    n = len(values)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(n, 4)
+    bounds = np.asarray(cuts).tolist()
     text = _hundredths(boxes.T.ravel()) if n >= 40 else None  # below, `%` costs less than the set-up
     if text is None:
         fields: list[Any] = [None] * (5 * n)  # value, x0, y0, x1, y1 of each feature in turn
-        fields[0::5] = chip.values.tolist()
+        fields[0::5] = np.asarray(values).tolist()
         for k, column in enumerate(boxes.T.tolist(), 1):
             fields[k::5] = column
-        return (template * n) % tuple(fields)
+        return [(template * (b - a)) % tuple(fields[5 * a:5 * b]) for a, b in itertools.pairwise(bounds)]
     # per row: its head (the text up to the first number, with the class value), then per number
     # the text up to its point and its decimals with the text after them: 3x faster than `%`
     tails = _tails(template)
     whole, cents = text[0].reshape(4, n).tolist(), text[1].reshape(4, n)
     out: list[str] = [""] * (9 * n)
-    out[0::9] = map(_heads(template).__getitem__, chip.values.tolist())
+    out[0::9] = map(_heads(template).__getitem__, np.asarray(values).tolist())
     for k in range(4):
         out[1 + 2 * k::9], out[2 + 2 * k::9] = whole[k], tails[k][cents[k]].tolist()
-    return "".join(out)
+    return ["".join(out[9 * a:9 * b]) for a, b in itertools.pairwise(bounds)]
 
 
 class _Heads(dict[int, str]):
@@ -144,6 +159,10 @@ class KittiRectangles(LabelFormat):
         """KITTI rows for the chip's features (an empty file for none)."""
         return _rows(chip, _KITTI_ROW).encode()
 
+    def block_rows(self, values: np.ndarray, boxes: np.ndarray, cuts: np.ndarray) -> list[str]:
+        """Every chip's KITTI rows (:meth:`LabelFormat.block_rows`)."""
+        return _block_rows(values, boxes, cuts, _KITTI_ROW)
+
     def count(self, data: bytes, *, width: int, height: int, **_: Any) -> dict[int, int]:
         """Rows per class; each row 15 numeric columns, no negatives, box inside the chip."""
         counts: Counter[int] = Counter()
@@ -169,6 +188,10 @@ class PascalVocRectangles(LabelFormat):
         """The annotation XML (no ``<object>`` for a chip without features)."""
         head = _VOC_HEAD.format(name=chip.image_name, w=chip.width, h=chip.height, d=chip.depth)
         return (head + _rows(chip, _VOC_OBJECT) + "</annotation>\n").encode()
+
+    def block_rows(self, values: np.ndarray, boxes: np.ndarray, cuts: np.ndarray) -> list[str]:
+        """Every chip's ``<object>`` elements (:meth:`LabelFormat.block_rows`)."""
+        return _block_rows(values, boxes, cuts, _VOC_OBJECT)
 
     def count(self, data: bytes, *, width: int, height: int, **_: Any) -> dict[int, int]:
         """Objects per class; numeric ``<name>`` and a box inside the chip."""
