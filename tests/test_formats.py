@@ -487,7 +487,7 @@ def test_box_rows_are_percent_formatting_to_the_byte(name):
         assert _rows(chip, template) == expected
         every.append((values, boxes, expected))
     # a block's chips rendered at once (the export's path): each chip's text as on its own, in either
-    # of the two ways of formatting (the last chip's NaN sends the whole block through `%`)
+    # of the two ways of formatting (one chip's NaN, -0.0 or 9e6 sends the whole block through `%`)
     for chips in (every[:5] + every[-1:], every):
         cuts = np.cumsum([0] + [len(v) for v, _, _ in chips])
         texts = get(name).block_rows(np.concatenate([v for v, _, _ in chips]),
