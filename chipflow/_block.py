@@ -709,12 +709,12 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
             if split == "":
                 continue
             for k, angle in enumerate(job.angles):
+                text = None  # the chip's label rows, when the block rendered them (block_rows)
                 if angle == 0:
                     sl = np.s_[cy0 - wy0:cy0 - wy0 + ty, cx0 - wx0:cx0 - wx0 + tx]
                     if b.any_valid is not None and not b.any_valid[sl].any():
                         continue  # entirely nodata: not exported
                     mask = None if b.mask is None else b.mask[sl]
-                    text = None
                     if labels.raster is not None:
                         class_index, boxes, areas, geoms = region_features(
                             mask, b.class_values[1:], regions=regions)
@@ -734,7 +734,7 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                     if mask is not None and not fmt.rasterize:
                         mask = None  # read only to find the raster's regions
                 else:
-                    to_raster, text = _rotation(angle, tx, ty, cx0 + tx / 2, cy0 + ty / 2), None
+                    to_raster = _rotation(angle, tx, ty, cx0 + tx / 2, cy0 + ty / 2)
                     shift = ~to_raster
                     chip_valid = None if valid_u8 is None else _sample(
                         valid_u8, (wx0, wy0), to_raster, (ty, tx), None)[0].astype(bool)
