@@ -96,7 +96,7 @@ def measure_chipflow(spec: dict) -> dict:
     cached. ``seconds`` is the full export that follows (steady state). The
     whole-process cost, cold, is what ``--cli`` measures.
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client, LocalCluster, get_task_stream
 
     import chipflow
 
@@ -123,15 +123,43 @@ def measure_chipflow(spec: dict) -> dict:
                                       **{**kwargs, "stride_x": 256, "stride_y": 256})
         warmup = time.perf_counter() - start
         os.sync()  # the warm-up's files reach the disk before the measured run starts
-        start = time.perf_counter()
-        result = chipflow.export_training_data(
-            spec["raster"], spec["out"], spec["vector"], client=client, **kwargs
-        )
-        seconds = time.perf_counter() - start
+        with get_task_stream(client) as stream:  # read from the scheduler after the export, untimed
+            began, start = time.time(), time.perf_counter()
+            result = chipflow.export_training_data(
+                spec["raster"], spec["out"], spec["vector"], client=client, **kwargs
+            )
+            seconds = time.perf_counter() - start
+        phases = block_phases(stream.data, began, began + seconds)
         tick_ms = sorted(set(client.run(
             lambda dask_worker: dask_worker.periodic_callbacks["tick"].callback_time).values()))
     return {"chips": int(result.num_chips), "seconds": seconds, "startup_seconds": startup,
-            "warmup_seconds": warmup, "worker_tick_ms": tick_ms}
+            "warmup_seconds": warmup, "worker_tick_ms": tick_ms, "phases": phases}
+
+
+def block_phases(tasks: list[dict], began: float, ended: float) -> dict:
+    """Split an export's wall time at its block tasks, from Dask's task stream.
+
+    ``before_blocks``: from the call to the first block's start (planning, the
+    broadcast, scheduling); ``blocks``: from the first block's start to the
+    last one's end; ``after_blocks``: from there to the return (the reduce, the
+    chip index, the metadata); ``idle_at_end``: how long the first worker to
+    finish its last block waited for the last one (0 with one worker). Times
+    are the workers' clocks, which on one machine are the client's.
+    """
+    last_stop: dict[str, float] = {}
+    first = float("inf")
+    for task in tasks:
+        if not str(task["key"]).startswith("chipflow-block-"):
+            continue
+        for span in task["startstops"]:
+            if span["action"] == "compute":
+                first = min(first, span["start"])
+                last_stop[task["worker"]] = max(last_stop.get(task["worker"], 0.0), span["stop"])
+    if not last_stop:
+        return {}
+    last = max(last_stop.values())
+    return {"before_blocks": first - began, "blocks": last - first, "after_blocks": ended - last,
+            "idle_at_end": last - min(last_stop.values())}
 
 
 # -------------------------------------------------------------------- parent side
@@ -293,6 +321,9 @@ def summarize(runs: list[dict], chip_bytes: int) -> dict:
     for key in ("startup_seconds", "warmup_seconds", "first_file_seconds", "process_seconds"):
         if key in runs[0]:
             summary[key] = statistics.median(r[key] for r in runs if r[key] is not None)
+    if runs[0].get("phases"):
+        summary["phases"] = {key: statistics.median(r["phases"][key] for r in runs)
+                             for key in runs[0]["phases"]}
     return summary
 
 
@@ -420,6 +451,12 @@ def add_comparisons(entry: dict, workers: int) -> None:
             "chips_per_s": {"1": speed["chipflow_1_worker"], str(workers): speed["chipflow"]},
             "ratio": speed["chipflow"] / speed["chipflow_1_worker"],
         }
+        if "phases" in systems["chipflow_1_worker"] and "phases" in systems["chipflow"]:
+            # the same for the block phase alone: what the workers' part scales, Amdahl's serial part aside
+            blocks = {name: systems[name]["phases"]["blocks"] for name in ("chipflow_1_worker", "chipflow")}
+            entry["scaling"]["blocks"] = {"seconds": {"1": blocks["chipflow_1_worker"],
+                                                      str(workers): blocks["chipflow"]},
+                                          "ratio": blocks["chipflow_1_worker"] / blocks["chipflow"]}
         if "chipflow_1_core" in speed:  # the same, per core: one worker given one CPU
             cores = os.cpu_count() or workers
             entry["scaling"]["per_core"] = {
@@ -514,6 +551,13 @@ def print_entry(entry: dict) -> None:
         scaling, paired = entry["scaling"], entry["paired_ratios"]
         print(f"chipflow scaling {' -> '.join(scaling['chips_per_s'])} workers: {scaling['ratio']:.2f}x "
               f"(repeat by repeat: median {paired['chipflow/chipflow_1_worker']['median']:.2f}x)")
+        if "blocks" in scaling:
+            one, two = (entry["systems"][name]["phases"] for name in ("chipflow_1_worker", "chipflow"))
+            print(f"  the block phase alone (first block's start to last block's end): "
+                  f"{scaling['blocks']['ratio']:.2f}x; with {' / '.join(scaling['chips_per_s'])} workers: "
+                  f"{one['before_blocks']:.3f} / {two['before_blocks']:.3f} s before the first block, "
+                  f"{one['after_blocks']:.3f} / {two['after_blocks']:.3f} s after the last, "
+                  f"a worker idle at the end for {two['idle_at_end']:.3f} s")
         if "per_core" in scaling:
             print(f"chipflow scaling {' -> '.join(scaling['per_core']['chips_per_s'])} cores "
                   f"(one worker per core, pinned): {scaling['per_core']['ratio']:.2f}x "

@@ -67,6 +67,16 @@ def test_quick_run_measures_all_systems(tmp_path):
             systems[name]["runs"], systems["chipflow"]["runs"], strict=True)]
         assert paired["median"] == statistics.median(paired["runs"]) and len(paired["runs"]) == 1
     assert "chipflow/floor" in proc.stdout and "repeat by repeat: median" in proc.stdout
+    # the export split at its block tasks: the parts add up to the export's time, each one measured
+    for name in ("chipflow", "chipflow_1_worker"):
+        for run in systems[name]["runs"]:
+            phases = run["phases"]
+            assert phases["blocks"] > 0 and phases["before_blocks"] > 0 and phases["after_blocks"] > 0
+            assert abs(phases["before_blocks"] + phases["blocks"] + phases["after_blocks"] - run["seconds"]) < 1e-6
+    assert systems["chipflow_1_worker"]["runs"][0]["phases"]["idle_at_end"] == 0  # one worker: never idle
+    assert scaling["blocks"]["ratio"] == (systems["chipflow_1_worker"]["phases"]["blocks"]
+                                          / systems["chipflow"]["phases"]["blocks"])
+    assert "the block phase alone" in proc.stdout
     assert not any((tmp_path / "runs").iterdir()) and _trashed(tmp_path) == []  # deleted at the end
     # the floor's own scaling, 1 -> 2 processes, puts chipflow's in context
     assert systems["floor_1_process"]["chips"] == systems["floor"]["chips"]
@@ -79,6 +89,25 @@ def test_quick_run_measures_all_systems(tmp_path):
         assert systems["chipflow_1_core"]["chips"] == systems["chipflow"]["chips"]
         assert scaling["per_core"]["ratio"] == (
             systems["chipflow"]["chips_per_s"] / systems["chipflow_1_core"]["chips_per_s"])
+
+
+def test_block_phases_split_an_export_at_its_block_tasks():
+    from benchmarks.run import block_phases
+
+    def task(key, worker, *spans):
+        return {"key": key, "worker": worker,
+                "startstops": [{"action": action, "start": a, "stop": b} for action, a, b in spans]}
+
+    tasks = [
+        task("chipflow-block-ab12cd34-0", "w1", ("transfer", 10.0, 10.1), ("compute", 10.1, 10.5)),
+        task("chipflow-block-ab12cd34-1", "w2", ("compute", 10.2, 10.6)),
+        task("chipflow-block-ab12cd34-2", "w1", ("compute", 10.5, 11.0)),
+        task("chipflow-reduce-ab12cd34-0-0", "w2", ("compute", 11.0, 11.1)),  # not a block
+    ]
+    phases = block_phases(tasks, began=10.0, ended=11.3)
+    assert phases == pytest.approx({"before_blocks": 0.1, "blocks": 0.9, "after_blocks": 0.3,
+                                    "idle_at_end": 0.4})  # w2 finished at 10.6, w1 at 11.0
+    assert block_phases(tasks[3:], 10.0, 11.3) == {}  # no block ran (a resumed export)
 
 
 def test_features_scaling_runs_and_pairs_its_repeats(tmp_path):
