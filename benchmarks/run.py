@@ -129,14 +129,14 @@ def measure_chipflow(spec: dict) -> dict:
                 spec["raster"], spec["out"], spec["vector"], client=client, **kwargs
             )
             seconds = time.perf_counter() - start
-        phases = block_phases(stream.data, began, began + seconds)
+        phases = block_phases(stream.data, began, began + seconds, n_blocks=result.num_blocks)
         tick_ms = sorted(set(client.run(
             lambda dask_worker: dask_worker.periodic_callbacks["tick"].callback_time).values()))
     return {"chips": int(result.num_chips), "seconds": seconds, "startup_seconds": startup,
             "warmup_seconds": warmup, "worker_tick_ms": tick_ms, "phases": phases}
 
 
-def block_phases(tasks: list[dict], began: float, ended: float) -> dict:
+def block_phases(tasks: list[dict], began: float, ended: float, *, n_blocks: int | None = None) -> dict:
     """Split an export's wall time at its block tasks, from Dask's task stream.
 
     ``before_blocks``: from the call to the first block's start (planning, the
@@ -144,13 +144,17 @@ def block_phases(tasks: list[dict], began: float, ended: float) -> dict:
     last one's end; ``after_blocks``: from there to the return (the reduce, the
     chip index, the metadata); ``idle_at_end``: how long the first worker to
     finish its last block waited for the last one (0 with one worker). Times
-    are the workers' clocks, which on one machine are the client's.
+    are the workers' clocks, which on one machine are the client's. Empty when
+    no block ran, or when fewer than ``n_blocks`` are in the stream (the
+    scheduler keeps only its latest tasks: Dask's
+    ``distributed.scheduler.dashboard.tasks.task-stream-length``).
     """
     last_stop: dict[str, float] = {}
     first = float("inf")
-    for task in tasks:
-        if not str(task["key"]).startswith("chipflow-block-"):
-            continue
+    blocks = [task for task in tasks if str(task["key"]).startswith("chipflow-block-")]
+    if n_blocks is not None and len({str(task["key"]) for task in blocks}) < n_blocks:
+        return {}
+    for task in blocks:
         for span in task["startstops"]:
             if span["action"] == "compute":
                 first = min(first, span["start"])
@@ -321,7 +325,7 @@ def summarize(runs: list[dict], chip_bytes: int) -> dict:
     for key in ("startup_seconds", "warmup_seconds", "first_file_seconds", "process_seconds"):
         if key in runs[0]:
             summary[key] = statistics.median(r[key] for r in runs if r[key] is not None)
-    if runs[0].get("phases"):
+    if all(r.get("phases") for r in runs):  # chipflow, every run's stream complete
         summary["phases"] = {key: statistics.median(r["phases"][key] for r in runs)
                              for key in runs[0]["phases"]}
     return summary

@@ -108,6 +108,8 @@ def test_block_phases_split_an_export_at_its_block_tasks():
     assert phases == pytest.approx({"before_blocks": 0.1, "blocks": 0.9, "after_blocks": 0.3,
                                     "idle_at_end": 0.4})  # w2 finished at 10.6, w1 at 11.0
     assert block_phases(tasks[3:], 10.0, 11.3) == {}  # no block ran (a resumed export)
+    assert block_phases(tasks, 10.0, 11.3, n_blocks=3) == phases
+    assert block_phases(tasks[1:], 10.0, 11.3, n_blocks=3) == {}  # the stream lost a block: no phases
 
 
 def test_features_scaling_runs_and_pairs_its_repeats(tmp_path):
