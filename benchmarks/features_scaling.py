@@ -5,7 +5,7 @@ exports the same raster with each label set (PASCAL VOC, ALL_TILES) on a
 2-worker ``chipflow.local_cluster`` and prints wall time, its ratio to the smallest set (of the
 medians, and per repeat: the runs of one repeat follow one another), and the peak RSS
 of the largest worker process. Above 500k features chipflow partitions the class
-data (dask-geopandas, Hilbert order) instead of broadcasting it.
+data (sorted along a Hilbert curve, as dask-geopandas orders it) instead of broadcasting it.
 """
 
 from __future__ import annotations
