@@ -298,7 +298,7 @@ def plan(ctx: click.Context, in_raster: str | None, as_json: bool, **kwargs: Any
         f"  features   {with_features if with_features is not None else '?'} chips meet a feature",
         f"  export     ~{described['expected_chips']:,} chips as {described['image_chip_format']} + "
         f"{described['metadata_format']}, ~{described['estimated_bytes'] / 1e6:,.1f} MB",
-        f"  tasks      {described['blocks']} blocks, {described['tasks']} tasks with the reduce",
+        f"  tasks      {described['blocks']} blocks, {described['tasks']} Dask tasks",
         "  classes    " + ", ".join(f"{k} ({v})" for k, v in described["features_per_class"].items()),
     ]))
 

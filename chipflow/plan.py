@@ -164,10 +164,9 @@ class ExportPlan:
             inside = item.labels.query((0, 0, item.source.width, item.source.height))
             features += int(inside.size)
             per_class += np.bincount(item.labels.class_index[inside], minlength=len(per_class))
-        n_tasks = level = len(self.blocks)
-        while level > 1:
-            level = -(-level // 8)
-            n_tasks += level
+        # one Dask task per block (the client merges their results), and one that builds a
+        # format's dataset-wide file from the blocks' parts (COCO's annotations)
+        n_tasks = len(self.blocks) + int(self.cfg.label_format.has_parts)
         g = grids[0]
         return {
             "in_raster": src.path,

@@ -389,3 +389,70 @@ def test_a_failed_plan_closes_the_cluster_started_for_it_and_missing_inputs_star
     with pytest.raises(FileNotFoundError, match="nope.gpkg"):  # fails at once: no cluster started
         chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "o", tmp_path / "nope.gpkg", n_workers=1)
     assert len(made) == 1
+
+
+def _moments(seed: int) -> chipflow.stats.BlockResult:
+    """A block result with one chip and band moments whose merged floats depend on the merge order."""
+    rng = np.random.default_rng(seed)
+    result = chipflow.stats.BlockResult(1, 2)
+    result.set_rows([(seed, f"images/{seed:09d}.tif", f"labels/{seed:09d}.xml", np.array([seed % 3]),
+                      np.array([0]))])
+    result.add_band_moments(rng.integers(1, 1000, 2), rng.random(2) * 255, rng.random(2) * 1e5,
+                            rng.random(2), rng.random(2) + 254)
+    return result
+
+
+def test_block_results_merge_in_one_fixed_tree_whatever_order_they_arrive_in():
+    """The client merges each group of 8 (SPLIT_EVERY) as soon as its last result arrives, in the
+    tree the block list alone shapes: the same bytes for any arrival order, and no result kept
+    longer than its group needs it."""
+    from chipflow._dask import SPLIT_EVERY, MergeTree
+    from chipflow.stats import merge_all
+
+    results = [_moments(i) for i in range(70)]
+    level1 = [merge_all(*results[i:i + SPLIT_EVERY]) for i in range(0, 70, SPLIT_EVERY)]  # 9 nodes
+    expected = merge_all(merge_all(*level1[:8]), merge_all(level1[8])).to_json()
+    assert merge_all(*results).to_json() != expected  # a left fold's floats differ: the shape shows
+    for order in (range(70), reversed(range(70)), np.random.default_rng(1).permutation(70)):
+        tree = MergeTree(70)
+        for i in order:
+            assert tree.root() is None
+            tree.add(int(i), results[i])
+            if isinstance(order, range):  # in order, a group is merged and let go as it fills
+                assert tree.held() <= 3 * (SPLIT_EVERY - 1) + 1
+        assert tree.root().to_json() == expected
+    in_order = MergeTree(70)
+    for i in range(16):
+        in_order.add(i, results[i])
+    assert in_order.held() == 2  # two merged groups of 8, no leaf
+    single = MergeTree(1)
+    single.add(0, results[5])
+    assert single.root() is results[5]
+    with pytest.raises(ValueError, match="block 3 .* twice"):
+        tree = MergeTree(9)
+        tree.add(3, results[3])
+        tree.add(3, results[3])
+
+
+def test_the_cluster_runs_only_block_tasks_and_the_client_merges_their_results(client, tmp_path):
+    """Only chipflow-block tasks reach the scheduler: their results come to the client as they
+    finish and merge there, with no reduce tasks and no transfers between workers after the last
+    block. The statistics are those of the fixed tree."""
+    from distributed import get_task_stream
+
+    from chipflow.config import make_config
+    from chipflow.plan import plan_export
+
+    kwargs = dict(metadata_format="PASCAL_VOC_rectangles", stride_x=64, stride_y=64)
+    with get_task_stream(client) as stream:
+        result = chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "d", KAMPALA_BUILDINGS,
+                                               client=client, **kwargs)
+    plan = plan_export(make_config(KAMPALA_IMAGE, str(tmp_path / "p"), **kwargs), KAMPALA_BUILDINGS)
+    prefixes = {task["key"].split("-")[1] for task in stream.data}
+    assert prefixes == {"block"}, prefixes
+    assert len(stream.data) == len(plan.blocks) > 8  # more blocks than one group of the tree
+    assert plan.describe()["tasks"] == len(plan.blocks)
+    coco = plan_export(make_config(KAMPALA_IMAGE, str(tmp_path / "p"), **{**kwargs, "metadata_format": "COCO"}),
+                       KAMPALA_BUILDINGS)
+    assert coco.describe()["tasks"] == len(coco.blocks) + 1  # and one that writes annotations.json
+    assert result.num_chips == len(list((tmp_path / "d" / "images").iterdir()))
