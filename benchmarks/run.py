@@ -142,8 +142,9 @@ def block_phases(tasks: list[dict], began: float, ended: float, *, n_blocks: int
     ``before_blocks``: from the call to the first block's start (planning, the
     broadcast, scheduling); ``blocks``: from the first block's start to the
     last one's end; ``after_blocks``: from there to the return (fetching the
-    last results and merging them, the chip index, the metadata); ``idle_at_end``: how long the first worker to
-    finish its last block waited for the last one (0 with one worker). Times
+    last results and merging them, the chip index, the metadata);
+    ``idle_at_end``: how long the first worker to finish its last block waited
+    for the last one (0 with one worker). Times
     are the workers' clocks, which on one machine are the client's. Empty when
     no block ran, or when fewer than ``n_blocks`` are in the stream (the
     scheduler keeps only its latest tasks: Dask's

@@ -275,7 +275,9 @@ def run_blocks(
             for b, _, _ in work:
                 if b.id in committed:
                     progress.update(chips_written=committed[b.id].num_chips, chips_planned=b.n_chips * angles)
-        arriving = as_completed(futures, with_results=True)
+        # on the client's own event loop: Dask's default is the process's default client's loop,
+        # which with a second client in the process left this one's results unseen (a hang)
+        arriving = as_completed(futures, loop=client.loop, with_results=True)
         del futures  # each block's result is let go on the cluster once the client has it
         for future, result in arriving:
             i, planned = where[future.key]

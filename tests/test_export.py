@@ -456,3 +456,30 @@ def test_the_cluster_runs_only_block_tasks_and_the_client_merges_their_results(c
                        KAMPALA_BUILDINGS)
     assert coco.describe()["tasks"] == len(coco.blocks) + 1  # and one that writes annotations.json
     assert result.num_chips == len(list((tmp_path / "d" / "images").iterdir()))
+
+
+def test_an_export_waits_for_its_results_on_its_own_clients_event_loop(client, tmp_path):
+    """With another client made later in the process (Dask's default now), the export still
+    follows its results on the given client's event loop: with the other client's loop stopped, it
+    finishes, and nothing runs on the other cluster. (Dask's ``as_completed`` follows futures on
+    the default client's loop unless told otherwise: that hung one export in about fifty.)"""
+    import threading
+
+    from distributed import Client, LocalCluster, default_client
+
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as other_cluster, \
+         Client(other_cluster) as other:
+        assert default_client() is other and other.loop is not client.loop
+        release = threading.Event()
+        other.loop.add_callback(release.wait, 60)  # the other client's event loop stops here
+        done = []
+        worker = threading.Thread(target=lambda: done.append(chipflow.export_training_data(
+            KAMPALA_IMAGE, tmp_path / "d", KAMPALA_BUILDINGS, client=client, stride_x=64, stride_y=64,
+            metadata_format="PASCAL_VOC_rectangles")), daemon=True)
+        worker.start()
+        worker.join(30)
+        release.set()
+        worker.join(60)
+        assert done and done[0].elapsed_seconds < 30, "the export waited for the other client's loop"
+        assert not other.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.tasks))
+    assert done[0].num_chips == len(list((tmp_path / "d" / "images").iterdir())) > 0
