@@ -462,6 +462,15 @@ def add_comparisons(entry: dict, workers: int) -> None:
             entry["scaling"]["blocks"] = {"seconds": {"1": blocks["chipflow_1_worker"],
                                                       str(workers): blocks["chipflow"]},
                                           "ratio": blocks["chipflow_1_worker"] / blocks["chipflow"]}
+        if "floor_scaling" in entry:  # against the machine's own scaling, measured alongside
+            one, many = (systems[name]["runs"] for name in ("chipflow_1_worker", "chipflow"))
+            ratios = [(a["seconds"] / b["seconds"]) / floor for a, b, floor in zip(
+                one, many, entry["floor_scaling"]["paired"]["runs"], strict=True)]
+            entry["scaling"]["against_floor"] = {
+                "ratio": entry["scaling"]["ratio"] / entry["floor_scaling"]["ratio"],
+                "paired": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+                           "runs": ratios},
+            }
         if "chipflow_1_core" in speed:  # the same, per core: one worker given one CPU
             cores = os.cpu_count() or workers
             entry["scaling"]["per_core"] = {
@@ -563,6 +572,11 @@ def print_entry(entry: dict) -> None:
                   f"{one['before_blocks']:.3f} / {two['before_blocks']:.3f} s before the first block, "
                   f"{one['after_blocks']:.3f} / {two['after_blocks']:.3f} s after the last, "
                   f"a worker idle at the end for {two['idle_at_end']:.3f} s")
+        if "against_floor" in scaling:
+            against = scaling["against_floor"]
+            print(f"  against the floor's own scaling: {against['ratio']:.2f}x (repeat by repeat: median "
+                  f"{against['paired']['median']:.2f}x, {against['paired']['min']:.2f}-"
+                  f"{against['paired']['max']:.2f}x)")
         if "per_core" in scaling:
             print(f"chipflow scaling {' -> '.join(scaling['per_core']['chips_per_s'])} cores "
                   f"(one worker per core, pinned): {scaling['per_core']['ratio']:.2f}x "

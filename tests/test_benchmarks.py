@@ -85,6 +85,11 @@ def test_quick_run_measures_all_systems(tmp_path):
     assert floor["paired"]["runs"] == [systems["floor_1_process"]["runs"][0]["seconds"]
                                        / systems["floor"]["runs"][0]["seconds"]]
     assert "floor scaling 1 -> 2 processes" in proc.stdout
+    against = scaling["against_floor"]  # chipflow's scaling over the machine's own, as the note reads it
+    assert against["ratio"] == scaling["ratio"] / floor["ratio"]
+    assert against["paired"]["runs"] == [
+        result["paired_ratios"]["chipflow/chipflow_1_worker"]["runs"][0] / floor["paired"]["runs"][0]]
+    assert "against the floor's own scaling" in proc.stdout
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) <= 2:  # --workers 2 has every core
         assert systems["chipflow_1_core"]["chips"] == systems["chipflow"]["chips"]
         assert scaling["per_core"]["ratio"] == (
