@@ -144,10 +144,10 @@ def block_phases(tasks: list[dict], began: float, ended: float, *, n_blocks: int
     last one's end; ``after_blocks``: from there to the return (fetching the
     last results and merging them, the chip index, the metadata);
     ``idle_at_end``: how long the first worker to finish its last block waited
-    for the last one (0 with one worker). Times
-    are the workers' clocks, which on one machine are the client's. Empty when
-    no block ran, or when fewer than ``n_blocks`` are in the stream (the
-    scheduler keeps only its latest tasks: Dask's
+    for the last one (0 with one worker). Times are the workers' clocks, which
+    on one machine are the client's. Empty when no block ran, or when fewer
+    than ``n_blocks`` are in the stream (the scheduler keeps only its latest
+    tasks: Dask's
     ``distributed.scheduler.dashboard.tasks.task-stream-length``).
     """
     last_stop: dict[str, float] = {}
@@ -464,12 +464,10 @@ def add_comparisons(entry: dict, workers: int) -> None:
                                           "ratio": blocks["chipflow_1_worker"] / blocks["chipflow"]}
         if "floor_scaling" in entry:  # against the machine's own scaling, measured alongside
             one, many = (systems[name]["runs"] for name in ("chipflow_1_worker", "chipflow"))
-            ratios = [(a["seconds"] / b["seconds"]) / floor for a, b, floor in zip(
-                one, many, entry["floor_scaling"]["paired"]["runs"], strict=True)]
             entry["scaling"]["against_floor"] = {
                 "ratio": entry["scaling"]["ratio"] / entry["floor_scaling"]["ratio"],
-                "paired": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
-                           "runs": ratios},
+                "paired": _spread([(a["seconds"] / b["seconds"]) / floor for a, b, floor in zip(
+                    one, many, entry["floor_scaling"]["paired"]["runs"], strict=True)]),
             }
         if "chipflow_1_core" in speed:  # the same, per core: one worker given one CPU
             cores = os.cpu_count() or workers
@@ -485,7 +483,12 @@ def _paired(other: dict, chipflow: dict) -> dict:
     The machine's drift moves both runs of a repeat alike, so these ratios
     scatter less than the medians' ratio does.
     """
-    ratios = [a["seconds"] / b["seconds"] for a, b in zip(other["runs"], chipflow["runs"], strict=True)]
+    return _spread([a["seconds"] / b["seconds"]
+                    for a, b in zip(other["runs"], chipflow["runs"], strict=True)])
+
+
+def _spread(ratios: list[float]) -> dict:
+    """Repeat-by-repeat ratios with their median, min and max."""
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "runs": ratios}
 
 

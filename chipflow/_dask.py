@@ -245,13 +245,7 @@ def run_blocks(
     if not work:
         return BlockResult(0, 0)
     angles = len(work[0][1].angles)
-    tree = MergeTree(len(work))
-    todo = []
-    for i, (b, job, labels) in enumerate(work):
-        if b.id in committed:
-            tree.add(i, committed[b.id])
-        else:
-            todo.append((i, b, job, labels))
+    todo = [(i, b, job, labels) for i, (b, job, labels) in enumerate(work) if b.id not in committed]
     token = uuid.uuid4().hex[:8]
     futures = []
     if todo:
@@ -266,24 +260,26 @@ def run_blocks(
             [scattered[id(lab)] for _, _, _, lab in todo],
             key=[f"chipflow-block-{token}-{b.id}" for _, b, _, _ in todo], retries=3, pure=False,
         )
-    where = {f.key: (i, b.n_chips * angles) for (i, b, _, _), f in zip(todo, futures, strict=True)}
+    where = {f.key: i for (i, _, _, _), f in zip(todo, futures, strict=True)}
+    # on the client's own event loop: Dask's default is the process's default client's loop,
+    # which with a second client in the process left this one's results unseen (a hang)
+    arriving = as_completed(futures, loop=client.loop, with_results=True)
+    del futures  # each block's result is let go on the cluster once the client has it
+
+    def results() -> Iterator[tuple[int, BlockResult]]:
+        """Each block's place in ``work`` and its result: the committed ones, then as they finish."""
+        yield from ((i, committed[b.id]) for i, (b, _, _) in enumerate(work) if b.id in committed)
+        yield from ((where[future.key], result) for future, result in arriving)
+
+    tree = MergeTree(len(work))
     if progress is not None:
         progress.start(blocks=len(work), chips=sum(b.n_chips for b, _, _ in work) * angles,
                        dashboard=getattr(client, "dashboard_link", None))
     try:
-        if progress is not None:
-            for b, _, _ in work:
-                if b.id in committed:
-                    progress.update(chips_written=committed[b.id].num_chips, chips_planned=b.n_chips * angles)
-        # on the client's own event loop: Dask's default is the process's default client's loop,
-        # which with a second client in the process left this one's results unseen (a hang)
-        arriving = as_completed(futures, loop=client.loop, with_results=True)
-        del futures  # each block's result is let go on the cluster once the client has it
-        for future, result in arriving:
-            i, planned = where[future.key]
+        for i, result in results():
             tree.add(i, result)
             if progress is not None:
-                progress.update(chips_written=result.num_chips, chips_planned=planned)
+                progress.update(chips_written=result.num_chips, chips_planned=work[i][0].n_chips * angles)
     finally:
         if progress is not None:
             progress.finish()
