@@ -286,6 +286,11 @@ def make_config(
             "image_chip_format", "ZARR", "stacks chips of one size by grid position, but "
             f"metadata_format={fmt.name!r} cuts one chip per feature (of any size with BOUNDING_BOX); "
             "use image_chip_format='TIFF'")
+    if chip_format is ImageChipFormat.ZARR and fmt.image_files:
+        raise InvalidParameterError(
+            "image_chip_format", "ZARR", f"writes no image files, and metadata_format={fmt.name!r} "
+            "names each chip's image file (COCO's file_name, YOLO's images/ folder); use "
+            "image_chip_format='TIFF', 'PNG' or 'JPEG'")
     return ExportConfig(
         in_raster=tuple(_absolute(r) for r in rasters),
         out_folder=_absolute(out_folder),

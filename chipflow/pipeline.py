@@ -18,6 +18,7 @@ from ._dask import StartingCluster, finalize_format, run_blocks, tune_allocator
 from ._partition import PARTITION_THRESHOLD, partition_labels
 from ._version import __version__
 from .config import ExportConfig, make_config
+from .errors import InvalidParameterError
 from .index import chip_index
 from .labels import ClassInfo
 from .plan import ExportPlan, plan_export
@@ -213,6 +214,8 @@ def export_training_data(
         split_block_size=split_block_size, seed=seed,
         edge_policy=edge_policy, overwrite=overwrite,
     )
+    if cfg.overwrite:
+        _check_inputs_outside(cfg, in_class_data=in_class_data, in_mask_polygons=in_mask_polygons)
     options = _cloud.freeze(storage_options)
     tune_allocator()  # this process re-uses the memory it frees (planning, pickling, the index)
     # the embedded cluster starts on a thread while the client plans; closed on leaving, also on errors
@@ -223,7 +226,8 @@ def export_training_data(
         timings = {"plan": time.perf_counter() - started}
         source, labels, blocks = plan.source, plan.labels, list(plan.blocks)
         store = Store(cfg.out_folder, options)  # carries the options to the workers
-        markers = store.open_run(_run_params(cfg, plan), [] if zarr_store.enabled(cfg) else ["images"],
+        markers = store.open_run(_run_params(cfg, plan),
+                                 [] if zarr_store.enabled(cfg) or cfg.split else ["images"],
                                  overwrite=cfg.overwrite)
         zarr_store.create(store, plan)  # image_chip_format="ZARR": chips.zarr, before any block task
         committed = {i: BlockResult.from_json(raw) for i, raw in markers.items()}
@@ -286,6 +290,32 @@ def export_training_data(
         num_blocks=len(blocks),
         timings=timings,
     )
+
+
+def _check_inputs_outside(cfg: ExportConfig, **inputs: Any) -> None:
+    """Refuse ``overwrite`` when an input lies inside ``out_folder``: emptying it would delete it.
+
+    Raises
+    ------
+    InvalidParameterError
+        Naming ``out_folder`` and the input inside it.
+    """
+    out = cfg.out_folder
+    if "://" in out:
+        return
+    out = os.path.realpath(out)
+    named = [("in_raster", r) for r in cfg.in_raster] + [
+        (name, value) for name, value in inputs.items() if isinstance(value, str | os.PathLike)]
+    for name, value in named:
+        path = os.fspath(value)
+        if "://" in path:
+            continue
+        real = os.path.realpath(path)
+        if real == out or real.startswith(out.rstrip(os.sep) + os.sep):
+            raise InvalidParameterError(
+                "out_folder", cfg.out_folder,
+                f"holds {name}={path!r}, and overwrite=True would delete it before it is read; "
+                "write the dataset to a folder that holds none of the inputs")
 
 
 def _inputs_exist(cfg: ExportConfig, in_class_data: Any) -> bool:

@@ -28,6 +28,7 @@ from .config import (
 )
 from .encode import ChipEncoder
 from .errors import ChipflowWarning, InvalidParameterError, LabelError
+from .formats._common import class_folders
 from .grid import Block, ChipGrid, FeatureBlock, feature_windows, plan_blocks, plan_feature_blocks
 from .labels import LabelSet, describe, empty_labels, read_class_data, read_mask
 from .sources import RasterSource, open_sources
@@ -203,6 +204,26 @@ def _feature_blocks(cfg: ExportConfig, source: RasterSource, labels: LabelSet) -
     return plan_feature_blocks(inside, windows)
 
 
+def _named_as_folders(labels: LabelSet, in_class_data: Any, fmt_name: str) -> None:
+    """Rename classes whose names are no safe folder name to their folder's name (with a warning).
+
+    Formats with a folder per class are read by the class ``Name`` of the emd:
+    arcgis.learn looks for ``labels/<Name>/``. A name such as ``"a/b"`` cannot be
+    a folder, so the class is called as its folder (``"a_b"``) everywhere.
+    """
+    try:
+        folders = class_folders(labels.classes)
+    except ValueError as error:  # two names with one safe spelling
+        raise InvalidParameterError("in_class_data", describe(in_class_data), str(error)) from None
+    renamed = [(c.name, folders[c.value]) for c in labels.classes if folders[c.value] != c.name]
+    if renamed:
+        warnings.warn(
+            f"metadata_format={fmt_name!r} names a folder after each class, and a folder cannot be "
+            "named so: " + ", ".join(f"class {old!r} is renamed {new!r}" for old, new in renamed)
+            + " (its folder, the emd and the statistics)", ChipflowWarning, stacklevel=4)
+        labels.classes = tuple(dataclasses.replace(c, name=folders[c.value]) for c in labels.classes)
+
+
 def plan_export(cfg: ExportConfig, in_class_data: Any, in_mask_polygons: Any = None) -> ExportPlan:
     """Validate against the inputs and lay out the run, reading no pixels.
 
@@ -249,6 +270,8 @@ def plan_export(cfg: ExportConfig, in_class_data: Any, in_mask_polygons: Any = N
                                      source=source, buffer_radius=cfg.buffer_radius,
                                      require_overlap=len(sources) == 1)
         labels.mask = read_mask(in_mask_polygons, source)
+        if fmt.class_folders:
+            _named_as_folders(labels, in_class_data, fmt.name)
         if labels.raster is not None and (fmt.feature_chips or source.pixel_space):
             raise InvalidParameterError(
                 "in_class_data", in_class_data, "a class raster works with the grid formats in map "

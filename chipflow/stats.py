@@ -327,10 +327,18 @@ class Summary:
         return out
 
     def map_txt(self, r: BlockResult) -> bytes:
-        r"""``map.txt``: one ``images\<stem>.<ext>  labels\<stem>.<ext> `` line per chip, by id."""
-        order = np.argsort(r.chip_ids, kind="stable")
+        r"""``map.txt``: one ``images\<stem>.<ext>  labels\<stem>.<ext> `` line per chip, by id.
+
+        arcgis.learn takes the label files' extension from the last column of the
+        first line, so when the first chip has no label file (RCNN_Masks: a chip
+        without an instance) the first chip that has one comes first.
+        """
+        order = np.argsort(r.chip_ids, kind="stable").tolist()
+        if order and not r.label_paths[order[0]]:
+            labelled = next((k for k, i in enumerate(order) if r.label_paths[i]), 0)
+            order.insert(0, order.pop(labelled))
         lines = []
-        for i in order.tolist():
+        for i in order:
             image, label = r.image_paths[i].replace("/", "\\"), r.label_paths[i].replace("/", "\\")
             lines.append(f"{image}  {label} \n" if label else f"{image} \n")
         return "".join(lines).encode()

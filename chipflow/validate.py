@@ -3,7 +3,8 @@
 Reads the folder as its consumer would: the three files ``arcgis.learn`` needs,
 every image decoded, every label parsed by its format, counts compared with the
 statistics, ``map.txt`` compared with the files, and, for chipflow runs, every
-planned block committed. Works on any fsspec URL.
+planned block committed. An export with splits is its run plus a dataset per split
+(``out_folder/<split>``), each checked so. Works on any fsspec URL.
 
 A folder with ``chips.zarr`` (``image_chip_format="ZARR"``) is checked through the
 store instead of image files: every chip with a chunk in ``images`` is decoded
@@ -71,11 +72,17 @@ def _json(store: Store, name: str, report: ValidationReport) -> Any:
         return None
 
 
-def _check_run(store: Store, report: ValidationReport) -> None:
+def _run_params(store: Store) -> dict[str, Any] | None:
+    """The chipflow run's parameters (None for a folder chipflow did not write)."""
     raw = store.read(f"{RUN_DIR}/params.json")
-    if raw is None:
+    return None if raw is None else json.loads(raw)
+
+
+def _check_run(store: Store, report: ValidationReport) -> None:
+    params = _run_params(store)
+    if params is None:
         return  # not written by chipflow (or by an older version): files only
-    planned = set(json.loads(raw).get("blocks", []))
+    planned = set(params.get("blocks", []))
     committed = store.committed_blocks()
     missing = planned - set(committed)
     if missing:
@@ -122,6 +129,20 @@ def validate_dataset(out_folder: str, *, storage_options: dict[str, Any] | None 
         raise InputNotFoundError("out_folder", str(out_folder), "no such folder, or it is empty")
     report = ValidationReport(str(out_folder))
     _check_run(store, report)
+    splits = ((_run_params(store) or {}).get("parameters") or {}).get("split")
+    if splits:  # a dataset per split, in out_folder/<split>
+        for name in splits:
+            folder = f"{str(out_folder).rstrip('/')}/{name}"
+            try:
+                part = validate_dataset(folder, storage_options=storage_options)
+            except InputNotFoundError:
+                report.incomplete.append(f"{name}: the split's folder is missing")
+                continue
+            report.images += part.images
+            report.labels += part.labels
+            report.incomplete += [f"{name}: {line}" for line in part.incomplete]
+            report.problems += [f"{name}: {line}" for line in part.problems]
+        return report
     emd = _json(store, "esri_model_definition.emd", report)
     stats = _json(store, "esri_accumulated_stats.json", report)
     map_txt = store.read("map.txt")
@@ -150,8 +171,8 @@ def validate_dataset(out_folder: str, *, storage_options: dict[str, Any] | None 
     class_values = _check_emd(emd, stats, report, needs_classes=fmt.needs_labels)
     pairs: dict[str, str | None] = {}
     for line in map_txt.decode().splitlines():
-        cols = [c.replace("\\", "/") for c in line.split()]
-        if len(cols) not in (1, 2):
+        cols = _map_columns(line)
+        if len(cols) not in (0, 1, 2):
             report.problems.append(f"map.txt line {line!r} needs 1 or 2 columns")
         elif cols:
             pairs[cols[0]] = cols[1] if len(cols) == 2 else None
@@ -169,6 +190,8 @@ def validate_dataset(out_folder: str, *, storage_options: dict[str, Any] | None 
     counts: Counter[int] = Counter()
     if chips is not None:
         _check_zarr(chips, fmt, size, class_values, counts, report)
+    if fmt.dataset_file:
+        _check_dataset_file(store, fmt, listed, emd["Classes"], counts, report)
     for image in sorted(listed):
         if chips is None:
             shape = _check_image(store, image, size if fixed_size else None, report)
@@ -197,9 +220,32 @@ def validate_dataset(out_folder: str, *, storage_options: dict[str, Any] | None 
             if unknown:
                 report.problems.append(f"{label} uses class values {sorted(unknown)} not in the emd")
             counts.update(per_class)
-    if fmt.per_chip_labels:
+    if fmt.per_chip_labels or fmt.dataset_file:
         _check_counts(fmt, stats, class_values, counts, report)
     return report
+
+
+def _map_columns(line: str) -> list[str]:
+    r"""A map.txt line's paths (``/`` for ``\``): columns are split by two spaces, a path may hold one."""
+    text = line.rstrip("\r\n")
+    text = text[:-1] if text.endswith(" ") else text  # each line ends with one space
+    return [c.replace("\\", "/") for c in text.split("  ")] if text.strip() else []
+
+
+def _check_dataset_file(store: Store, fmt: Any, images: set[str], classes: Any, counts: Counter[int],
+                        report: ValidationReport) -> None:
+    """The format's dataset-wide file (COCO's annotations.json, YOLO's data.yaml): there, and agreeing."""
+    raw = store.read(fmt.dataset_file)
+    if raw is None:
+        report.incomplete.append(f"{fmt.dataset_file} is missing")
+        return
+    try:
+        per_class, problems = fmt.check_dataset(raw, images, classes)
+    except (ValueError, KeyError, TypeError) as exc:
+        report.problems.append(f"{fmt.dataset_file} does not parse: {exc!r}")
+        return
+    report.problems += problems
+    counts.update(per_class)
 
 
 def _check_counts(fmt: Any, stats: dict[str, Any], class_values: list[int], counts: Counter[int],

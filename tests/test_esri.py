@@ -131,8 +131,9 @@ def test_bounding_box_crop_and_imagenet_folders(client, make_raster, tmp_path):
         geometry=[px_polygon([(100, 100), (140, 100), (140, 120), (100, 120)]),
                   px_polygon([(300.5, 300), (330, 300), (330, 341.2), (300.5, 341.2)])], crs="EPSG:32633")
     out = tmp_path / "in"
-    r = chipflow.export_training_data(raster, out, features, metadata_format="Imagenet",
-                                      crop_mode="BOUNDING_BOX", client=client)
+    with pytest.warns(chipflow.ChipflowWarning, match=r"class '\.\./evil' is renamed '\.\._evil'"):
+        r = chipflow.export_training_data(raster, out, features, metadata_format="Imagenet",
+                                          crop_mode="BOUNDING_BOX", client=client)
     assert r.num_chips == 2
     with rasterio.open(out / "images" / ".._evil" / "000000000.tif") as ds:
         assert (ds.width, ds.height) == (40, 20)
@@ -143,4 +144,5 @@ def test_bounding_box_crop_and_imagenet_folders(client, make_raster, tmp_path):
     assert lines == ["images\\.._evil\\000000000.tif ", "images\\tree\\000000001.tif "]
     emd = json.loads((out / "esri_model_definition.emd").read_text())
     assert emd["CropTileMode"] == "Variable_Size"
+    assert [c["Name"] for c in emd["Classes"]] == [".._evil", "tree"]  # the class is named as its folder
     assert ET  # the XML module is used by read_voc

@@ -80,6 +80,34 @@ def test_hand_computed_boxes_including_one_cut_by_the_chip_edge(client, make_ras
         assert "12.35" in text and "12.34" not in text
 
 
+def test_a_feature_only_touching_a_chip_edge_is_not_in_that_chip(client, make_raster, tmp_path):
+    """Map → pixel float noise must not turn a shared edge into a sliver of overlap.
+
+    NEON OSBS_029's grid (0.1 m pixels near 3.3e6 m): this box's pixel rows are
+    153 and 192 up to 4e-9 px, so a chip starting at row 192 used to get a
+    0.00-high box and be exported for it.
+    """
+    t = Affine(0.1, 0, 404211.9, 0, -0.1, 3285142.9000000004)  # as the file stores it
+    raster = make_raster(textured((3, 400, 400)), transform=t, crs="EPSG:32617")
+    feature = box(404223.9, 3285123.7, 404227.9, 3285127.6000000006)  # pixels x 120-160, y 153-192
+    assert (~t * (404227.9, 3285123.7))[1] != 192  # the noise this test is about
+    features = gpd.GeoDataFrame({"classvalue": [1]}, geometry=[feature], crs="EPSG:32617")
+    out = tmp_path / "kitti"
+    chipflow.export_training_data(raster, out, features, metadata_format="KITTI_rectangles",
+                                  tile_size_x=128, tile_size_y=128, stride_x=64, stride_y=64,
+                                  client=client)
+    n = (400 - 128) // 64 + 1  # chips per row
+    # chips whose interior the box (120..160, 153..192) overlaps: rows at y 64 and 128, columns at 0, 64, 128
+    expected = {row * n + col for row in (1, 2) for col in (0, 1, 2)}
+    assert set(chip_ids(out)) == expected
+    for i in expected:
+        names, boxes = read_kitti(out / "labels" / f"{i:09d}.txt")
+        (x0, y0, x1, y1), = boxes
+        row, col = divmod(i, n)
+        assert (x0, y0, x1, y1) == (max(120 - 64 * col, 0), max(153 - 64 * row, 0),
+                                    min(160 - 64 * col, 128), min(192 - 64 * row, 128))
+
+
 def test_all_tiles_count_follows_the_grid_formula(client, tmp_path):
     with rasterio.open(KAMPALA_IMAGE) as ds:
         w, h = ds.width, ds.height

@@ -114,8 +114,17 @@ def check_common_metadata(out: Path, fmt: str, n_chips: int, ext: str = "tif") -
     emd, stats = metadata(out)
     assert emd["MetaDataMode"] == stats["MetaDataMode"] == fmt
     assert stats["NumTiles"] == n_chips == len(chip_ids(out, ext))
-    assert [(c["Value"], c["Name"]) for c in emd["Classes"]] == [(ROOF, "roof"), (POOL, POOL_NAME)]
+    # formats with a folder per class name the class as its folder, which the consumer looks up by Name
+    pool = POOL_DIR if get(fmt).class_folders else POOL_NAME
+    assert [(c["Value"], c["Name"]) for c in emd["Classes"]] == [(ROOF, "roof"), (POOL, pool)]
+    assert [(c["ClassValue"], c["ClassName"]) for c in stats["Classes"]] == [(ROOF, "roof"), (POOL, pool)]
     return emd, stats
+
+
+def export_renamed(*args, **kw) -> chipflow.ExportResult:
+    """:func:`export` of a format with class folders: the unsafe class name is renamed, with a warning."""
+    with pytest.warns(chipflow.ChipflowWarning, match=r"class '\.\./pool' .* '\.\._pool'"):
+        return export(*args, **kw)
 
 
 def map_lines(out: Path) -> list[str]:
@@ -127,8 +136,10 @@ def map_lines(out: Path) -> list[str]:
 
 def test_rcnn_masks_hold_the_rasterized_instances_per_class_folder(client, scene_raster, tmp_path):
     out = tmp_path / "rcnn"
-    export(scene_raster, out, "rcnn_masks", client)
+    export_renamed(scene_raster, out, "rcnn_masks", client)
     emd, stats = check_common_metadata(out, "RCNN_Masks", 4)
+    # every class folder is a class Name of the emd: arcgis.learn finds the masks by it
+    assert {rel.split("/")[0] for rel in files_under(out / "labels")} <= {c["Name"] for c in emd["Classes"]}
     # G (chip 1) covers no pixel centre: no roof instance there, so no roof file for chip 1.
     assert files_under(out / "labels") == {
         "roof/000000000.tif", f"{POOL_DIR}/000000000.tif", f"{POOL_DIR}/000000001.tif",
@@ -176,6 +187,26 @@ def _chip(n_features: int, instances: np.ndarray, class_index, classes, **kw) ->
         instances=instances, encode_raster=lambda m: enc.label(m, T), **kw)
 
 
+def test_rcnn_map_txt_starts_with_a_chip_that_has_a_mask(client, scene_raster, tmp_path):
+    """arcgis.learn takes the label extension from the last column of map.txt's first line."""
+    out = tmp_path / "rcnn"
+    export(scene_raster, out, "RCNN_Masks", client, data=SCENE.iloc[[3]], image_chip_format="JPEG",
+           output_nofeature_tiles="ALL_TILES")  # roof E alone, in chip 2
+    assert map_lines(out) == [
+        "images\\000000002.jpg  labels\\roof\\000000002.png \n",  # not chip 0's line without a mask
+        "images\\000000000.jpg \n",
+        "images\\000000001.jpg \n",
+        "images\\000000003.jpg \n",
+    ]
+
+
+def test_rcnn_classes_sharing_a_folder_fail_before_anything_is_written(client, scene_raster, tmp_path):
+    clash = SCENE.assign(ClassName=SCENE["ClassName"].replace({"roof": ".._pool"}))  # "../pool"'s folder
+    with pytest.raises(chipflow.InvalidParameterError, match=r"in_class_data=.*share the label folder"):
+        export(scene_raster, tmp_path / "rcnn", "RCNN_Masks", client, data=clash)
+    assert not (tmp_path / "rcnn").exists()
+
+
 def test_rcnn_masks_switch_to_uint16_past_255_instances_and_number_them_in_order():
     classes = (ClassInfo(1, "a", (1, 2, 3)), ClassInfo(2, "b", (1, 2, 3)))
     n = 300
@@ -213,7 +244,7 @@ def test_rcnn_mask_count_rejects_gaps_in_instance_ids():
 
 def test_panoptic_writes_class_raster_and_instance_masks(client, scene_raster, tmp_path):
     out = tmp_path / "panoptic"
-    export(scene_raster, out, "Panoptic_Segmentation", client, image_chip_format="PNG")
+    export_renamed(scene_raster, out, "Panoptic_Segmentation", client, image_chip_format="PNG")
     emd, stats = check_common_metadata(out, "Panoptic_Segmentation", 4, "png")
     assert files_under(out / "labels") == {f"00000000{i}.png" for i in range(4)}
     assert files_under(out / "labels2") == {
@@ -238,7 +269,8 @@ def test_panoptic_writes_class_raster_and_instance_masks(client, scene_raster, t
     assert stats["ClassPixelStats"]["NumPixelsPerClass"] == [pixels[ROOF], pixels[POOL]]
     assert pixels[ROOF] == 40 * 30 + 40 * 20 + 100 * 100 - 40 * 40  # A + B + E (holed); G none
     assert emd["Panoptic_Segmentation_Instance_Classes"] == [
-        {"Value": ROOF, "Name": "roof"}, {"Value": POOL, "Name": POOL_NAME}]
+        {"Value": ROOF, "Name": "roof"}, {"Value": POOL, "Name": POOL_DIR}]
+    assert {rel.split("/")[0] for rel in files_under(out / "labels2")} == {"roof", POOL_DIR}
 
 
 def test_panoptic_emd_extra_lists_every_class():

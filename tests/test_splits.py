@@ -33,6 +33,13 @@ def test_splits_are_whole_cells_and_complete_datasets(client, tmp_path):
             report = validate_dataset(str(tmp_path / "s" / name))
             assert report.ok, report.summary()
             assert report.images == len(part)
+    # the whole folder validates: its run and every split, their images added up
+    report = validate_dataset(str(tmp_path / "s"))
+    assert report.ok and report.images == 36, report.summary()
+    assert not (tmp_path / "s" / "images").exists()  # the chips are in the splits' folders only
+    (tmp_path / "s" / "val" / "map.txt").unlink()
+    broken = validate_dataset(str(tmp_path / "s"))
+    assert not broken.ok and "val: map.txt is missing" in broken.summary()
     for a, b in itertools.combinations(index.itertuples(), 2):
         if a.split != b.split:
             assert a.geometry.intersection(b.geometry).area == pytest.approx(0, abs=1e-6)

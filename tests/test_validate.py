@@ -26,6 +26,49 @@ def test_every_format_validates_complete(client, tmp_path, name):
         victim.unlink()
         broken = validate_dataset(str(out))
         assert not broken.ok and "has no label file" in broken.summary()
+    if fmt.dataset_file:  # COCO's annotations.json, YOLO's data.yaml: cut short, then gone
+        whole = out / fmt.dataset_file
+        whole.write_bytes(whole.read_bytes()[:-2])
+        broken = validate_dataset(str(out))
+        assert not broken.ok and f"{fmt.dataset_file} does not parse" in broken.summary(), broken.summary()
+        whole.unlink()
+        broken = validate_dataset(str(out))
+        assert broken.incomplete == [f"{fmt.dataset_file} is missing"], broken.summary()
+
+
+def test_coco_and_yolo_dataset_files_must_agree_with_the_chips(client, tmp_path):
+    import json
+
+    import yaml
+
+    out = tmp_path / "coco"
+    chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, metadata_format="COCO",
+                                  stride_x=256, stride_y=256, client=client)
+    coco = json.loads((out / "annotations.json").read_text())
+    coco["images"][0]["file_name"] = "images/nowhere.tif"
+    (out / "annotations.json").write_text(json.dumps(coco))
+    summary = validate_dataset(str(out)).summary()
+    assert "annotations.json names images/nowhere.tif, which is not a chip" in summary, summary
+    out = tmp_path / "yolo"
+    chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, metadata_format="YOLO",
+                                  stride_x=256, stride_y=256, client=client)
+    data = yaml.safe_load((out / "data.yaml").read_text())
+    data["names"] = {0: "not the class"}
+    (out / "data.yaml").write_text(yaml.safe_dump(data))
+    summary = validate_dataset(str(out)).summary()
+    assert "data.yaml names {0: 'not the class'}, the emd's classes are {0: '1'}" in summary, summary
+
+
+def test_class_names_with_spaces_in_map_txt_paths(client, tmp_path):
+    """Columns of map.txt are separated by two spaces; a class folder may hold one (Imagenet)."""
+    import geopandas as gpd
+
+    named = gpd.read_file(KAMPALA_BUILDINGS).assign(classname="metal roof")
+    out = tmp_path / "inet"
+    r = chipflow.export_training_data(KAMPALA_IMAGE, out, named, metadata_format="Imagenet", client=client)
+    assert (out / "map.txt").read_text().startswith("images\\metal roof\\")
+    report = validate_dataset(str(out))
+    assert report.ok and report.images == r.num_chips, report.summary()
 
 
 def test_export_tiles_writes_no_labels_folder(client, tmp_path):

@@ -154,8 +154,9 @@ def test_a_resumed_run_gives_identical_bytes(zarr_export, client, tmp_path):
     assert validate_dataset(str(out)).ok
 
 
-@pytest.mark.parametrize("name", ["Labeled_Tiles", "Imagenet"])
-def test_feature_chip_formats_are_refused_before_any_output(tmp_path, name):
+@pytest.mark.parametrize("name", ["Labeled_Tiles", "Imagenet", "COCO", "YOLO", "YOLO_segmentation"])
+def test_feature_chip_formats_and_those_naming_image_files_are_refused_before_any_output(tmp_path, name):
+    """One chip per feature does not stack; COCO's file_name and YOLO's images/ would name no file."""
     out = tmp_path / "out"
     with pytest.raises(InvalidParameterError, match="image_chip_format") as err:
         chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, image_chip_format="zarr",
@@ -168,7 +169,7 @@ def test_feature_chip_formats_are_refused_before_any_output(tmp_path, name):
     assert done.exit_code == 2 and not out.exists(), done.output
 
 
-GRID_FORMATS = [n for n in formats.names() if not formats.get(n).feature_chips]
+GRID_FORMATS = [n for n in formats.names() if not formats.get(n).feature_chips and not formats.get(n).image_files]
 
 
 @pytest.mark.parametrize("name", GRID_FORMATS)

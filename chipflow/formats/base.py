@@ -94,6 +94,15 @@ class LabelFormat(ABC):
     feature_chips: ClassVar[bool] = False
     #: False for formats without a label file per chip (COCO, Export_Tiles, Imagenet).
     per_chip_labels: ClassVar[bool] = True
+    #: True for formats with a folder per class, named as the class (RCNN_Masks, Panoptic, Imagenet):
+    #: a class whose name is no safe folder name is renamed to its folder's name at planning.
+    class_folders: ClassVar[bool] = False
+    #: True for formats whose labels name the chips' image files (COCO's ``file_name``, YOLO's
+    #: ``images/``), which ``image_chip_format="ZARR"`` does not write.
+    image_files: ClassVar[bool] = False
+    #: The dataset-wide file the format writes besides the ArcGIS ones (COCO's ``annotations.json``,
+    #: YOLO's ``data.yaml``), which ``validate`` checks with :meth:`check_dataset`.
+    dataset_file: ClassVar[str | None] = None
 
     def label_extension(self, image_extension: str) -> str:
         """The label file's extension, given the image chips' extension."""
@@ -110,6 +119,15 @@ class LabelFormat(ABC):
     def label_paths(self, stem: str, label_extension: str, classes: Any) -> list[str]:
         """Every label file chip ``stem`` may have (``validate`` reads those that exist)."""
         return [f"labels/{stem}.{label_extension}"]
+
+    def check_dataset(self, data: bytes, images: set[str], classes: Any) -> tuple[dict[int, int], list[str]]:
+        """:attr:`dataset_file` against the dataset: its labels per class value, and its problems.
+
+        ``images`` are the chips' paths (``images/<stem>.<ext>``), ``classes`` the
+        emd's ``Classes``. Raises ``ValueError`` (or ``KeyError``/``TypeError``)
+        when the file does not parse.
+        """
+        return {}, []
 
     def emd_extra(self, classes: tuple[Any, ...] = ()) -> dict[str, Any]:
         """Keys this format adds to ``esri_model_definition.emd``, given the export's classes."""

@@ -79,6 +79,8 @@ class COCO(LabelFormat):
     """
 
     name = "COCO"
+    image_files = True
+    dataset_file = "annotations.json"
     per_chip_labels = False
     has_parts = True
     needs_geometry = True
@@ -146,6 +148,25 @@ class COCO(LabelFormat):
             "categories": [{"id": v, "name": n, "supercategory": ""} for v, n in class_pairs(classes)],
         }
         store.put("annotations.json", json.dumps(coco, separators=(",", ":")).encode())
+
+    def check_dataset(self, data: bytes, images: set[str], classes: Any) -> tuple[dict[int, int], list[str]]:
+        """Annotations per category; every chip an image, every image a chip, categories the classes."""
+        coco = json.loads(data)
+        named = {img["file_name"] for img in coco["images"]}
+        ids = {img["id"] for img in coco["images"]}
+        problems = [f"{self.dataset_file} names {name}, which is not a chip"
+                    for name in sorted(named - images)]
+        if images - named:
+            problems.append(f"{len(images - named)} chips are not in {self.dataset_file}, e.g. "
+                            f"{sorted(images - named)[0]}")
+        strays = sorted({ann["image_id"] for ann in coco["annotations"]} - ids)
+        if strays:
+            problems.append(f"annotations refer to image ids {strays[:5]} that {self.dataset_file} lacks")
+        categories = [(c["id"], c["name"]) for c in coco["categories"]]
+        if categories != list(class_pairs(classes)):
+            problems.append(f"{self.dataset_file} categories are {categories}, the emd's classes "
+                            f"{list(class_pairs(classes))}")
+        return self.count(data, width=0, height=0), problems
 
     def count(self, data: bytes, *, width: int, height: int, **_: Any) -> dict[int, int]:
         """Annotations per category of a COCO file (``annotations.json`` or one chip's records).

@@ -27,12 +27,14 @@ class Imagenet(LabelFormat):
     """``images/<class name>/<stem>.<ext>``: the class is the folder; no label files.
 
     Class names become folder names through :func:`chipflow.store.safe_name`, so
-    no name can escape the output folder.
+    no name can escape the output folder; a class whose name changes is renamed
+    so at planning (as for ``RCNN_Masks``).
     """
 
     name = "Imagenet"
     per_chip_labels = False
     feature_chips = True
+    class_folders = True
 
     def image_relpath(self, chip: ChipLabel) -> str:
         """``images/<safe class name>/<stem>``."""

@@ -21,13 +21,14 @@ class PanopticSegmentation(LabelFormat):
     The semantic label is always written (all zero for a chip without features)
     and is the file ``map.txt`` names; instance masks exist only for classes with
     an instance in the chip. Class folders follow ``RCNN_Masks``' rule
-    (:func:`chipflow.store.safe_name` of the class name). Every class is an
+    (a class is named as its folder). Every class is an
     instance ("thing") class: each feature is an instance.
     """
 
     name = "Panoptic_Segmentation"
     rasterize = True
     instances = True
+    class_folders = True
     counted = "NumPixelsPerClass"
 
     def label_extension(self, image_extension: str) -> str:

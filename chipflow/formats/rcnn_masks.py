@@ -27,17 +27,19 @@ class RCNNMasks(LabelFormat):
     uint8 (uint16 past 255 instances), GeoTIFF for TIFF chips and PNG otherwise.
 
     The class folder is the class ``Name`` of the emd, which is what the consumer
-    looks for, passed through :func:`chipflow.store.safe_name`: a name that is not
-    a safe path component (``"a/b"``, ``".."``) is written as its safe spelling
-    (``"a_b"``, ``"_.."``), so nothing is ever written outside the output folder;
-    the consumer will not find such a class's masks under its emd name. Two
-    classes whose safe names collide fail the export with a message.
+    looks for. A name that is not a safe path component (``"a/b"``, ``".."``) is
+    renamed at planning, with a warning, to its safe spelling
+    (:func:`chipflow.store.safe_name`: ``"a_b"``, ``"_.."``), in the emd and the
+    statistics too: nothing is written outside the output folder, and the
+    consumer finds every class's masks. Two classes whose safe names collide
+    fail the export with a message.
 
     ``map.txt`` pairs each image with the mask of its first class (by value).
     """
 
     name = "RCNN_Masks"
     instances = True
+    class_folders = True
 
     def label_extension(self, image_extension: str) -> str:
         """``tif`` for TIFF chips, ``png`` for PNG and JPEG chips."""

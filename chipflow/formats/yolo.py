@@ -37,6 +37,8 @@ class Yolo(LabelFormat):
     """
 
     name = "YOLO"
+    image_files = True
+    dataset_file = "data.yaml"
     #: Only for ``data.yaml``, written once by :meth:`finalize` (blocks add nothing).
     has_parts = True
 
@@ -58,6 +60,23 @@ class Yolo(LabelFormat):
         names = {i: name for i, (_, name) in enumerate(class_pairs(classes))}
         data = {"train": "images", "val": "images", "names": names}
         store.put("data.yaml", yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode())
+
+    def check_dataset(self, data: bytes, images: set[str], classes: Any) -> tuple[dict[int, int], list[str]]:
+        """``data.yaml``: ``names`` the classes in value order, ``train``/``val`` the images folder."""
+        import yaml
+
+        try:
+            doc = yaml.safe_load(data)
+        except yaml.YAMLError as exc:
+            raise ValueError(str(exc).replace("\n", " ")) from None
+        if not isinstance(doc, dict):
+            raise ValueError(f"holds {type(doc).__name__}, not a mapping")
+        names = {i: name for i, (_, name) in enumerate(class_pairs(classes))}
+        problems = [] if doc.get("names") == names else [
+            f"{self.dataset_file} names {doc.get('names')}, the emd's classes are {names}"]
+        problems += [f"{self.dataset_file} has {key}: {doc.get(key)!r}, not 'images'"
+                     for key in ("train", "val") if doc.get(key) != "images"]
+        return {}, problems
 
     def count(self, data: bytes, *, width: int, height: int, path: str | None = None,
               classes: Iterable[Any] | None = None) -> dict[int, int]:
