@@ -313,6 +313,10 @@ def stats(out_folder: str, as_json: bool, storage_option: tuple[str, ...]) -> No
     from .store import Store
 
     store = Store(out_folder, _cloud.freeze(parse_storage_options(storage_option)))
+    try:
+        store.require_folder()
+    except ChipflowError as exc:
+        _fail(exc)
     raw_stats, raw_emd = store.read("esri_accumulated_stats.json"), store.read("esri_model_definition.emd")
     if raw_stats is None or raw_emd is None:
         click.echo(f"chipflow: error: out_folder={out_folder!r} holds no chipflow/ArcGIS statistics "

@@ -29,6 +29,7 @@ __all__ = [
     "ImageChipFormat",
     "NoFeatureTiles",
     "check_against_raster",
+    "check_n_workers",
     "make_config",
 ]
 
@@ -141,13 +142,20 @@ def _splits(value: Any) -> tuple[tuple[str, float], ...]:
     return pairs
 
 
-def _flag(parameter: str, value: Any, true: str, false: str) -> bool:
-    """ESRI's two-valued keywords, or a bool."""
+_YES, _NO = ("TRUE", "YES", "1"), ("FALSE", "NO", "0")
+
+
+def _flag(parameter: str, value: Any, true: tuple[str, ...] = _YES, false: tuple[str, ...] = _NO) -> bool:
+    """A bool, or one of its words in any case: ESRI's two-valued keywords, else true/yes/1, false/no/0.
+
+    A YAML job's ``overwrite: "false"`` is False, not a (true) non-empty string.
+    """
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().upper() in (true, false):
-        return value.strip().upper() == true
-    raise InvalidParameterError(parameter, value, f"must be {true} or {false}")
+    word = str(value).strip().upper() if isinstance(value, str | int) else None
+    if word in true or word in false:
+        return word in true
+    raise InvalidParameterError(parameter, value, f"must be {true[0]} or {false[0]}")
 
 
 def _absolute(path: Any) -> str:
@@ -156,21 +164,24 @@ def _absolute(path: Any) -> str:
     return text if "://" in text else os.path.abspath(text)
 
 
-def _positive_int(parameter: str, value: Any) -> int:
+def _positive_int(parameter: str, value: Any, unit: str = "pixels") -> int:
     """Accept ints and integer strings (the ESRI samples pass ``"256"``)."""
+    expected = f"must be a whole number of {unit} >= 1"
     if isinstance(value, bool):
-        raise InvalidParameterError(parameter, value, "must be a whole number of pixels >= 1")
+        raise InvalidParameterError(parameter, value, expected)
     try:
         number = int(str(value).strip()) if isinstance(value, str) else int(value)
     except (TypeError, ValueError):
-        raise InvalidParameterError(
-            parameter, value, "must be a whole number of pixels >= 1"
-        ) from None
-    if number != value and not isinstance(value, str):
-        raise InvalidParameterError(parameter, value, "must be a whole number of pixels >= 1")
-    if number < 1:
-        raise InvalidParameterError(parameter, value, "must be a whole number of pixels >= 1")
+        raise InvalidParameterError(parameter, value, expected) from None
+    if number != value and not isinstance(value, str) or number < 1:
+        raise InvalidParameterError(parameter, value, expected)
     return number
+
+
+def check_n_workers(n_workers: Any) -> int | None:
+    """``n_workers``: None (one per core) or a whole number >= 1."""
+    return None if n_workers is None else _positive_int("n_workers", n_workers, "worker processes")
+
 
 
 @dataclass(frozen=True)
@@ -307,7 +318,7 @@ def make_config(
         reference_system=_enum(ReferenceSystem, "reference_system", reference_system),
         processing_mode=_enum(ProcessingMode, "processing_mode", processing_mode),
         blacken_around_feature=_flag("blacken_around_feature", blacken_around_feature,
-                                     "BLACKEN_AROUND_FEATURE", "NO_BLACKEN"),
+                                     ("BLACKEN_AROUND_FEATURE",), ("NO_BLACKEN",)),
         crop_mode=_enum(CropMode, "crop_mode", crop_mode),
         min_polygon_overlap_ratio=_number("min_polygon_overlap_ratio", min_polygon_overlap_ratio,
                                           low=0, high=1),
@@ -318,7 +329,7 @@ def make_config(
         split_block_size=_positive_int("split_block_size", split_block_size),
         seed=int(_number("seed", seed, low=0, high=2**63)),
         edge_policy=_enum(EdgePolicy, "edge_policy", edge_policy),
-        overwrite=bool(overwrite),
+        overwrite=_flag("overwrite", overwrite),
     )
 
 

@@ -411,7 +411,7 @@ def read_mask(in_mask_polygons: Any, source: RasterSource) -> Any:
     Raises
     ------
     InputNotFoundError, LabelError
-        Unreadable, without CRS, or not polygons.
+        Unreadable, without CRS, not polygons, or outside the raster.
     """
     if in_mask_polygons is None:
         return None
@@ -424,6 +424,9 @@ def read_mask(in_mask_polygons: Any, source: RasterSource) -> Any:
     if len(geoms) == 0 or not np.isin(shapely.get_type_id(geoms), (3, 6)).all():
         raise LabelError(f"in_mask_polygons={describe(in_mask_polygons)} must hold polygons")
     mask = shapely.union_all(_to_pixels(geoms, source))
+    if not shapely.intersects(mask, shapely.box(0, 0, source.width, source.height)):
+        raise LabelError(f"in_mask_polygons={describe(in_mask_polygons)} does not overlap the raster "
+                         f"({source.path!r}): no chip could be exported")
     shapely.prepare(mask)
     return mask
 

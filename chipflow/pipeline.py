@@ -17,7 +17,7 @@ from . import _cloud, zarr_store
 from ._dask import StartingCluster, finalize_format, run_blocks, tune_allocator
 from ._partition import PARTITION_THRESHOLD, partition_labels
 from ._version import __version__
-from .config import ExportConfig, make_config
+from .config import ExportConfig, check_n_workers, make_config
 from .errors import InvalidParameterError
 from .index import chip_index
 from .labels import ClassInfo
@@ -214,6 +214,7 @@ def export_training_data(
         split_block_size=split_block_size, seed=seed,
         edge_policy=edge_policy, overwrite=overwrite,
     )
+    n_workers = check_n_workers(n_workers)
     if cfg.overwrite:
         _check_inputs_outside(cfg, in_class_data=in_class_data, in_mask_polygons=in_mask_polygons)
     options = _cloud.freeze(storage_options)
@@ -225,6 +226,9 @@ def export_training_data(
             plan = plan_export(cfg, in_class_data, in_mask_polygons)
         timings = {"plan": time.perf_counter() - started}
         source, labels, blocks = plan.source, plan.labels, list(plan.blocks)
+        mark = time.perf_counter()
+        c = cluster.client()  # reached before out_folder is touched: a cluster that fails changes nothing
+        timings["cluster"] = time.perf_counter() - mark  # what was left of its start-up
         store = Store(cfg.out_folder, options)  # carries the options to the workers
         markers = store.open_run(_run_params(cfg, plan),
                                  [] if zarr_store.enabled(cfg) or cfg.split else ["images"],
@@ -236,9 +240,6 @@ def export_training_data(
         shipped = [_shipped(item.labels, store, fmt) for item in plan.items]
         work = [(b, job, labels_) for item, job, labels_ in zip(plan.items, jobs, shipped, strict=True)
                 for b in item.blocks]
-        mark = time.perf_counter()
-        c = cluster.client()
-        timings["cluster"] = time.perf_counter() - mark  # what was left of its start-up
         mark = time.perf_counter()
         merged = run_blocks(c, work, committed=committed, progress=progress)
         if not work:

@@ -31,7 +31,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from . import _cloud
-from .errors import OutputError
+from .errors import InvalidParameterError, OutputError
 
 __all__ = ["RUN_DIR", "Store", "Writer", "safe_name"]
 
@@ -112,6 +112,11 @@ class Store:
             os.replace(tmp, full)
         else:
             self.fs.pipe_file(full, data if isinstance(data, bytes) else bytes(data))
+
+    def require_folder(self) -> None:
+        """Raise :class:`InvalidParameterError` when ``out_folder`` names a file (``validate``, ``stats``)."""
+        if self.fs.isfile(self.root):
+            raise InvalidParameterError("out_folder", self.url, "is a file, not a dataset folder")
 
     def read(self, relpath: str) -> bytes | None:
         """The bytes at ``relpath``, or None when it does not exist."""

@@ -125,6 +125,7 @@ def validate_dataset(out_folder: str, *, storage_options: dict[str, Any] | None 
         When ``out_folder`` does not exist.
     """
     store = Store(str(out_folder), tuple(sorted((storage_options or {}).items())))
+    store.require_folder()
     if not store.listdir():
         raise InputNotFoundError("out_folder", str(out_folder), "no such folder, or it is empty")
     report = ValidationReport(str(out_folder))

@@ -163,6 +163,29 @@ def test_resume_skips_committed_blocks_and_refuses_other_parameters(client, tmp_
     assert r.num_chips == len(list((out / "images").glob("*.tif"))) == 4 * 7
 
 
+def test_overwrite_refuses_to_empty_a_folder_holding_the_inputs(tmp_path):
+    """``overwrite`` empties ``out_folder``: inputs inside it would be deleted before being read."""
+    import shutil
+
+    for out in (tmp_path / "here", tmp_path):  # inputs in the folder, or in a subfolder of it
+        data = tmp_path / "here"
+        data.mkdir(exist_ok=True)
+        raster, vector = shutil.copy(KAMPALA_IMAGE, data), shutil.copy(KAMPALA_BUILDINGS, data)
+        before = sorted(p.name for p in out.iterdir())
+        for kw, name in (({}, "in_raster"), ({"in_raster": KAMPALA_IMAGE}, "in_class_data"),
+                         ({"in_raster": KAMPALA_IMAGE, "in_class_data": KAMPALA_BUILDINGS,
+                           "in_mask_polygons": vector}, "in_mask_polygons")):
+            args = {"in_raster": raster, "in_class_data": vector} | kw
+            with pytest.raises(chipflow.InvalidParameterError,
+                               match=rf"out_folder='{out}'.* holds {name}=.*overwrite=True would delete it"):
+                chipflow.export_training_data(args.pop("in_raster"), out, args.pop("in_class_data"),
+                                              overwrite=True, **args)
+            assert sorted(p.name for p in out.iterdir()) == before, name
+    res = CliRunner().invoke(main, ["export", raster, str(tmp_path), "--in-class-data", vector, "--overwrite"])
+    assert res.exit_code == 2 and "overwrite=True would delete it" in res.output
+    assert (data / "image.tif").exists()
+
+
 def test_a_file_never_appears_half_written(tmp_path, monkeypatch):
     store = Store(str(tmp_path))
     (tmp_path / "images").mkdir()
@@ -250,6 +273,10 @@ def bad_inputs(tmp: Path, make_raster) -> list[tuple[dict, type, str]]:
         ({"in_class_data": mixed}, ValueError, r"in_class_data='.*mixed.geojson' mixes geometry types "
                                                 r"\(1 points, 1 polygons\)"),
         ({"metadata_format": "COCO_json"}, ValueError, r"metadata_format='COCO_json': must be one of"),
+        ({"in_mask_polygons": far}, ValueError, r"in_mask_polygons='.*far.gpkg' does not overlap the raster"),
+        ({"n_workers": -1}, ValueError, r"n_workers=-1: must be a whole number of worker processes >= 1"),
+        ({"n_workers": 0}, ValueError, r"n_workers=0"),
+        ({"overwrite": "maybe"}, ValueError, r"overwrite='maybe': must be TRUE or FALSE"),
     ]
 
 
@@ -272,6 +299,42 @@ def test_the_cli_reports_bad_input_in_one_line_with_status_2(tmp_path):
         "chipflow: error: Invalid stride_x=0: must be a whole number of pixels >= 1"]
     res = CliRunner().invoke(main, ["validate", str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "out_folder=" in res.output
+    (tmp_path / "a-file").write_bytes(b"x")
+    for command in ("validate", "stats"):
+        res = CliRunner().invoke(main, [command, str(tmp_path / "a-file")])
+        assert res.exit_code == 2 and res.output.strip().splitlines() == [
+            f"chipflow: error: Invalid out_folder='{tmp_path / 'a-file'}': is a file, not a dataset folder"], res.output
+
+
+def test_overwrite_takes_true_and_false_spelled_as_words(client, tmp_path):
+    """A YAML job's ``overwrite: "false"`` is False, never a non-empty (true) string."""
+    out = tmp_path / "done"
+    chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, stride_x=512, stride_y=512, client=client)
+    before = tree(out)
+    for no in ("false", "No", 0):
+        with pytest.raises(chipflow.OutputError, match="different parameters"):
+            chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, metadata_format="PASCAL_VOC_rectangles",
+                                          stride_x=512, stride_y=512, overwrite=no, client=client)
+    assert tree(out) == before
+    chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, metadata_format="PASCAL_VOC_rectangles",
+                                  stride_x=512, stride_y=512, overwrite="TRUE", client=client)
+    assert (out / "labels" / "000000000.xml").exists()
+
+
+def test_an_unreachable_scheduler_leaves_the_output_folder_alone(client, tmp_path):
+    """The cluster is reached before ``overwrite`` empties the folder (or a new one is made)."""
+    import dask
+
+    out = tmp_path / "done"
+    chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, stride_x=512, stride_y=512, client=client)
+    before = tree(out)
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        for folder in (out, tmp_path / "new"):
+            with pytest.raises(OSError, match="tcp://127.0.0.1:1"):
+                chipflow.export_training_data(KAMPALA_IMAGE, folder, KAMPALA_BUILDINGS, overwrite=True,
+                                              scheduler="tcp://127.0.0.1:1")
+    assert tree(out) == before
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("threads", [0, 2], ids=["inline (local disks)", "background threads (object stores)"])
