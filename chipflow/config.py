@@ -183,7 +183,6 @@ def check_n_workers(n_workers: Any) -> int | None:
     return None if n_workers is None else _positive_int("n_workers", n_workers, "worker processes")
 
 
-
 @dataclass(frozen=True)
 class ExportConfig:
     """Every normalised parameter of one export (inputs and outputs as given)."""
