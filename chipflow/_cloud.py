@@ -75,7 +75,41 @@ def freeze(storage_options: Mapping[str, Any] | Options | None) -> Options:
                                     "must be a mapping of fsspec options, e.g. {'endpoint_url': ...}")
     if not all(isinstance(k, str) for k, _ in items):
         raise InvalidParameterError("storage_options", "<mapping>", "keys must be strings")
+    _check_types(dict(items))
     return tuple(sorted(items, key=lambda kv: kv[0]))
+
+
+#: s3fs's options that are mappings themselves, and those of botocore's ``Config`` (config_kwargs).
+_NESTED = ("client_kwargs", "config_kwargs", "s3_additional_kwargs")
+_NESTED_CONFIG = ("retries", "s3", "proxies")
+
+
+def _check_types(options: dict[str, Any]) -> None:
+    """The options s3fs/botocore would fail on deep inside a task, named here (values unshown).
+
+    Raises
+    ------
+    InvalidParameterError
+        A nested option that is not a mapping, or an ``endpoint_url`` that is no http(s) URL.
+    """
+    def mapping(name: str, value: Any) -> None:
+        if not isinstance(value, Mapping):
+            raise InvalidParameterError(f"storage_options.{name}", f"<{type(value).__name__}>",
+                                        "must be a mapping of options, e.g. --storage-option "
+                                        f"{name}.<option>=<value>")
+
+    for name in _NESTED:
+        if name in options:
+            mapping(name, options[name])
+    for name in _NESTED_CONFIG:
+        if name in options.get("config_kwargs", {}):
+            mapping(f"config_kwargs.{name}", options["config_kwargs"][name])
+    endpoint = options.get("endpoint_url", options.get("client_kwargs", {}).get("endpoint_url"))
+    if endpoint is not None:  # an address, not a secret: shown
+        parts = urlsplit(endpoint) if isinstance(endpoint, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+            raise InvalidParameterError("storage_options.endpoint_url", endpoint,
+                                        "must be an http:// or https:// URL, e.g. http://127.0.0.1:9000")
 
 
 def remember(options: Options) -> None:

@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -242,10 +243,13 @@ def export(ctx: click.Context, in_raster: str | None, out_folder: str | None, qu
         raise click.UsageError("OUT_FOLDER is required (on the command line or as 'out_folder' in --config)")
     started = time.perf_counter()
     try:
-        result = export_training_data(
-            params.pop("in_raster"), params.pop("out_folder"), params.pop("in_class_data", None),
-            progress=None if quiet else RichProgress(), **params,
-        )
+        with warnings.catch_warnings():
+            if quiet:  # nothing but errors (cron jobs): no ChipflowWarning, no Dask port notice
+                warnings.simplefilter("ignore")
+            result = export_training_data(
+                params.pop("in_raster"), params.pop("out_folder"), params.pop("in_class_data", None),
+                progress=None if quiet else RichProgress(), **params,
+            )
     except Exception as exc:
         _fail(exc)
     if quiet:

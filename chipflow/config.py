@@ -133,12 +133,24 @@ def _splits(value: Any) -> tuple[tuple[str, float], ...]:
         pairs = tuple((str(k).strip(), float(v)) for k, v in items)
     except (TypeError, ValueError):
         pairs = ()
-    ok = (pairs and all(k and k.replace("_", "").replace("-", "").isalnum() and v > 0 for k, v in pairs)
-          and abs(sum(v for _, v in pairs) - 1) < 1e-6 and len({k for k, _ in pairs}) == len(pairs))
-    if not ok:
-        raise InvalidParameterError(
-            "split", value, "must name splits and fractions summing to 1, like 'train=0.8,val=0.1,test=0.1' "
-            "(names of letters, digits, _ and -)")
+    if not pairs:
+        raise InvalidParameterError("split", value, "must name splits and fractions, like "
+                                    "'train=0.8,val=0.1,test=0.1'")
+    seen: set[str] = set()
+    for name, fraction in pairs:
+        if not (name and name.replace("_", "").replace("-", "").isalnum()):
+            raise InvalidParameterError(
+                "split", value, f"split name {name!r} must be letters, digits, _ and - (it names a folder)")
+        if not fraction > 0:
+            raise InvalidParameterError(
+                "split", value, f"the fraction of {name!r} must be above 0, not {fraction:g}")
+        if name.lower() in seen:
+            raise InvalidParameterError(
+                "split", value, f"names a split twice ({name.lower()!r}, in any case: splits are folders)")
+        seen.add(name.lower())
+    total = sum(fraction for _, fraction in pairs)
+    if abs(total - 1) > 1e-6:
+        raise InvalidParameterError("split", value, f"fractions must sum to 1, not {total:g}")
     return pairs
 
 

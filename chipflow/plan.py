@@ -270,6 +270,12 @@ def plan_export(cfg: ExportConfig, in_class_data: Any, in_mask_polygons: Any = N
                                      source=source, buffer_radius=cfg.buffer_radius,
                                      require_overlap=len(sources) == 1)
         labels.mask = read_mask(in_mask_polygons, source)
+        if fmt.boxes and cfg.buffer_radius == 0 and not labels.polygonal.all():
+            warnings.warn(
+                f"in_class_data={describe(in_class_data)} holds {int((~labels.polygonal).sum())} points "
+                f"or lines and buffer_radius=0: their {fmt.name} boxes have no area or no width, which "
+                "detectors' training code rejects; set buffer_radius (in the class data's CRS units) to "
+                "give them an area", ChipflowWarning, stacklevel=3)
         if fmt.class_folders:
             _named_as_folders(labels, in_class_data, fmt.name)
         if labels.raster is not None and (fmt.feature_chips or source.pixel_space):

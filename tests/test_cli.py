@@ -127,3 +127,17 @@ def test_every_parameter_has_its_option(client, tmp_path):
                                     "--metadata-format", "Export_Tiles", "--stride-x", "512", "--stride-y", "512",
                                     "--scheduler", client.scheduler.address])
     assert res.exit_code == 0, res.output  # no class data needed
+
+
+def test_quiet_prints_nothing_but_errors_not_even_warnings(client, tmp_path):
+    """``-q`` in a cron job: a warning (points without buffer_radius) is not printed; without it, it is."""
+    args = ["export", str(NC / "landsat_multiband.tif"), "", "--in-class-data", str(NC / "landsat96_points.shp"),
+            "--class-value-field", "id", "--stride-x", "128", "--stride-y", "128",
+            "--scheduler", client.scheduler.address]
+    args[2] = str(tmp_path / "q")
+    quiet = CliRunner().invoke(main, [*args, "-q"])
+    assert quiet.exit_code == 0 and quiet.output == "", quiet.output
+    args[2] = str(tmp_path / "loud")
+    with pytest.warns(UserWarning, match="buffer_radius=0"):
+        loud = CliRunner().invoke(main, args)
+    assert loud.exit_code == 0 and "chips" in loud.output

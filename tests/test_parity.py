@@ -47,6 +47,18 @@ def test_buffer_radius_turns_points_into_discs(client, tmp_path):
     assert checked > 50
 
 
+def test_points_without_buffer_radius_warn_for_box_formats_only(client, tmp_path):
+    """A point's box has no area: box formats warn (the discs above do not); raster labels burn a pixel."""
+    kw = dict(class_value_field="id", tile_size_x=64, tile_size_y=64, stride_x=64, stride_y=64, client=client)
+    with pytest.warns(chipflow.ChipflowWarning, match=r"holds \d+ points or lines and buffer_radius=0"):
+        chipflow.export_training_data(NC / "landsat_multiband.tif", tmp_path / "kitti", NC / "landsat96_points.shp",
+                                      metadata_format="KITTI_rectangles", **kw)
+    rows = [line.split() for p in (tmp_path / "kitti" / "labels").glob("*.txt") for line in p.read_text().splitlines()]
+    assert rows and all(r[4] == r[6] and r[5] == r[7] for r in rows)  # the zero-size boxes it warned of
+    chipflow.export_training_data(NC / "landsat_multiband.tif", tmp_path / "ct", NC / "landsat96_points.shp",
+                                  metadata_format="Classified_Tiles", **kw)  # no warning (errors in tests)
+
+
 def test_mask_polygons_keep_only_chips_completely_inside(client, tmp_path):
     with rasterio.open(KAMPALA_IMAGE) as ds:
         t = ds.transform

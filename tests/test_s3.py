@@ -272,3 +272,17 @@ def test_storage_options_map_to_gdal_and_parse_from_flags():
     with pytest.raises(InvalidParameterError) as err:
         _cloud.freeze([FAKE_SECRET])  # type: ignore[arg-type]
     assert FAKE_SECRET not in str(err.value)
+
+
+@pytest.mark.parametrize("flag, match", [
+    ("client_kwargs=X", r"storage_options\.client_kwargs='<str>': must be a mapping of options"),
+    ("config_kwargs.retries=X", r"storage_options\.config_kwargs\.retries='<str>': must be a mapping"),
+    ("endpoint_url=notaurl", r"storage_options\.endpoint_url='notaurl': must be an http:// or https:// URL"),
+])
+def test_badly_typed_storage_options_are_bad_input_named_before_anything_is_written(tmp_path, flag, match):
+    """Even for a local export: a wrong type is reported as bad input (status 2), its value unshown."""
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["export", str(KAMPALA_IMAGE), str(out), "--in-class-data",
+                                    str(KAMPALA_BUILDINGS), "--storage-option", flag])
+    assert res.exit_code == 2 and re.search(match, res.output) and "X'" not in res.output, res.output
+    assert not out.exists()

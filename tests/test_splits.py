@@ -59,7 +59,11 @@ def test_splits_are_deterministic_given_the_seed(client, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"split": "train=0.8,val=0.3"}, r"split='train=0.8,val=0.3': must name splits and fractions summing to 1"),
+    ({"split": "train=0.8,val=0.3"}, r"split='train=0.8,val=0.3': fractions must sum to 1, not 1.1"),
+    ({"split": "train=0,val=1"}, r"split='train=0,val=1': the fraction of 'train' must be above 0, not 0"),
+    ({"split": "Train=0.5,train=0.5"}, r"names a split twice \('train', in any case: splits are folders\)"),
+    ({"split": "a b=1"}, r"split name 'a b' must be letters, digits, _ and -"),
+    ({"split": "train:1"}, r"split='train:1': must name splits and fractions, like 'train=0.8,val=0.1"),
     ({"split": "train=1", "split_block_size": 1}, r"split_block_size=1: gives split cells of 128 px"),
     ({"split": "train=1", "metadata_format": "COCO"}, r"split=\{'train': 1.0\}: is not supported with"),
 ])

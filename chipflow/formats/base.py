@@ -103,6 +103,9 @@ class LabelFormat(ABC):
     #: The dataset-wide file the format writes besides the ArcGIS ones (COCO's ``annotations.json``,
     #: YOLO's ``data.yaml``), which ``validate`` checks with :meth:`check_dataset`.
     dataset_file: ClassVar[str | None] = None
+    #: True for formats whose labels are boxes of the features (KITTI, PASCAL VOC, Labeled_Tiles,
+    #: COCO, YOLO): a point's box has no area, so points without ``buffer_radius`` get a warning.
+    boxes: ClassVar[bool] = False
 
     def label_extension(self, image_extension: str) -> str:
         """The label file's extension, given the image chips' extension."""

@@ -79,6 +79,7 @@ class COCO(LabelFormat):
     """
 
     name = "COCO"
+    boxes = True
     image_files = True
     dataset_file = "annotations.json"
     per_chip_labels = False

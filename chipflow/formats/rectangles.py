@@ -154,6 +154,7 @@ class KittiRectangles(LabelFormat):
     """``labels/<stem>.txt``: one 15-column KITTI row per feature."""
 
     name = "KITTI_rectangles"
+    boxes = True
 
     def encode(self, chip: ChipLabel) -> bytes:
         """KITTI rows for the chip's features (an empty file for none)."""
@@ -179,6 +180,7 @@ class PascalVocRectangles(LabelFormat):
     """``labels/<stem>.xml``: a PASCAL VOC annotation as ArcGIS writes it."""
 
     name = "PASCAL_VOC_rectangles"
+    boxes = True
 
     def label_extension(self, image_extension: str) -> str:
         """Always ``xml``."""

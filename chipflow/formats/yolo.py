@@ -37,6 +37,7 @@ class Yolo(LabelFormat):
     """
 
     name = "YOLO"
+    boxes = True
     image_files = True
     dataset_file = "data.yaml"
     #: Only for ``data.yaml``, written once by :meth:`finalize` (blocks add nothing).
