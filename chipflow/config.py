@@ -190,6 +190,15 @@ def _positive_int(parameter: str, value: Any, unit: str = "pixels") -> int:
     return number
 
 
+def _rotation(value: Any) -> float:
+    """``rotation_angle``: 0 (none) or an angle in (0, 360) giving at most 360 rotations of each chip."""
+    angle = _number("rotation_angle", value, low=0, high=360, high_open=True)
+    if 0 < angle < 1:
+        raise InvalidParameterError("rotation_angle", value, f"gives {int(np.ceil(360 / angle - 1e-9))} "
+                                    "rotations of every chip; use 0 (none) or an angle of at least 1 degree")
+    return angle
+
+
 def check_n_workers(n_workers: Any) -> int | None:
     """``n_workers``: None (one per core) or a whole number >= 1."""
     return None if n_workers is None else _positive_int("n_workers", n_workers, "worker processes")
@@ -325,7 +334,7 @@ def make_config(
         metadata_format=fmt.name,
         class_value_field=class_value_field.strip() if class_value_field else None,
         buffer_radius=_number("buffer_radius", buffer_radius, low=0, high=float("inf")),
-        rotation_angle=_number("rotation_angle", rotation_angle, low=0, high=360, high_open=True),
+        rotation_angle=_rotation(rotation_angle),
         reference_system=_enum(ReferenceSystem, "reference_system", reference_system),
         processing_mode=_enum(ProcessingMode, "processing_mode", processing_mode),
         blacken_around_feature=_flag("blacken_around_feature", blacken_around_feature,
@@ -354,12 +363,15 @@ def check_against_raster(cfg: ExportConfig, *, width: int, height: int, count: i
         chips of data they cannot hold.
     """
     if cfg.edge_policy is not EdgePolicy.PAD:
+        # the raster as cut: cell_size resamples it, extent clips it
+        cut = "".join(f" at {k}={v!r}" for k, v in (("cell_size", cfg.cell_size), ("extent", cfg.extent))
+                      if v is not None)
         for name, tile, size in (("tile_size_x", cfg.tile_size_x, width),
                                  ("tile_size_y", cfg.tile_size_y, height)):
             if tile > size:
                 raise InvalidParameterError(
                     name, tile,
-                    f"is larger than the raster ({width} x {height} pixels); use a tile size "
+                    f"is larger than the raster ({width} x {height} pixels{cut}); use a tile size "
                     f"<= {size}, or edge_policy='PAD' to pad the single chip",
                 )
     fmt = cfg.image_chip_format

@@ -377,7 +377,8 @@ def _read_frame(data: Any, parameter: str = "in_class_data") -> Any:
     if isinstance(data, gpd.GeoDataFrame):
         return data
     if not isinstance(data, str | os.PathLike):
-        raise LabelError(f"{parameter}={data!r} must be a vector file path or a GeoDataFrame")
+        shown = f"<{type(data).__name__} of {len(data)} rows>" if hasattr(data, "columns") else repr(data)
+        raise LabelError(f"{parameter}={shown} must be a vector file path or a GeoDataFrame")
     path = os.fspath(data)
     if "://" not in path and not os.path.exists(path):
         raise InputNotFoundError(parameter, path)
@@ -470,6 +471,12 @@ def _class_values(frame: Any, class_value_field: str | None) -> tuple[np.ndarray
     numbers = column if column.dtype.kind in "iuf" else pd.to_numeric(column, errors="coerce")
     numeric = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
     whole = np.isfinite(numeric) & (numeric == np.round(numeric))
+    missing = column.isna().to_numpy()
+    if missing.any():
+        raise LabelError(
+            f"class_value_field={name!r} holds no value in {int(missing.sum())} of {len(column)} features "
+            f"(the first: row {int(np.argmax(missing))}); give every feature a class value, or drop those "
+            "features")
     if not whole.all():
         example = column.iloc[int(np.argmin(whole))]  # the first that is not
         example = example.item() if isinstance(example, np.generic) else example

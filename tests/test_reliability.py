@@ -12,6 +12,7 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 from conftest import KAMPALA_BUILDINGS, KAMPALA_IMAGE, NC, textured
@@ -254,6 +255,8 @@ def bad_inputs(tmp: Path, make_raster) -> list[tuple[dict, type, str]]:
     gpd.GeoDataFrame(geometry=[box(3627860, 38760, 3627870, 38770), Point(3627880, 38780)],
                      crs=3857).to_file(mixed)
     blocker = _write(tmp / "a-file", b"x")
+    with_null = gpd.read_file(KAMPALA_BUILDINGS)
+    with_null["classvalue"] = pd.array([None if i == 3 else 1 for i in range(len(with_null))], dtype="Int64")
     return [
         ({"in_raster": tmp / "missing.tif"}, FileNotFoundError, r"in_raster='.*missing.tif' does not exist"),
         ({"in_raster": corrupt}, FileNotFoundError, r"in_raster='.*corrupt.tif' .*cannot be opened"),
@@ -277,6 +280,13 @@ def bad_inputs(tmp: Path, make_raster) -> list[tuple[dict, type, str]]:
         ({"n_workers": -1}, ValueError, r"n_workers=-1: must be a whole number of worker processes >= 1"),
         ({"n_workers": 0}, ValueError, r"n_workers=0"),
         ({"overwrite": "maybe"}, ValueError, r"overwrite='maybe': must be TRUE or FALSE"),
+        ({"rotation_angle": 0.001}, ValueError, r"rotation_angle=0.001: gives 360000 rotations of every chip"),
+        ({"cell_size": 1000}, ValueError, r"tile_size_x=256: is larger than the raster \(1 x 1 pixels at "
+                                          r"cell_size=1000.0\)"),
+        ({"in_class_data": with_null, "class_value_field": "classvalue"}, ValueError,
+         r"class_value_field='classvalue' holds no value in 1 of \d+ features \(the first: row 3\)"),
+        ({"in_class_data": pd.DataFrame({"a": [1, 2]})}, ValueError,
+         r"in_class_data=<DataFrame of 2 rows> must be a vector file path or a GeoDataFrame"),
     ]
 
 
