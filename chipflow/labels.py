@@ -471,14 +471,15 @@ def _class_values(frame: Any, class_value_field: str | None) -> tuple[np.ndarray
     numbers = column if column.dtype.kind in "iuf" else pd.to_numeric(column, errors="coerce")
     numeric = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
     whole = np.isfinite(numeric) & (numeric == np.round(numeric))
-    missing = column.isna().to_numpy()
-    if missing.any():
-        raise LabelError(
-            f"class_value_field={name!r} holds no value in {int(missing.sum())} of {len(column)} features "
-            f"(the first: row {int(np.argmax(missing))}); give every feature a class value, or drop those "
-            "features")
     if not whole.all():
-        example = column.iloc[int(np.argmin(whole))]  # the first that is not
+        first = int(np.argmin(whole))  # the first that is not
+        missing = column.isna().to_numpy()
+        if missing[first]:
+            raise LabelError(
+                f"class_value_field={name!r} holds no value in {int(missing.sum())} of {len(column)} "
+                f"features (the first: row {first}); give every feature a class value, or drop those "
+                "features")
+        example = column.iloc[first]
         example = example.item() if isinstance(example, np.generic) else example
         raise LabelError(
             f"class_value_field={name!r} must hold whole numbers, but it is {column.dtype} "

@@ -107,7 +107,6 @@ def test_missing_inputs_and_bad_class_field(tmp_path):
 
 
 @pytest.mark.parametrize(("column", "shown"), [
-    (pd.Series([1, 2, None, 3], dtype="Int32"), "Int32 (e.g. <NA>)"),
     (pd.Series([1.0, 2.5, np.nan]), "float64 (e.g. 2.5)"),
     (pd.Series([1, "2", "roof", 4], dtype=object), "object (e.g. 'roof')"),
 ])
@@ -119,6 +118,17 @@ def test_a_class_field_that_is_not_whole_numbers_names_its_first_bad_value(colum
                                                   rf"but it is {re.escape(shown)}; fields: Value .*, name"):
         _class_values(frame, None)
     assert _class_values(frame.iloc[:1], None)[0].tolist() == [1]  # the rows before it are fine
+
+
+@pytest.mark.parametrize("column", [pd.Series([1, 2, None, 3, None], dtype="Int32"),
+                                    pd.Series([1.0, 2.0, np.nan, 3.0, np.nan])])
+def test_a_class_field_with_empty_values_says_how_many(column):
+    from chipflow.labels import _class_values
+
+    frame = pd.DataFrame({"Value": column})
+    with pytest.raises(chipflow.LabelError, match=r"class_value_field='Value' holds no value in 2 of 5 "
+                                                  r"features \(the first: row 2\)"):
+        _class_values(frame, None)
 
 
 def test_class_values_given_as_text_of_digits_are_read_as_numbers():
