@@ -21,7 +21,7 @@ import click
 
 from . import formats
 from .config import CropMode, ImageChipFormat, NoFeatureTiles, ProcessingMode, ReferenceSystem, make_config
-from .errors import ChipflowError
+from .errors import ChipflowDeprecationWarning, ChipflowError
 from .grid import EdgePolicy
 from .pipeline import export_training_data
 from .progress import RichProgress
@@ -216,6 +216,8 @@ def _fail(exc: Exception) -> None:
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """Cut georeferenced rasters and labels into deep-learning training chips."""
+    # Python hides DeprecationWarnings outside __main__; a CLI user is who should see start_index's
+    warnings.simplefilter("default", ChipflowDeprecationWarning)
     if verbose:
         level = logging.INFO if verbose == 1 else logging.DEBUG
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

@@ -24,11 +24,9 @@ from .labels import ClassInfo
 from .plan import ExportPlan, plan_export
 from .progress import Progress
 from .stats import BlockResult, Summary, esri_json
-from .store import Store
+from .store import RUN_DIR, Store
 
 __all__ = ["ExportResult", "export_training_data"]
-
-METADATA_FILES = ("esri_model_definition.emd", "esri_accumulated_stats.json", "map.txt", "stats.txt")
 
 
 @dataclass(frozen=True)
@@ -50,15 +48,18 @@ class ExportResult:
     statistics : dict
         The content of ``esri_accumulated_stats.json``.
     paths : dict
-        Name → path of ``images``, ``labels`` and each metadata file (and of ``chips.zarr``
-        with ``image_chip_format="ZARR"``).
+        Name → path of what the export wrote at the top of ``out_folder``: ``images``,
+        ``labels`` (``labels2``), each metadata file, ``chips.parquet``, ``chips.zarr``,
+        ``annotations.json`` or ``data.yaml``, and with splits each split's folder.
     elapsed_seconds : float
         Wall time of the whole call.
     timings : dict
         Seconds spent planning (inputs, labels, grid), starting the cluster, running the
         blocks, and writing the metadata.
     num_blocks : int
-        Block tasks run.
+        Blocks of the run, those committed by an earlier run (a resume) included.
+    chips_per_second : float
+        ``num_chips / elapsed_seconds`` (a resume counts the chips it skipped too).
     """
 
     out_folder: str
@@ -74,7 +75,7 @@ class ExportResult:
 
     @property
     def chips_per_second(self) -> float:
-        """Chips written per second of wall time."""
+        """Chips of the dataset per second of the call's wall time."""
         return self.num_chips / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
 
 
@@ -117,12 +118,15 @@ def export_training_data(
 
     Parameters
     ----------
-    in_raster : str
-        A GeoTIFF/COG (any band count; uint8, uint16 or float).
+    in_raster : str or list of str
+        A GeoTIFF/COG (any band count; uint8, uint16 or float), a folder, a glob, a
+        list of rasters, or a VRT; local paths or object-store URLs.
     out_folder : str
-        The dataset folder to create (must be empty or absent unless ``overwrite``).
-    in_class_data : str or geopandas.GeoDataFrame
-        Vector class data (GeoPackage, GeoJSON, Shapefile, GeoParquet), any CRS.
+        The dataset folder: created, or empty, or holding the same run (same parameters
+        and inputs), which is resumed; anything else is refused unless ``overwrite``.
+    in_class_data : str or geopandas.GeoDataFrame, optional
+        Vector class data (GeoPackage, GeoJSON, Shapefile, GeoParquet), any CRS, or a
+        single-band class raster; None only for ``Export_Tiles``.
     image_chip_format : {"TIFF", "PNG", "JPEG", "MRF", "ZARR"}
         Chip format. PNG/JPEG hold at most 3 bands of uint8 and get a world file
         and a ``.aux.xml`` with the CRS. ZARR puts every chip into one Zarr v3 store,
@@ -133,8 +137,11 @@ def export_training_data(
         Distance between chips in pixels; below the tile size, chips overlap.
     output_nofeature_tiles : {"ONLY_TILES_WITH_FEATURES", "ALL_TILES"}
         Whether chips without any feature are exported.
-    metadata_format : {"KITTI_rectangles", "PASCAL_VOC_rectangles", "Classified_Tiles"}
-        Label format.
+    metadata_format : str
+        Label format: ``KITTI_rectangles``, ``PASCAL_VOC_rectangles``, ``Classified_Tiles``,
+        ``RCNN_Masks``, ``Labeled_Tiles``, ``MultiLabeled_Tiles``, ``Imagenet``,
+        ``Export_Tiles``, ``Panoptic_Segmentation`` (ArcGIS's), ``COCO``, ``YOLO`` or
+        ``YOLO_segmentation`` (any case; :func:`chipflow.formats.names`).
     class_value_field : str, optional
         Integer class field; default: a ``value`` or ``classvalue`` field, else class 1.
     buffer_radius : float
@@ -285,8 +292,7 @@ def export_training_data(
         features_per_class={c.name: int(n) for c, n in zip(labels.classes, merged.features_per_class,
                                                            strict=True)},
         statistics=statistics,
-        paths={name: store.path(name) for name in (
-            "images", "labels", *METADATA_FILES, *((zarr_store.NAME,) if zarr_store.enabled(cfg) else ()))},
+        paths={name: store.path(name) for name in store.listdir() if name != RUN_DIR},  # what is there
         elapsed_seconds=time.perf_counter() - started,
         num_blocks=len(blocks),
         timings=timings,

@@ -141,3 +141,15 @@ def test_quiet_prints_nothing_but_errors_not_even_warnings(client, tmp_path):
     with pytest.warns(UserWarning, match="buffer_radius=0"):
         loud = CliRunner().invoke(main, args)
     assert loud.exit_code == 0 and "chips" in loud.output
+
+
+def test_the_cli_shows_chipflows_deprecation_warnings(tmp_path):
+    """Python hides DeprecationWarnings outside ``__main__``; the CLI shows start_index's."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "from chipflow.cli import main; main()", "plan",
+                           str(KAMPALA_IMAGE), "--in-class-data", str(KAMPALA_BUILDINGS), "--start-index", "5"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "start_index='5' is deprecated" in done.stderr

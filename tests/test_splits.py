@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import geopandas as gpd
 import pytest
@@ -33,6 +34,8 @@ def test_splits_are_whole_cells_and_complete_datasets(client, tmp_path):
             report = validate_dataset(str(tmp_path / "s" / name))
             assert report.ok, report.summary()
             assert report.images == len(part)
+    assert sorted(r.paths) == ["chips.parquet", "test", "train", "val"]  # what the top folder holds
+    assert all(Path(p).exists() for p in r.paths.values())
     # the whole folder validates: its run and every split, their images added up
     report = validate_dataset(str(tmp_path / "s"))
     assert report.ok and report.images == 36, report.summary()
@@ -50,11 +53,11 @@ def test_splits_are_whole_cells_and_complete_datasets(client, tmp_path):
 
 
 def test_splits_are_deterministic_given_the_seed(client, tmp_path):
-    a = gpd.read_parquet(export(client, tmp_path / "a").paths["images"].rsplit("/", 1)[0] + "/chips.parquet")
-    b = gpd.read_parquet(export(client, tmp_path / "b").paths["images"].rsplit("/", 1)[0] + "/chips.parquet")
+    a = gpd.read_parquet(export(client, tmp_path / "a").paths["chips.parquet"])
+    b = gpd.read_parquet(export(client, tmp_path / "b").paths["chips.parquet"])
     assert a["split"].tolist() == b["split"].tolist()
-    seeds = [gpd.read_parquet(export(client, tmp_path / f"s{s}", seed=s).paths["images"].rsplit("/", 1)[0]
-                              + "/chips.parquet")["split"].tolist() for s in (1, 2, 3)]
+    seeds = [gpd.read_parquet(export(client, tmp_path / f"s{s}", seed=s).paths["chips.parquet"])["split"].tolist()
+             for s in (1, 2, 3)]
     assert any(s != a["split"].tolist() for s in seeds)
 
 
