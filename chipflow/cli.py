@@ -301,6 +301,8 @@ def plan(ctx: click.Context, in_raster: str | None, as_json: bool, **kwargs: Any
         f"  grid       {g['rows']} rows x {g['columns']} columns = {g['chips']:,} chips "
         f"(tile {g['tile'][0]}x{g['tile'][1]}, stride {g['stride'][0]}x{g['stride'][1]}, "
         f"edge {g['edge_policy']})",
+        *([f"  items      {described['items']} rasters on their own grids: the raster, rows and columns "
+           "above are the first's, the chips all items'"] if described["items"] > 1 else []),
         f"  features   {with_features if with_features is not None else '?'} chips meet a feature",
         f"  export     ~{described['expected_chips']:,} chips as {described['image_chip_format']} + "
         f"{described['metadata_format']}, ~{described['estimated_bytes'] / 1e6:,.1f} MB",

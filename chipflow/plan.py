@@ -131,20 +131,46 @@ class ExportPlan:
                 else max(cfg.stride_x, cfg.stride_y))
         return cfg.split_block_size * step
 
+    def _grid_chips(self, item: PlanItem) -> np.ndarray:
+        """The boxes of the grid chips of ``item`` an export can write.
+
+        Inside the mask polygons, and with splits inside one split cell (chips
+        crossing a cell edge are dropped).
+        """
+        g = item.grid
+        x0, y0 = (a.ravel() for a in np.meshgrid(np.asarray(g.xs, np.int64), np.asarray(g.ys, np.int64)))
+        ok = np.ones(x0.size, bool)
+        if self.cfg.split:
+            s = self.split_block
+            ok &= (x0 // s == (x0 + g.tile_x - 1) // s) & (y0 // s == (y0 + g.tile_y - 1) // s)
+        boxes = shapely.box(x0[ok], y0[ok], x0[ok] + g.tile_x, y0[ok] + g.tile_y)
+        return boxes if item.labels.mask is None else boxes[shapely.covers(item.labels.mask, boxes)]
+
     def chips_with_features(self) -> int | None:
-        """Chips whose box meets a feature's bounds, over all items (None for huge grids)."""
+        """Chips a feature overlaps, as the export counts them, over all items and angles.
+
+        Polygons must overlap a chip's interior; only chips the export can write
+        count (:meth:`_grid_chips`). None for huge grids and for class rasters,
+        whose features are only found while their pixels are read.
+        """
         total = 0
         for item in self.items:
-            g = item.grid
-            if g.n_chips > _MAX_COUNTED_CHIPS:
+            if item.grid.n_chips > _MAX_COUNTED_CHIPS or item.labels.raster is not None:
                 return None
             if len(item.labels) == 0:
                 continue
-            x0, y0 = np.meshgrid(g.xs, g.ys)
-            boxes = shapely.box(x0.ravel(), y0.ravel(), x0.ravel() + g.tile_x, y0.ravel() + g.tile_y)
-            hits, _ = shapely.STRtree(item.labels.geoms).query(boxes, predicate="intersects")
-            total += int(np.unique(hits).size)
+            boxes, geoms = self._grid_chips(item), item.labels.geoms
+            chips, features = shapely.STRtree(geoms).query(boxes, predicate="intersects")
+            inside = ~item.labels.polygonal[features] | shapely.relate_pattern(
+                geoms[features], boxes[chips], "T********")  # interiors meet: not just an edge
+            total += int(np.unique(chips[inside]).size)
         return total * len(self.cfg.angles)
+
+    def chips_in_grid(self) -> int | None:
+        """Grid chips the export can write whatever their features, over all items and angles."""
+        if any(item.grid.n_chips > _MAX_COUNTED_CHIPS for item in self.items):
+            return None
+        return sum(len(self._grid_chips(item)) for item in self.items) * len(self.cfg.angles)
 
     def describe(self) -> dict[str, Any]:
         """The dry run's numbers (``chipflow plan``)."""
@@ -152,8 +178,12 @@ class ExportPlan:
         grids = [item.grid for item in self.items]
         chips_in_blocks = sum(b.n_chips for b in self.blocks) * n_angles
         with_features = self.chips_with_features()
-        expected = (with_features if self.only_with_features and with_features is not None
-                    and not self.cfg.label_format.feature_chips else chips_in_blocks)
+        if self.cfg.label_format.feature_chips:
+            expected = chips_in_blocks
+        elif self.only_with_features and with_features is not None:
+            expected = with_features
+        else:
+            expected = self.chips_in_grid() or chips_in_blocks
         raw = grids[0].tile_x * grids[0].tile_y * src.count * np.dtype(src.dtype).itemsize
         per_chip = {"tif": raw + 1024, "png": raw * 0.6, "jpg": raw * 0.15, "zarr": raw * 0.8,
                     "mrf": raw * 0.8}[

@@ -18,6 +18,8 @@ from pyproj import Transformer
 from shapely.geometry import Polygon, box
 
 import chipflow
+from chipflow.config import make_config
+from chipflow.plan import plan_export
 
 T = Affine(2.0, 0, 500000.0, 0, -2.0, 4000000.0)  # synthetic rasters: 2 m pixels, EPSG:32633
 
@@ -100,12 +102,40 @@ def test_a_feature_only_touching_a_chip_edge_is_not_in_that_chip(client, make_ra
     # chips whose interior the box (120..160, 153..192) overlaps: rows at y 64 and 128, columns at 0, 64, 128
     expected = {row * n + col for row in (1, 2) for col in (0, 1, 2)}
     assert set(chip_ids(out)) == expected
+    plan = plan_export(make_config(raster, "x", tile_size_x=128, tile_size_y=128, stride_x=64, stride_y=64),
+                       features)
+    assert plan.describe()["chips_with_features"] == plan.describe()["expected_chips"] == 6  # the same rule
     for i in expected:
         names, boxes = read_kitti(out / "labels" / f"{i:09d}.txt")
         (x0, y0, x1, y1), = boxes
         row, col = divmod(i, n)
         assert (x0, y0, x1, y1) == (max(120 - 64 * col, 0), max(153 - 64 * row, 0),
                                     min(160 - 64 * col, 128), min(192 - 64 * row, 128))
+
+
+def _half_mask() -> gpd.GeoDataFrame:
+    """The western half of the Kampala raster, in its CRS."""
+    with rasterio.open(KAMPALA_IMAGE) as ds:
+        b, crs = ds.bounds, ds.crs
+    return gpd.GeoDataFrame(geometry=[box(b.left, b.bottom, (b.left + b.right) / 2, b.top)], crs=crs)
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"in_mask_polygons": "half"},
+    {"in_mask_polygons": "half", "output_nofeature_tiles": "ALL_TILES"},
+    {"split": "train=0.5,val=0.5", "split_block_size": 2},
+    {"split": "train=0.5,val=0.5", "split_block_size": 2, "output_nofeature_tiles": "ALL_TILES"},
+    {"rotation_angle": 90, "stride_x": 256, "stride_y": 256},
+], ids=["features", "mask", "mask, all tiles", "split", "split, all tiles", "rotation"])
+def test_the_plan_predicts_the_chips_an_export_writes(client, tmp_path, kw):
+    """``chipflow plan``'s count applies the export's rules: interiors, mask polygons, split cells, angles."""
+    kw = {k: (_half_mask() if v == "half" else v) for k, v in kw.items()}
+    mask = kw.pop("in_mask_polygons", None)
+    plan = plan_export(make_config(KAMPALA_IMAGE, "x", **kw), KAMPALA_BUILDINGS, mask).describe()
+    r = chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "o", KAMPALA_BUILDINGS, in_mask_polygons=mask,
+                                      client=client, **kw)
+    assert plan["expected_chips"] == r.num_chips > 0
 
 
 def test_all_tiles_count_follows_the_grid_formula(client, tmp_path):

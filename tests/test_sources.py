@@ -65,6 +65,15 @@ def test_items_separately_each_on_its_own_grid_with_unique_names(client, kampala
         chip, window = source_window(out / "images" / f"{i:09d}.tif", files[i // per_item])
         np.testing.assert_array_equal(chip, window)
     assert len((out / "map.txt").read_text().splitlines()) == 16
+    from click.testing import CliRunner
+
+    from chipflow.cli import main
+
+    text = CliRunner().invoke(main, ["plan", str(kampala_tiles / "scene_*.tif"), "--in-class-data",
+                                     str(KAMPALA_BUILDINGS), "--processing-mode", "PROCESS_ITEMS_SEPARATELY",
+                                     "--stride-x", "200", "--stride-y", "200"]).output
+    assert "2 rows x 2 columns = 16 chips" in text  # the first item's grid, every item's chips
+    assert "4 rasters on their own grids: the raster, rows and columns above are the first's" in text
 
 
 def test_extent_clips_the_grid_to_whole_source_pixels(client, tmp_path):
