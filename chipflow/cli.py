@@ -316,25 +316,41 @@ def plan(ctx: click.Context, in_raster: str | None, as_json: bool, **kwargs: Any
 @click.option("--json", "as_json", is_flag=True, help="Print esri_accumulated_stats.json and AllTilesStats.")
 @_storage_option_flag
 def stats(out_folder: str, as_json: bool, storage_option: tuple[str, ...]) -> None:
-    """Print a dataset's statistics: classes, counts, band statistics."""
+    """Print a dataset's statistics: classes, counts, band statistics (each split's, for splits)."""
     from . import _cloud
-    from .store import Store
+    from .store import RUN_DIR, Store
 
-    store = Store(out_folder, _cloud.freeze(parse_storage_options(storage_option)))
+    options = _cloud.freeze(parse_storage_options(storage_option))
+    store = Store(out_folder, options)
     try:
         store.require_folder()
     except ChipflowError as exc:
         _fail(exc)
-    raw_stats, raw_emd = store.read("esri_accumulated_stats.json"), store.read("esri_model_definition.emd")
-    if raw_stats is None or raw_emd is None:
+    params = json.loads(store.read(f"{RUN_DIR}/params.json") or b"{}")
+    splits = list((params.get("parameters") or {}).get("split") or {})
+    folders = [f"{out_folder.rstrip('/')}/{name}" for name in splits] or [out_folder]
+    found = {folder: _read_stats(Store(folder, options)) for folder in folders}
+    if any(v is None for v in found.values()):
         click.echo(f"chipflow: error: out_folder={out_folder!r} holds no chipflow/ArcGIS statistics "
                    "(esri_accumulated_stats.json, esri_model_definition.emd)", err=True)
         sys.exit(2)
-    s, emd = json.loads(raw_stats), json.loads(raw_emd)
     if as_json:
-        click.echo(json.dumps({"accumulated_stats": s, "AllTilesStats": emd.get("AllTilesStats", []),
-                               "Classes": emd.get("Classes", [])}, indent=2))
+        doc = {folder: {"accumulated_stats": s, "AllTilesStats": emd.get("AllTilesStats", []),
+                        "Classes": emd.get("Classes", [])} for folder, (s, emd) in found.items()}
+        click.echo(json.dumps(doc[out_folder] if not splits else dict(zip(splits, doc.values(), strict=True)),
+                              indent=2))
         return
+    click.echo("\n".join(_stats_lines(folder, s, emd) for folder, (s, emd) in found.items()))
+
+
+def _read_stats(store: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A dataset's statistics json and emd, or None when it has not both."""
+    raw_stats, raw_emd = store.read("esri_accumulated_stats.json"), store.read("esri_model_definition.emd")
+    return None if raw_stats is None or raw_emd is None else (json.loads(raw_stats), json.loads(raw_emd))
+
+
+def _stats_lines(out_folder: str, s: dict[str, Any], emd: dict[str, Any]) -> str:
+    """``chipflow stats``'s text for one dataset."""
     fs = s.get("FeatureStats", {})
     ps = s.get("ClassPixelStats", {})
     lines = [f"{out_folder}: {s.get('MetaDataMode')}, {s.get('NumTiles')} chips of "
@@ -350,7 +366,7 @@ def stats(out_folder: str, as_json: bool, storage_option: tuple[str, ...]) -> No
     for b in emd.get("AllTilesStats", []):
         lines.append(f"  {b.get('BandName', '')[:19]:<20}{b['Min']:>10.4g}{b['Max']:>10.4g}"
                      f"{b['Mean']:>12.4f}{b['StdDev']:>12.4f}")
-    click.echo("\n".join(lines))
+    return "\n".join(lines)
 
 
 @main.command()

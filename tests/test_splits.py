@@ -40,6 +40,19 @@ def test_splits_are_whole_cells_and_complete_datasets(client, tmp_path):
     report = validate_dataset(str(tmp_path / "s"))
     assert report.ok and report.images == 36, report.summary()
     assert not (tmp_path / "s" / "images").exists()  # the chips are in the splits' folders only
+    import json
+
+    from click.testing import CliRunner
+
+    from chipflow.cli import main
+
+    shown = CliRunner().invoke(main, ["stats", str(tmp_path / "s"), "--json"])
+    assert shown.exit_code == 0, shown.output
+    per_split = json.loads(shown.output)
+    assert sorted(per_split) == ["test", "train", "val"]
+    assert sum(d["accumulated_stats"]["NumTiles"] for d in per_split.values()) == 36
+    text = CliRunner().invoke(main, ["stats", str(tmp_path / "s")]).output
+    assert all(f"{tmp_path / 's' / name}: PASCAL_VOC_rectangles" in text for name in per_split)
     (tmp_path / "s" / "val" / "map.txt").unlink()
     broken = validate_dataset(str(tmp_path / "s"))
     assert not broken.ok and "val: map.txt is missing" in broken.summary()
