@@ -123,6 +123,39 @@ def current() -> dict[str, Any]:
     return dict(active if active is not None else _remembered[0])
 
 
+def gdal_path(url: str) -> str:
+    """GDAL's name of an object-store or web URL (``s3://b/k`` → ``/vsis3/b/k``); others unchanged."""
+    scheme, _, rest = url.partition("://")
+    prefix = {"s3": "/vsis3/", "s3a": "/vsis3/", "gs": "/vsigs/", "az": "/vsiaz/", "abfs": "/vsiaz/",
+              "http": "/vsicurl/http://", "https": "/vsicurl/https://"}.get(scheme.lower()) if rest else None
+    return prefix + rest if prefix else url
+
+
+def version(path: str) -> str:
+    """Which state of an input file this is: size and modification time, or an object's ETag.
+
+    ``""`` when it cannot be told (``http(s)://`` and ``/vsi`` paths). Recorded in the
+    run's parameters (a changed input is not resumed) and keying the workers' open
+    handles (a replaced file is read anew).
+    """
+    if not is_remote(path):
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return ""
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+    found = _filesystem(path)
+    if found is None:
+        return ""
+    fs, inner = found
+    try:
+        info = fs.info(inner)
+    except (OSError, ValueError):
+        return ""
+    tag = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or ""
+    return f"{info.get('size', '')}:{str(tag).strip(chr(34))}"
+
+
 def is_remote(path: str) -> bool:
     """Whether ``path`` is a URL (``s3://``, ``https://``...) or a GDAL ``/vsi`` path, not a local file."""
     return ("://" in path and not path.startswith("file://")) or path.startswith("/vsi")
@@ -191,13 +224,21 @@ def _session_class() -> type:
 
 
 def raster_env(path: str) -> contextlib.AbstractContextManager[Any]:
-    """The ``rasterio.Env`` to open ``path`` in: the S3 options in force for ``s3://``, else nothing."""
-    if not _is_s3(path):
+    """The ``rasterio.Env`` to open ``path`` in: the S3 options in force for ``s3://``, else nothing.
+
+    A URL is opened outside GDAL's cache of objects' sizes and bytes
+    (``CPL_VSIL_CURL_NON_CACHED``), which outlives the handle: an object replaced at
+    the same URL is then read anew by the next handle (a long-lived cluster's next
+    export), not from what an earlier one cached. The handle itself reads each
+    range once all the same.
+    """
+    if not is_remote(path):
         return contextlib.nullcontext()
     import rasterio
 
-    config = gdal_s3_config(current())
-    return rasterio.Env(session=_session_class()(config)) if config else contextlib.nullcontext()
+    config = gdal_s3_config(current()) if _is_s3(path) else {}
+    session = {"session": _session_class()(config)} if config else {}
+    return rasterio.Env(**session, CPL_VSIL_CURL_NON_CACHED=gdal_path(path))
 
 
 @contextlib.contextmanager

@@ -384,6 +384,8 @@ def _run_params(cfg: ExportConfig, plan: ExportPlan) -> dict[str, Any]:
             if os.path.exists(part.path):
                 stat = os.stat(part.path)
                 entry.update(bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
+            elif part.version:  # an object: its size and ETag
+                entry["version"] = part.version
             rasters.append(entry)
     labels = plan.labels
     return {

@@ -42,6 +42,9 @@ class SourceItem:
     transform: tuple[float, ...]
     width: int
     height: int
+    #: Which state of the file was planned (:func:`chipflow._cloud.version`): a worker's open
+    #: handle of an older state (a file replaced at the same path) is not reused.
+    version: str = ""
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,8 @@ def _open_item(path: str, *, need_crs: bool) -> dict[str, Any]:
             )
             crs = ds.crs or gcp_crs
             return {
-                "path": str(path), "width": ds.width, "height": ds.height, "count": ds.count,
+                "path": str(path), "version": _cloud.version(str(path)), "width": ds.width,
+                "height": ds.height, "count": ds.count,
                 "dtype": ds.dtypes[0], "crs": crs, "transform": ds.transform, "nodata": ds.nodata,
                 "block_shape": tuple(ds.block_shapes[0]), "band_names": names,
                 "gcps": tuple((g.col, g.row, g.x, g.y) for g in gcps),
@@ -290,7 +294,7 @@ def _source(group: list[dict[str, Any]], *, pixel_space: bool, cell_size: float 
         transform=tuple(transform)[:6], nodata=first["nodata"], block_shape=first["block_shape"],
         band_names=first["band_names"], axis_mapping=_axis_mapping(crs),
         epsg=crs.to_epsg() if crs is not None else None,
-        items=tuple(SourceItem(i["path"], tuple(i["transform"])[:6], i["width"], i["height"])
+        items=tuple(SourceItem(i["path"], tuple(i["transform"])[:6], i["width"], i["height"], i["version"])
                     for i in group),
         resampling=_resampling(cell_size, abs(first["transform"].a)),
         pixel_space=pixel_space,
@@ -302,18 +306,25 @@ def _source(group: list[dict[str, Any]], *, pixel_space: bool, cell_size: float 
 _local = threading.local()
 
 
-def _dataset(path: str) -> rasterio.DatasetReader:
-    """One open GDAL dataset per path and thread (GDAL handles are not thread-safe).
+def _dataset(item: SourceItem) -> rasterio.DatasetReader:
+    """One open GDAL dataset per input and thread (GDAL handles are not thread-safe).
 
     In a worker the storage options in force are those of the task's ``Store``
     (remembered when it was unpickled), so an ``s3://`` item is opened with the
-    export's endpoint and credentials, not the worker's environment only.
+    export's endpoint and credentials, not the worker's environment only. A
+    handle is reused only for the same file state (``item.version``) and the same
+    options: on a long-lived cluster, a raster replaced at the same path, or the
+    same URL on another endpoint, is opened anew (the old handle is closed).
     """
     cache = _local.__dict__.setdefault("datasets", {})
-    ds = cache.get(path)
-    if ds is None or ds.closed:
-        ds = cache[path] = _open(path)
-    return ds
+    key = (item.version, repr(sorted(_cloud.current().items())))
+    held = cache.get(item.path)
+    if held is not None and (held[0] != key or held[1].closed):
+        held[1].close()
+        held = None
+    if held is None:
+        held = cache[item.path] = (key, _open(item.path))
+    return held[1]
 
 
 def read_window(source: RasterSource,
@@ -329,7 +340,7 @@ def read_window(source: RasterSource,
     fill = source.nodata if source.nodata is not None else 0
     items = source.items
     if len(items) == 1 and items[0].transform == source.transform and source.resampling == "nearest":
-        ds = _dataset(items[0].path)  # the file's own grid: a plain windowed read
+        ds = _dataset(items[0])  # the file's own grid: a plain windowed read
         win = rasterio.windows.Window(x0, y0, x1 - x0, y1 - y0)
         if x0 >= 0 and y0 >= 0 and x1 <= source.width and y1 <= source.height:
             return ds.read(window=win), None
@@ -350,7 +361,7 @@ def read_window(source: RasterSource,
         to_item = ~to_virtual
         fx0, fy0 = to_item * (ox0, oy0)
         fx1, fy1 = to_item * (ox1, oy1)
-        data = _dataset(item.path).read(
+        data = _dataset(item).read(
             window=rasterio.windows.Window(fx0, fy0, fx1 - fx0, fy1 - fy0),
             out_shape=(source.count, oy1 - oy0, ox1 - ox0),
             resampling=Resampling[source.resampling], boundless=True, fill_value=fill,

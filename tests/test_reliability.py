@@ -14,6 +14,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import pytest
+import rasterio
 from click.testing import CliRunner
 from conftest import KAMPALA_BUILDINGS, KAMPALA_IMAGE, NC, textured
 from shapely.geometry import Point, box
@@ -314,6 +315,23 @@ def test_the_cli_reports_bad_input_in_one_line_with_status_2(tmp_path):
         res = CliRunner().invoke(main, [command, str(tmp_path / "a-file")])
         assert res.exit_code == 2 and res.output.strip().splitlines() == [
             f"chipflow: error: Invalid out_folder='{tmp_path / 'a-file'}': is a file, not a dataset folder"], res.output
+
+
+def test_a_long_lived_cluster_reads_a_replaced_raster_anew(client, make_raster, tmp_path):
+    """Workers keep rasters open between tasks: a file replaced at the same path must be read again."""
+    import shutil
+
+    first, second = make_raster(textured((3, 256, 256), seed=1), name="a.tif"), \
+        make_raster(textured((3, 256, 256), seed=2), name="b.tif")
+    raster = tmp_path / "scene.tif"
+    features = gpd.GeoDataFrame({"classvalue": [1]}, geometry=[box(500050, 3999600, 500100, 3999650)],
+                                crs="EPSG:32633")
+    for source, out in ((first, tmp_path / "one"), (second, tmp_path / "two")):
+        shutil.copy(source, raster)
+        chipflow.export_training_data(raster, out, features, stride_x=256, stride_y=256,
+                                      output_nofeature_tiles="ALL_TILES", client=client)
+        with rasterio.open(out / "images" / "000000000.tif") as chip, rasterio.open(source) as src:
+            np.testing.assert_array_equal(chip.read(), src.read())
 
 
 def test_overwrite_takes_true_and_false_spelled_as_words(client, tmp_path):

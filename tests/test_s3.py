@@ -286,3 +286,23 @@ def test_badly_typed_storage_options_are_bad_input_named_before_anything_is_writ
                                     str(KAMPALA_BUILDINGS), "--storage-option", flag])
     assert res.exit_code == 2 and re.search(match, res.output) and "X'" not in res.output, res.output
     assert not out.exists()
+
+
+def test_a_replaced_object_is_neither_resumed_nor_read_from_an_old_handle(s3, client, make_raster, tmp_path):
+    """The same URL with other bytes: the rerun is refused, and with overwrite the workers read the new ones."""
+    key, url = "replaced/image.tif", f"s3://{OUT}/replaced"
+    with rasterio.open(KAMPALA_IMAGE) as ds:
+        data, profile = ds.read(), ds.profile
+    other = tmp_path / "other.tif"
+    with rasterio.open(other, "w", **profile) as ds:
+        ds.write(data[:, ::-1, ::-1])  # the same size and grid, other pixels
+    s3.boto.upload_file(str(KAMPALA_IMAGE), IN, key)
+    args = (f"s3://{IN}/{key}", url, f"s3://{IN}/{BUILDINGS_KEY}")
+    chipflow.export_training_data(*args, client=client, storage_options=s3.options, **JOB)
+    s3.boto.upload_file(str(other), IN, key)
+    with pytest.raises(chipflow.OutputError, match=r"different parameters \(in_raster\.items.*version"):
+        chipflow.export_training_data(*args, client=client, storage_options=s3.options, **JOB)
+    chipflow.export_training_data(*args, client=client, storage_options=s3.options, overwrite=True, **JOB)
+    chip = s3.boto.get_object(Bucket=OUT, Key="replaced/images/000000000.tif")["Body"].read()
+    with rasterio.io.MemoryFile(chip) as mem, mem.open() as ds, rasterio.open(other) as src:
+        np.testing.assert_array_equal(ds.read(), src.read(window=((0, 256), (0, 256))))
