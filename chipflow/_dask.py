@@ -269,7 +269,13 @@ def run_blocks(
     def results() -> Iterator[tuple[int, BlockResult]]:
         """Each block's place in ``work`` and its result: the committed ones, then as they finish."""
         yield from ((i, committed[b.id]) for i, (b, _, _) in enumerate(work) if b.id in committed)
-        yield from ((where[future.key], result) for future, result in arriving)
+        for future, result in arriving:
+            if future.status != "finished":  # cancelled: the client closed, or the scheduler went away
+                raise RuntimeError(
+                    f"the export lost the Dask cluster ({future.key} {future.status}: the client was "
+                    "closed or the scheduler stopped); rerun the same export to resume: the blocks "
+                    "already committed are kept")
+            yield where[future.key], result
 
     tree = MergeTree(len(work))
     if progress is not None:

@@ -334,6 +334,33 @@ def test_a_long_lived_cluster_reads_a_replaced_raster_anew(client, make_raster, 
             np.testing.assert_array_equal(chip.read(), src.read())
 
 
+def test_a_cluster_lost_mid_run_is_reported_as_such_and_the_rerun_resumes(slow_inputs, slow_clean, tmp_path):
+    """The client closed under a running export (as when its scheduler dies): a clear error, then a resume."""
+    from distributed import Client
+
+    class CloseAfterFirstBlock:
+        def start(self, **_):
+            pass
+
+        def update(self, **_):
+            if not closing.is_alive() and not closing.ident:
+                closing.start()
+
+        def finish(self):
+            pass
+
+    out = tmp_path / "lost"
+    with chipflow.local_cluster(2, dashboard_address=None) as cluster, Client(cluster) as own:
+        closing = threading.Thread(target=own.close)
+        with pytest.raises(RuntimeError, match=r"lost the Dask cluster .*rerun the same export to resume"):
+            chipflow.export_training_data(*slow_inputs[:1], out, slow_inputs[1], client=own,
+                                          progress=CloseAfterFirstBlock(), **SLOW)
+        closing.join()
+    assert 0 < markers(out) < markers(slow_clean)
+    chipflow.export_training_data(*slow_inputs[:1], out, slow_inputs[1], n_workers=1, **SLOW)
+    assert_same_tree(out / "images", slow_clean / "images")
+
+
 def test_overwrite_takes_true_and_false_spelled_as_words(client, tmp_path):
     """A YAML job's ``overwrite: "false"`` is False, never a non-empty (true) string."""
     out = tmp_path / "done"
