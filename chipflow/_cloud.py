@@ -123,6 +123,19 @@ def current() -> dict[str, Any]:
     return dict(active if active is not None else _remembered[0])
 
 
+def access_errors() -> tuple[type[BaseException], ...]:
+    """What reaching a folder or object can raise: ``OSError``, and botocore's own errors.
+
+    botocore's connection and credential errors (``EndpointConnectionError``,
+    ``NoCredentialsError``) are not ``OSError``s; s3fs lets them through.
+    """
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        return (OSError,)
+    return (OSError, BotoCoreError)
+
+
 def gdal_path(url: str) -> str:
     """GDAL's name of an object-store or web URL (``s3://b/k`` → ``/vsis3/b/k``); others unchanged."""
     scheme, _, rest = url.partition("://")

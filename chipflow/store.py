@@ -31,7 +31,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from . import _cloud
-from .errors import InvalidParameterError, OutputError
+from .errors import InputNotFoundError, InvalidParameterError, OutputError
 
 __all__ = ["RUN_DIR", "Store", "Writer", "safe_name"]
 
@@ -114,8 +114,21 @@ class Store:
             self.fs.pipe_file(full, data if isinstance(data, bytes) else bytes(data))
 
     def require_folder(self) -> None:
-        """Raise :class:`InvalidParameterError` when ``out_folder`` names a file (``validate``, ``stats``)."""
-        if self.fs.isfile(self.root):
+        """Check that ``out_folder`` can be read as a folder (``validate``, ``stats``).
+
+        Raises
+        ------
+        InputNotFoundError
+            It cannot be reached (endpoint, credentials, permissions).
+        InvalidParameterError
+            It names a file.
+        """
+        try:
+            is_file = self.fs.isfile(self.root)
+            self.fs.ls(self.root, detail=False) if not is_file and self.fs.exists(self.root) else None
+        except _cloud.access_errors() as exc:
+            raise InputNotFoundError("out_folder", self.url, f"{type(exc).__name__}: {exc}") from None
+        if is_file:
             raise InvalidParameterError("out_folder", self.url, "is a file, not a dataset folder")
 
     def read(self, relpath: str) -> bytes | None:
@@ -171,7 +184,7 @@ class Store:
         try:
             entries = self.listdir()
             previous = self.read(f"{RUN_DIR}/params.json") if entries else None
-        except OSError as exc:
+        except _cloud.access_errors() as exc:
             raise OutputError(f"out_folder={self.url!r} cannot be written: {exc}") from None
         committed: dict[int, bytes] = {}
         if entries and not overwrite:
@@ -199,7 +212,7 @@ class Store:
             if self.is_local and committed:
                 self._remove_temporaries()
             self.put(f"{RUN_DIR}/params.json", json.dumps(params, indent=2, sort_keys=True).encode())
-        except OSError as exc:
+        except _cloud.access_errors() as exc:
             raise OutputError(f"out_folder={self.url!r} cannot be written: {exc}") from None
         return committed
 

@@ -306,3 +306,18 @@ def test_a_replaced_object_is_neither_resumed_nor_read_from_an_old_handle(s3, cl
     chip = s3.boto.get_object(Bucket=OUT, Key="replaced/images/000000000.tif")["Body"].read()
     with rasterio.io.MemoryFile(chip) as mem, mem.open() as ds, rasterio.open(other) as src:
         np.testing.assert_array_equal(ds.read(), src.read(window=((0, 256), (0, 256))))
+
+
+def test_an_unreachable_endpoint_is_bad_input_named_for_validate_stats_and_export(tmp_path):
+    """botocore's connection errors are no OSErrors: they are still one line naming out_folder, status 2."""
+    flags = ["--storage-option", "endpoint_url=http://127.0.0.1:1", "--storage-option", "key=a",
+             "--storage-option", f"secret={FAKE_SECRET}", "--storage-option",
+             'config_kwargs.retries={"max_attempts": 1}']
+    url = "s3://nobucket/x"
+    for args, says in ((["validate", url], "cannot be opened: EndpointConnectionError"),
+                       (["stats", url], "cannot be opened: EndpointConnectionError"),
+                       (["export", str(KAMPALA_IMAGE), url, "--in-class-data", str(KAMPALA_BUILDINGS), "-q"],
+                        "cannot be written: Could not connect")):
+        res = CliRunner().invoke(main, [*args, *flags])
+        assert res.exit_code == 2 and f"out_folder='{url}'" in res.output and says in res.output, res.output
+        assert FAKE_SECRET not in res.output and "Traceback" not in res.output
