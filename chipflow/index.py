@@ -105,11 +105,35 @@ def _unrotated(item: Any, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return shapely.polygons(rings), _affine_at(src.chip_affine, cx0, cy0)
 
 
+def _into_index_crs(plan: Any, ids: np.ndarray, polygons: np.ndarray) -> None:
+    """Footprints of items in another CRS than the first item's, reprojected into it (in place).
+
+    The index has one CRS; items processed separately may each have their own
+    (each chip's ``transform`` stays in its own raster's CRS, as the chip file is).
+    """
+    import pyproj
+
+    target = plan.source.crs_wkt
+    if not target:
+        return
+    target_crs = pyproj.CRS.from_wkt(target)
+    ends = [item.id_offset for item in plan.items[1:]] + [np.iinfo(np.int64).max]
+    for item, end in zip(plan.items, ends, strict=True):
+        wkt = item.source.crs_wkt
+        if not wkt or wkt == target or pyproj.CRS.from_wkt(wkt).equals(target_crs):
+            continue
+        mine = (ids >= item.id_offset) & (ids < end)
+        move = pyproj.Transformer.from_crs(wkt, target, always_xy=True)
+        polygons[mine] = shapely.transform(polygons[mine], lambda xy, t=move: np.column_stack(
+            t.transform(xy[:, 0], xy[:, 1])))
+
+
 def chip_index(plan: Any, merged: BlockResult) -> bytes:
     """The GeoParquet bytes of the chip index."""
     order = np.argsort(merged.chip_ids, kind="stable")
     ids = merged.chip_ids[order]
     polygons, sources, rotations, transforms = _chips(plan, ids)
+    _into_index_crs(plan, ids, polygons)
     columns: dict[str, Any] = {
         "chip_id": ids,
         "image_path": [merged.image_paths[i] for i in order.tolist()],

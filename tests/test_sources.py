@@ -9,6 +9,7 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
+import shapely
 from affine import Affine
 from conftest import KAMPALA_BUILDINGS, KAMPALA_IMAGE, textured
 from labels_io import chip_ids, read_kitti, read_voc, source_window
@@ -170,3 +171,29 @@ def test_mismatched_inputs_are_refused(make_raster, tmp_path, kampala_tiles):
     with pytest.raises(chipflow.InvalidParameterError, match=r"extent=.*does not overlap"):
         chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "o", KAMPALA_BUILDINGS, extent=(0, 0, 1, 1))
     assert not (tmp_path / "o").exists()
+
+
+def test_items_in_other_crss_get_footprints_in_the_index_crs(client, kampala_tiles, tmp_path):
+    """chips.parquet has one CRS (the first item's): a UTM item's footprints are reprojected into it."""
+    from rasterio.warp import Resampling, calculate_default_transform, reproject
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    first = kampala_tiles / "scene_00.tif"
+    (folder / "a.tif").write_bytes(first.read_bytes())
+    with rasterio.open(first) as src:
+        transform, width, height = calculate_default_transform(src.crs, "EPSG:32636", src.width, src.height,
+                                                               *src.bounds)
+        profile = src.profile | {"crs": "EPSG:32636", "transform": transform, "width": width, "height": height}
+        with rasterio.open(folder / "b.tif", "w", **profile) as dst:
+            for band in range(1, src.count + 1):
+                reproject(rasterio.band(src, band), rasterio.band(dst, band), resampling=Resampling.nearest)
+        area = shapely.box(*src.bounds)
+    r = chipflow.export_training_data(str(folder), tmp_path / "out", KAMPALA_BUILDINGS, client=client,
+                                      processing_mode="PROCESS_ITEMS_SEPARATELY", stride_x=256, stride_y=256,
+                                      output_nofeature_tiles="ALL_TILES")
+    index = gpd.read_parquet(tmp_path / "out" / "chips.parquet")
+    assert index.crs.to_epsg() == 3857 and len(index) == r.num_chips
+    utm = index[index["source"].str.endswith("b.tif")]
+    assert len(utm) > 0
+    assert utm.geometry.within(area.buffer(50)).all(), utm.geometry.bounds  # on Kampala, not at x≈450,000
