@@ -28,7 +28,7 @@ from .sources import RasterSource, read_window
 from .stats import BlockResult
 from .store import RUN_DIR, Store, Writer
 
-__all__ = ["Job", "process_block", "process_feature_block", "run_block"]
+__all__ = ["Job", "crosses_split_cell", "process_block", "process_feature_block", "run_block"]
 
 
 @dataclass(frozen=True)
@@ -553,6 +553,11 @@ def _direct_moments(chip: np.ndarray, valid: np.ndarray | None) -> tuple:
     return n, mean, m2, vmin, vmax
 
 
+def crosses_split_cell(x0: Any, y0: Any, x1: Any, y1: Any, size: int) -> Any:
+    """Whether windows ``[x0, x1) x [y0, y1)`` (ints, or arrays of them) cross a split cell's edge."""
+    return (x0 // size != (x1 - 1) // size) | (y0 // size != (y1 - 1) // size)
+
+
 def split_of(job: Job, window: tuple[int, int, int, int]) -> str | None:
     """The split of a chip window: that of the split cell holding it whole; ``""`` when it straddles.
 
@@ -566,9 +571,9 @@ def split_of(job: Job, window: tuple[int, int, int, int]) -> str | None:
 
     s = job.split_block
     x0, y0, x1, y1 = window
-    cx, cy = x0 // s, y0 // s
-    if (x1 - 1) // s != cx or (y1 - 1) // s != cy:
+    if crosses_split_cell(x0, y0, x1, y1, s):
         return ""  # across a split boundary: dropped, so no chip leaks into two splits
+    cx, cy = x0 // s, y0 // s
     digest = hashlib.blake2b(f"{job.seed}:{job.id_offset}:{cx}:{cy}".encode(), digest_size=8).digest()
     u = int.from_bytes(digest, "big") / 2**64
     total = 0.0

@@ -318,18 +318,16 @@ def plan(ctx: click.Context, in_raster: str | None, as_json: bool, **kwargs: Any
 def stats(out_folder: str, as_json: bool, storage_option: tuple[str, ...]) -> None:
     """Print a dataset's statistics: classes, counts, band statistics (each split's, for splits)."""
     from . import _cloud
-    from .store import RUN_DIR, Store
+    from .store import Store
 
-    options = _cloud.freeze(parse_storage_options(storage_option))
-    store = Store(out_folder, options)
+    store = Store(out_folder, _cloud.freeze(parse_storage_options(storage_option)))
     try:
         store.require_folder()
     except ChipflowError as exc:
         _fail(exc)
-    params = json.loads(store.read(f"{RUN_DIR}/params.json") or b"{}")
-    splits = list((params.get("parameters") or {}).get("split") or {})
-    folders = [f"{out_folder.rstrip('/')}/{name}" for name in splits] or [out_folder]
-    found = {folder: _read_stats(Store(folder, options)) for folder in folders}
+    splits = store.split_names(store.run_params())
+    datasets = [store.child(name) for name in splits] or [store]
+    found = {d.url: _read_stats(d) for d in datasets}
     if any(v is None for v in found.values()):
         click.echo(f"chipflow: error: out_folder={out_folder!r} holds no chipflow/ArcGIS statistics "
                    "(esri_accumulated_stats.json, esri_model_definition.emd)", err=True)
@@ -337,7 +335,7 @@ def stats(out_folder: str, as_json: bool, storage_option: tuple[str, ...]) -> No
     if as_json:
         doc = {folder: {"accumulated_stats": s, "AllTilesStats": emd.get("AllTilesStats", []),
                         "Classes": emd.get("Classes", [])} for folder, (s, emd) in found.items()}
-        click.echo(json.dumps(doc[out_folder] if not splits else dict(zip(splits, doc.values(), strict=True)),
+        click.echo(json.dumps(doc[store.url] if not splits else dict(zip(splits, doc.values(), strict=True)),
                               indent=2))
         return
     click.echo("\n".join(_stats_lines(folder, s, emd) for folder, (s, emd) in found.items()))

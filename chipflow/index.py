@@ -114,7 +114,7 @@ def _into_index_crs(plan: Any, ids: np.ndarray, polygons: np.ndarray) -> None:
     import pyproj
 
     target = plan.source.crs_wkt
-    if not target:
+    if not target or len(plan.items) == 1:  # one item: every footprint is in its CRS already
         return
     target_crs = pyproj.CRS.from_wkt(target)
     ends = [item.id_offset for item in plan.items[1:]] + [np.iinfo(np.int64).max]

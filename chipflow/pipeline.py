@@ -278,8 +278,7 @@ def export_training_data(
     if cfg.split:
         for name, _ in cfg.split:
             part = merged.children.get(name, BlockResult(len(labels.classes), source.count))
-            split_store = Store(f"{cfg.out_folder.rstrip('/')}/{name}", store.storage_options)
-            _write_metadata(split_store, summary, part)
+            _write_metadata(store.child(name), summary, part)
         statistics = summary.accumulated_stats(merged)
     else:
         statistics = _write_metadata(store, summary, merged)
@@ -307,15 +306,14 @@ def _check_inputs_outside(cfg: ExportConfig, **inputs: Any) -> None:
     InvalidParameterError
         Naming ``out_folder`` and the input inside it.
     """
-    out = cfg.out_folder
-    if "://" in out:
+    if _cloud.is_remote(cfg.out_folder):
         return
-    out = os.path.realpath(out)
+    out = os.path.realpath(cfg.out_folder)
     named = [("in_raster", r) for r in cfg.in_raster] + [
         (name, value) for name, value in inputs.items() if isinstance(value, str | os.PathLike)]
     for name, value in named:
         path = os.fspath(value)
-        if "://" in path:
+        if _cloud.is_remote(path):
             continue
         real = os.path.realpath(path)
         if real == out or real.startswith(out.rstrip(os.sep) + os.sep):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import shapely
 
-from ._block import Job
+from ._block import Job, crosses_split_cell
 from .config import (
     CropMode,
     ExportConfig,
@@ -141,8 +141,7 @@ class ExportPlan:
         x0, y0 = (a.ravel() for a in np.meshgrid(np.asarray(g.xs, np.int64), np.asarray(g.ys, np.int64)))
         ok = np.ones(x0.size, bool)
         if self.cfg.split:
-            s = self.split_block
-            ok &= (x0 // s == (x0 + g.tile_x - 1) // s) & (y0 // s == (y0 + g.tile_y - 1) // s)
+            ok &= ~crosses_split_cell(x0, y0, x0 + g.tile_x, y0 + g.tile_y, self.split_block)
         boxes = shapely.box(x0[ok], y0[ok], x0[ok] + g.tile_x, y0[ok] + g.tile_y)
         return boxes if item.labels.mask is None else boxes[shapely.covers(item.labels.mask, boxes)]
 

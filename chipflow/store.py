@@ -113,8 +113,22 @@ class Store:
         else:
             self.fs.pipe_file(full, data if isinstance(data, bytes) else bytes(data))
 
-    def require_folder(self) -> None:
-        """Check that ``out_folder`` can be read as a folder (``validate``, ``stats``).
+    def child(self, name: str) -> Store:
+        """The subfolder ``name`` (a split's dataset) as a store with the same options."""
+        return Store(f"{self.url.rstrip('/')}/{name}", self.storage_options)
+
+    def run_params(self) -> dict[str, Any] | None:
+        """The parameters of the chipflow run in this folder (None for a folder chipflow did not write)."""
+        raw = self.read(f"{RUN_DIR}/params.json")
+        return None if raw is None else json.loads(raw)
+
+    @staticmethod
+    def split_names(params: dict[str, Any] | None) -> list[str]:
+        """The splits of a run with ``params`` (:meth:`run_params`): each a dataset in :meth:`child`."""
+        return list(((params or {}).get("parameters") or {}).get("split") or {})
+
+    def require_folder(self) -> list[str]:
+        """The entries of ``out_folder``, read as a folder (``validate``, ``stats``); [] when absent.
 
         Raises
         ------
@@ -125,11 +139,12 @@ class Store:
         """
         try:
             is_file = self.fs.isfile(self.root)
-            self.fs.ls(self.root, detail=False) if not is_file and self.fs.exists(self.root) else None
+            entries = [] if is_file else self.listdir()
         except _cloud.access_errors() as exc:
             raise InputNotFoundError("out_folder", self.url, f"{type(exc).__name__}: {exc}") from None
         if is_file:
             raise InvalidParameterError("out_folder", self.url, "is a file, not a dataset folder")
+        return entries
 
     def read(self, relpath: str) -> bytes | None:
         """The bytes at ``relpath``, or None when it does not exist."""

@@ -26,7 +26,7 @@ from . import zarr_store
 from .errors import InputNotFoundError
 from .formats import get
 from .stats import BlockResult
-from .store import RUN_DIR, Store
+from .store import Store
 
 __all__ = ["ValidationReport", "validate_dataset"]
 
@@ -72,14 +72,7 @@ def _json(store: Store, name: str, report: ValidationReport) -> Any:
         return None
 
 
-def _run_params(store: Store) -> dict[str, Any] | None:
-    """The chipflow run's parameters (None for a folder chipflow did not write)."""
-    raw = store.read(f"{RUN_DIR}/params.json")
-    return None if raw is None else json.loads(raw)
-
-
-def _check_run(store: Store, report: ValidationReport) -> None:
-    params = _run_params(store)
+def _check_run(store: Store, params: dict[str, Any] | None, report: ValidationReport) -> None:
     if params is None:
         return  # not written by chipflow (or by an older version): files only
     planned = set(params.get("blocks", []))
@@ -125,17 +118,16 @@ def validate_dataset(out_folder: str, *, storage_options: dict[str, Any] | None 
         When ``out_folder`` does not exist.
     """
     store = Store(str(out_folder), tuple(sorted((storage_options or {}).items())))
-    store.require_folder()
-    if not store.listdir():
+    if not store.require_folder():
         raise InputNotFoundError("out_folder", str(out_folder), "no such folder, or it is empty")
     report = ValidationReport(str(out_folder))
-    _check_run(store, report)
-    splits = ((_run_params(store) or {}).get("parameters") or {}).get("split")
+    params = store.run_params()
+    _check_run(store, params, report)
+    splits = store.split_names(params)
     if splits:  # a dataset per split, in out_folder/<split>
         for name in splits:
-            folder = f"{str(out_folder).rstrip('/')}/{name}"
             try:
-                part = validate_dataset(folder, storage_options=storage_options)
+                part = validate_dataset(store.child(name).url, storage_options=storage_options)
             except InputNotFoundError:
                 report.incomplete.append(f"{name}: the split's folder is missing")
                 continue
