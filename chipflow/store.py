@@ -37,6 +37,9 @@ __all__ = ["RUN_DIR", "Store", "Writer", "safe_name"]
 
 #: chipflow's own bookkeeping inside the output folder (ignored by arcgis.learn).
 RUN_DIR = ".chipflow"
+#: fsspec protocols whose first path component is a bucket (a container), which their
+#: ``makedirs`` would create: chipflow refuses a missing one instead (see ``open_run``).
+_BUCKETED = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
 
 @dataclass(frozen=True)
@@ -194,13 +197,20 @@ class Store:
         Raises
         ------
         OutputError
-            The folder holds something else, or cannot be written.
+            The folder holds something else, or cannot be written, or its bucket does not exist.
         """
         try:
             entries = self.listdir()
             previous = self.read(f"{RUN_DIR}/params.json") if entries else None
+            missing = None if entries else self._missing_bucket()  # the endpoint answered the listing
         except _cloud.access_errors() as exc:
             raise OutputError(f"out_folder={self.url!r} cannot be written: {exc}") from None
+        if missing:
+            raise OutputError(
+                f"out_folder={self.url!r}: bucket {missing!r} does not exist (or these credentials "
+                "cannot see it); chipflow does not create buckets: create it first, or fix the "
+                "bucket's name or the storage options"
+            )
         committed: dict[int, bytes] = {}
         if entries and not overwrite:
             if previous is None:
@@ -230,6 +240,18 @@ class Store:
         except _cloud.access_errors() as exc:
             raise OutputError(f"out_folder={self.url!r} cannot be written: {exc}") from None
         return committed
+
+    def _missing_bucket(self) -> str | None:
+        """The bucket of an object-store folder when it does not exist (s3fs and gcsfs would create it).
+
+        Asked only once the folder's listing succeeded: s3fs's ``exists`` answers False
+        for an endpoint it cannot reach too.
+        """
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        bucket = self.root.split("/", 1)[0]
+        if _BUCKETED.intersection(protocols) and bucket and not self.fs.exists(bucket):
+            return bucket
+        return None
 
     def remove_temporaries(self) -> None:
         """Delete temporary files a killed writer left behind (local folders; none on object stores)."""

@@ -321,3 +321,17 @@ def test_an_unreachable_endpoint_is_bad_input_named_for_validate_stats_and_expor
         res = CliRunner().invoke(main, [*args, *flags])
         assert res.exit_code == 2 and f"out_folder='{url}'" in res.output and says in res.output, res.output
         assert FAKE_SECRET not in res.output and "Traceback" not in res.output
+
+
+def test_an_output_bucket_that_does_not_exist_is_refused_not_created(s3, client):
+    """s3fs's makedirs would create the bucket (on AWS: a new bucket in the default region); refused instead."""
+    url = "s3://chipflow-no-such-bucket/out"
+    before = {b["Name"] for b in s3.boto.list_buckets()["Buckets"]}
+    with pytest.raises(chipflow.OutputError, match=r"out_folder='s3://chipflow-no-such-bucket/out'.*"
+                                                   r"bucket 'chipflow-no-such-bucket' does not exist"):
+        chipflow.export_training_data(str(KAMPALA_IMAGE), url, str(KAMPALA_BUILDINGS), client=client,
+                                      storage_options=s3.options, **JOB)
+    res = CliRunner().invoke(main, ["export", str(KAMPALA_IMAGE), url, "--in-class-data", str(KAMPALA_BUILDINGS),
+                                    "--scheduler", client.scheduler.address, "-q", *cli_options(s3.options)])
+    assert res.exit_code == 2 and "bucket 'chipflow-no-such-bucket' does not exist" in res.output, res.output
+    assert {b["Name"] for b in s3.boto.list_buckets()["Buckets"]} == before
