@@ -221,12 +221,25 @@ class ExportPlan:
 
 
 def _feature_blocks(cfg: ExportConfig, source: RasterSource, labels: LabelSet) -> list[FeatureBlock]:
-    """One chip per feature over the raster (inside the mask polygons, if any)."""
-    extent = shapely.box(0, 0, source.width, source.height)
-    inside = labels.query((0, 0, source.width, source.height))
-    inside = inside[shapely.intersects(labels.geometries(inside), extent)]
+    """One chip per feature over the raster (inside the mask polygons, if any).
+
+    A feature larger than the tile, centred beyond the raster's edge, may reach into
+    the raster while its centred chip lies wholly outside it: it gets no chip (there
+    are no pixels to cut), and such features are counted in a warning.
+    """
+    w, h = source.width, source.height
+    inside = labels.query((0, 0, w, h))
+    inside = inside[shapely.intersects(labels.geometries(inside), shapely.box(0, 0, w, h))]
     windows = feature_windows(labels.bounds[inside], tile_x=cfg.tile_size_x, tile_y=cfg.tile_size_y,
                               fixed=cfg.crop_mode is CropMode.FIXED_SIZE)
+    on = (windows[:, 0] < w) & (windows[:, 1] < h) & (windows[:, 2] > 0) & (windows[:, 3] > 0)
+    if not on.all():
+        warnings.warn(
+            f"{int((~on).sum())} of {len(on)} features over the raster get no chip: each reaches into "
+            f"the raster, but its centred {cfg.tile_size_x} x {cfg.tile_size_y} px chip lies wholly "
+            "outside it (a feature larger than the chip, centred beyond the raster's edge); "
+            "crop_mode='BOUNDING_BOX' gives every feature its chip", ChipflowWarning, stacklevel=5)
+        inside, windows = inside[on], windows[on]
     if labels.mask is not None and len(inside):
         keep = shapely.covers(labels.mask, shapely.box(*windows.T))
         inside, windows = inside[keep], windows[keep]

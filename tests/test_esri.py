@@ -17,7 +17,9 @@ from test_export import T, px_polygon
 
 import chipflow
 from chipflow import ExportTrainingDataForDeepLearning
+from chipflow.config import make_config
 from chipflow.errors import ChipflowDeprecationWarning
+from chipflow.plan import plan_export
 
 
 @pytest.fixture
@@ -41,7 +43,7 @@ def arcgis_paths(tmp_path, monkeypatch):
 
 
 def test_seed_example_1_runs_verbatim(client, arcgis_paths):
-    with pytest.warns(ChipflowDeprecationWarning, match="start_index"):
+    with pytest.warns(chipflow.ChipflowWarning) as caught:
         r = ExportTrainingDataForDeepLearning("c:/test/image.tif", "c:/test/outfolder",
                                               "c:/test/training.shp", "TIFF", "256",
                                               "256", "128", "128", "ONLY_TILES_WITH_FEATURES",
@@ -51,6 +53,9 @@ def test_seed_example_1_runs_verbatim(client, arcgis_paths):
     out = arcgis_paths / "c:/test/outfolder"
     stats = json.loads((out / "esri_accumulated_stats.json").read_text())
     assert stats["MetaDataMode"] == "Labeled_Tiles" and [c.value for c in r.classes] == [1, 2]
+    said = [(type(w.message), str(w.message)) for w in caught]
+    assert [m for t, m in said if t is ChipflowDeprecationWarning and "start_index" in m], said
+    assert [m for _, m in said if m.startswith("1 of 98 features over the raster get no chip")], said
     # one chip per building over the raster (the data's README: 98), but for one whose centre lies
     # 138 px past the right edge: its centred chip holds no raster pixel
     assert r.num_chips == 97
@@ -78,7 +83,7 @@ def test_seed_example_2_runs_verbatim(client, arcgis_paths):
     processing_mode = "PROCESS_AS_MOSAICKED_IMAGE"
     blacken_around_feature = "NO_BLACKEN"
     crop_mode = "FIXED_SIZE"
-    with pytest.warns(ChipflowDeprecationWarning):
+    with pytest.warns(chipflow.ChipflowWarning) as caught:
         r = ExportTrainingDataForDeepLearning(inRaster, out_folder, in_training,
                                               image_chip_format, tile_size_x, tile_size_y, stride_x,
                                               stride_y, output_nofeature_tiles, metadata_format, start_index,
@@ -86,6 +91,9 @@ def test_seed_example_2_runs_verbatim(client, arcgis_paths):
                                               reference_system, processing_mode, blacken_around_feature, crop_mode)
     # the mask is the raster's extent: only chips completely inside it (centred chips near the edge go)
     assert 0 < r.num_chips < 97
+    said = [(type(w.message), str(w.message)) for w in caught]
+    assert [m for t, m in said if t is ChipflowDeprecationWarning and "start_index" in m], said
+    assert [m for _, m in said if "get no chip" in m], said  # the building past the raster's edge
 
 
 def test_hash_and_none_mean_default_and_unsupported_parameters_are_named(client, tmp_path):
@@ -122,6 +130,25 @@ def test_labeled_tiles_centre_one_feature_per_chip(client, make_raster, tmp_path
     assert (chip[:, ~inside] == 0).all()  # blackened around the feature
     names, _ = read_voc(out / "labels" / "000000001.xml")
     assert names == [9]
+
+
+def test_a_feature_whose_centred_chip_misses_the_raster_is_counted_in_a_warning(client, make_raster, tmp_path):
+    """A long feature centred beyond the raster's edge, but reaching into it: no chip, and the user is told."""
+    raster = make_raster(textured((3, 512, 512)))
+    features = gpd.GeoDataFrame(
+        {"value": [4, 9]}, geometry=[px_polygon([(100, 100), (140, 100), (140, 120), (100, 120)]),
+                                     px_polygon([(480, 200), (620, 200), (620, 210), (480, 210)])],
+        crs="EPSG:32633")
+    # feature 1: centre x 550, so its 64-px chip spans x 518..582, wholly right of the raster (512 px)
+    cfg = make_config(raster, "x", metadata_format="Labeled_Tiles", tile_size_x=64, tile_size_y=64)
+    with pytest.warns(chipflow.ChipflowWarning, match=r"1 of 2 features .* no chip: .*64 x 64 px chip lies wholly outside it"):
+        assert plan_export(cfg, features).describe()["expected_chips"] == 1
+    out = tmp_path / "lt"
+    with pytest.warns(chipflow.ChipflowWarning, match=r"1 of 2 features .* no chip"):
+        r = chipflow.export_training_data(raster, out, features, metadata_format="Labeled_Tiles", tile_size_x=64,
+                                          tile_size_y=64, client=client)
+    assert r.num_chips == 1 and sorted(os.listdir(out / "images")) == ["000000000.tif"]
+    assert read_voc(out / "labels" / "000000000.xml")[0] == [4]
 
 
 def test_bounding_box_crop_and_imagenet_folders(client, make_raster, tmp_path):
