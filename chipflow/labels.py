@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import shapely
 
-from .errors import InputNotFoundError, LabelError
+from .errors import InputNotFoundError, InvalidParameterError, LabelError
 from .sources import RasterSource
 
 __all__ = ["ClassInfo", "LabelSet", "describe", "empty_labels", "read_class_data", "read_mask"]
@@ -371,7 +371,67 @@ class LabelSet:
         return self._index.query(window)
 
 
-def _read_frame(data: Any, parameter: str = "in_class_data") -> Any:
+#: Files (and FileGDB folders) holding several layers, ArcGIS's workspaces: a layer is ``<file>/<layer>``.
+_WORKSPACES = (".gpkg", ".gdb", ".sqlite")
+
+
+def split_layer(path: str) -> tuple[str, str | None]:
+    """``project.gpkg/buildings`` → ``("project.gpkg", "buildings")``; any other path → ``(path, None)``.
+
+    As ArcGIS names a feature class: ``project.gdb/buildings``, ``project.gpkg/main.buildings``.
+    Only split when ``path`` itself does not exist and its folder is a workspace.
+
+    >>> split_layer("s3://bucket/project.gpkg/buildings")
+    ('s3://bucket/project.gpkg', 'buildings')
+    >>> split_layer("buildings.geojson")
+    ('buildings.geojson', None)
+    """
+    remote = "://" in path
+    if remote or not os.path.exists(path):
+        head, name = path.rpartition("/")[::2] if remote else os.path.split(path)  # Windows: backslashes too
+        if name and head.lower().endswith(_WORKSPACES) and (remote or os.path.exists(head)):
+            return head, name
+    return path, None
+
+
+def _locate_vector(data: Any, parameter: str) -> tuple[str, str | None] | None:
+    """A vector path as its file and layer (:func:`split_layer`), the layer checked; None for a frame.
+
+    Raises
+    ------
+    InvalidParameterError
+        A workspace of several layers named without one.
+    InputNotFoundError
+        A layer it does not hold, or a workspace that cannot be read.
+    """
+    if not isinstance(data, str | os.PathLike):
+        return None
+    path = os.fspath(data)
+    dataset, layer = split_layer(path)
+    if not dataset.lower().endswith(_WORKSPACES) or ("://" not in dataset and not os.path.exists(dataset)):
+        return dataset, layer  # one layer a file, or missing: reading it says so
+    import pyogrio
+
+    try:
+        layers = [str(name) for name in pyogrio.list_layers(dataset)[:, 0]]
+    except Exception as exc:
+        raise InputNotFoundError(parameter, path, f"cannot be read as vector data ({exc})") from None
+    shown = ", ".join(map(repr, layers[:10])) + (", ..." if len(layers) > 10 else "")
+    if layer is None:
+        if len(layers) > 1:
+            raise InvalidParameterError(parameter, path, f"holds {len(layers)} layers ({shown}); name one, "
+                                                         f"as {dataset + '/' + layers[0]!r}")
+        return dataset, None
+    if layer not in layers and layer.lower().startswith("main.") and layer[5:] in layers:
+        layer = layer[5:]  # ArcGIS calls a GeoPackage's feature classes main.<name>
+    if layer not in layers:
+        raise InputNotFoundError(parameter, path, f"{dataset!r} has no layer {layer!r}; its layers: {shown}")
+    return dataset, layer
+
+
+def _read_frame(data: Any, parameter: str = "in_class_data",
+                located: tuple[str, str | None] | None = None) -> Any:
+    """A GeoDataFrame as given, or read from its file (``located``: :func:`_locate_vector`'s answer)."""
     import geopandas as gpd
 
     if isinstance(data, gpd.GeoDataFrame):
@@ -379,17 +439,18 @@ def _read_frame(data: Any, parameter: str = "in_class_data") -> Any:
     if not isinstance(data, str | os.PathLike):
         shown = f"<{type(data).__name__} of {len(data)} rows>" if hasattr(data, "columns") else repr(data)
         raise LabelError(f"{parameter}={shown} must be a vector file path or a GeoDataFrame")
-    path = os.fspath(data)
+    path, layer = located or _locate_vector(data, parameter)
     if "://" not in path and not os.path.exists(path):
-        raise InputNotFoundError(parameter, path)
+        raise InputNotFoundError(parameter, os.fspath(data))
     try:
         if path.lower().endswith((".parquet", ".geoparquet")):
             from ._cloud import vector_input
 
             return gpd.read_parquet(vector_input(path) if "://" in path else path)
-        return gpd.read_file(path, engine="pyogrio", use_arrow=True)
+        return gpd.read_file(path, layer=layer, engine="pyogrio", use_arrow=True)
     except Exception as exc:  # pyogrio/arrow raise many types for unreadable files
-        raise InputNotFoundError(parameter, path, f"cannot be read as vector data ({exc})") from None
+        raise InputNotFoundError(parameter, os.fspath(data),
+                                 f"cannot be read as vector data ({exc})") from None
 
 
 def _repaired(geoms: np.ndarray) -> np.ndarray:
@@ -616,11 +677,12 @@ def read_class_data(
         labels.classes = _classes(class_values, raster_names)
         labels.raster = raster
         return labels
-    fast = _read_polygons_fast(in_class_data, class_value_field=class_value_field, source=source,
+    located = _locate_vector(in_class_data, "in_class_data")
+    fast = _read_polygons_fast(in_class_data, located, class_value_field=class_value_field, source=source,
                                buffer_radius=buffer_radius, require_overlap=require_overlap)
     if fast is not None:
         return fast
-    frame = _read_frame(in_class_data)
+    frame = _read_frame(in_class_data, "in_class_data", located)
     if frame.crs is None and source.crs_wkt:
         raise LabelError(
             f"in_class_data={describe(in_class_data)} has no coordinate reference system; "
@@ -646,8 +708,8 @@ def read_class_data(
 
 
 @contextlib.contextmanager
-def _arrow_vector(path: str) -> Iterator[tuple[Any, str, Any] | None]:
-    """A local vector file as a stream of Arrow record batches, its WKB geometry column's name and its CRS.
+def _arrow_vector(path: str, layer: str | None = None) -> Iterator[tuple[Any, str, Any] | None]:
+    """A local vector file (its ``layer``, else its only one) as Arrow batches, its WKB column, its CRS.
 
     Yields a ``pyarrow.RecordBatchReader`` of at most ``_BATCH_ROWS`` rows a
     batch (read as it is iterated, while the file stays open), or None when
@@ -675,7 +737,8 @@ def _arrow_vector(path: str) -> Iterator[tuple[Any, str, Any] | None]:
         return
     import pyogrio
 
-    with pyogrio.raw.open_arrow(path, batch_size=_BATCH_ROWS, use_pyarrow=True) as (meta, batches):
+    with pyogrio.raw.open_arrow(path, layer=layer, batch_size=_BATCH_ROWS, use_pyarrow=True) as (
+            meta, batches):
         geometry = meta["geometry_name"] or "wkb_geometry"
         yield (batches, geometry, meta["crs"]) if geometry in batches.schema.names else None
 
@@ -816,8 +879,8 @@ def _read_features(batches: Any, geometry: str, source: RasterSource) -> tuple[A
 
 
 def _read_polygons_fast(
-    in_class_data: Any, *, class_value_field: str | None, source: RasterSource, buffer_radius: float,
-    require_overlap: bool,
+    in_class_data: Any, located: tuple[str, str | None] | None, *, class_value_field: str | None,
+    source: RasterSource, buffer_radius: float, require_overlap: bool,
 ) -> LabelSet | None:
     """:func:`read_class_data` of a local vector file in the raster's CRS, plain polygons parsed by numpy.
 
@@ -831,17 +894,16 @@ def _read_polygons_fast(
     space. None when the input is not such a file (the general path then
     reads it, and reports what is wrong with it).
     """
-    if (not isinstance(in_class_data, str | os.PathLike) or buffer_radius > 0
-            or (source.pixel_space and (source.gcps or source.rpcs))):
+    if located is None or buffer_radius > 0 or (source.pixel_space and (source.gcps or source.rpcs)):
         return None
-    path = os.fspath(in_class_data)
+    path, layer = located
     if "://" in path or not os.path.exists(path):
         return None
     import pyproj
 
     with contextlib.ExitStack() as stack:
         try:
-            found = stack.enter_context(_arrow_vector(path))
+            found = stack.enter_context(_arrow_vector(path, layer))
             if found is None:
                 return None
             batches, geometry, crs = found

@@ -20,7 +20,7 @@ from ._version import __version__
 from .config import ExportConfig, check_n_workers, make_config
 from .errors import InvalidParameterError
 from .index import chip_index
-from .labels import ClassInfo
+from .labels import ClassInfo, split_layer
 from .plan import ExportPlan, plan_export
 from .progress import Progress
 from .stats import BlockResult, Summary, esri_json
@@ -327,7 +327,7 @@ def _inputs_exist(cfg: ExportConfig, in_class_data: Any) -> bool:
     """Whether the local input paths exist: if not, the plan fails at once, and no cluster is started."""
     paths = [cfg.in_raster] if isinstance(cfg.in_raster, str | os.PathLike) else list(cfg.in_raster)
     if isinstance(in_class_data, str | os.PathLike):
-        paths.append(in_class_data)
+        paths.append(split_layer(os.fspath(in_class_data))[0])  # a layer: its GeoPackage or FileGDB
     return all(os.path.exists(p) for p in map(os.fspath, paths) if "://" not in p)
 
 

@@ -152,7 +152,7 @@ def test_class_index_of_a_file_ranks_values_with_gaps(tmp_path, with_empty):
         frame.loc[1, "geometry"] = None
     path = tmp_path / "classes.gpkg"
     frame.to_file(path)
-    labels = _read_polygons_fast(str(path), class_value_field=None, source=source, buffer_radius=0,
+    labels = _read_polygons_fast(str(path), (str(path), None), class_value_field=None, source=source, buffer_radius=0,
                                  require_overlap=True)
     assert labels is not None
     expected = [v for i, v in enumerate(frame["classvalue"]) if not (with_empty and i == 1)]
@@ -479,6 +479,29 @@ def test_a_layer_of_quadrilaterals_only_reads_like_the_general_path(tmp_path):
         which = np.flatnonzero(expected)[::-1]
         np.testing.assert_array_equal(labels.quad_vertices(which), rings[which, :4])
     assert not general.quads.any()  # frames: none (GEOS clips them)
+
+
+def test_a_layer_named_in_a_geopackage_is_read_on_the_numpy_path(tmp_path, monkeypatch):
+    """``file.gpkg/layer`` in the raster's CRS: the fast reader reads that layer, not the file's first."""
+    from chipflow import labels as labels_mod
+    from chipflow.pipeline import _inputs_exist
+
+    source = open_raster(str(KAMPALA_IMAGE))
+    frame = _pixel_features_in_map_space(source, multi=False)
+    gpkg = tmp_path / "two.gpkg"
+    frame.iloc[:3].to_file(gpkg, layer="first")
+    frame.to_file(gpkg, layer="second")
+    general = read_class_data(frame, class_value_field=None, source=source)
+
+    def no_general_path(*args, **kwargs):
+        raise AssertionError("the general path read the layer")
+
+    monkeypatch.setattr(labels_mod, "_read_frame", no_general_path)
+    fast = read_class_data(f"{gpkg}/second", class_value_field=None, source=source)
+    assert len(fast) == len(general) > 300
+    np.testing.assert_array_equal(fast.bounds, general.bounds)
+    assert _inputs_exist(make_config(KAMPALA_IMAGE, "x"), f"{gpkg}/second")  # the cluster starts early
+    assert not _inputs_exist(make_config(KAMPALA_IMAGE, "x"), f"{tmp_path}/none.gpkg/second")
 
 
 @pytest.mark.parametrize("fmt", ["PASCAL_VOC_rectangles", "KITTI_rectangles"])

@@ -541,3 +541,45 @@ def test_an_export_waits_for_its_results_on_its_own_clients_event_loop(client, t
         assert done and done[0].elapsed_seconds < 30, "the export waited for the other client's loop"
         assert not other.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.tasks))
     assert done[0].num_chips == len(list((tmp_path / "d" / "images").iterdir())) > 0
+
+
+def test_a_layer_of_a_geopackage_or_file_geodatabase_is_named_as_in_arcgis(client, kampala_voc, tmp_path):
+    """``project.gpkg/buildings`` (ArcGIS: ``main.buildings``) and ``project.gdb/buildings`` pick one layer."""
+    buildings = gpd.read_file(KAMPALA_BUILDINGS)
+    other = buildings.iloc[:3]  # the first layer: what a reader would take by default
+    half = _half_mask()  # in the raster's CRS, a little wider: FileGDB moves coordinates onto its grid
+    mask = gpd.GeoDataFrame(geometry=half.buffer((half.total_bounds[2] - half.total_bounds[0]) / 1024,
+                                                 join_style="mitre"), crs=half.crs)
+    gpkg, gdb = tmp_path / "project.gpkg", tmp_path / "project.gdb"
+    for path, driver in ((gpkg, "GPKG"), (gdb, "OpenFileGDB")):
+        for name, frame in (("other", other), ("buildings", buildings), ("mask", mask)):
+            frame.to_file(path, layer=name, driver=driver)
+    expected = {p.name: p.read_bytes() for p in (kampala_voc / "labels").iterdir()}
+    for layer in (f"{gpkg}/buildings", f"{gpkg}/main.buildings", f"{gdb}/buildings"):
+        out = tmp_path / f"o{len(list(tmp_path.iterdir()))}"
+        chipflow.export_training_data(KAMPALA_IMAGE, out, layer, metadata_format="PASCAL_VOC_rectangles",
+                                      client=client)
+        got = {p.name: p.read_bytes() for p in (out / "labels").iterdir()}
+        if ".gdb" not in layer:
+            assert got == expected, layer
+        assert sorted(got) == sorted(expected)  # FileGDB stores coordinates on its grid (1e-9°): boxes agree
+        for name in got:  # to a hundredth of a pixel, as written
+            (names, boxes), (names_ref, boxes_ref) = read_voc(out / "labels" / name), read_voc(
+                kampala_voc / "labels" / name)
+            assert names == names_ref
+            np.testing.assert_allclose(boxes, boxes_ref, atol=0.0101)
+    masked = chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "m", KAMPALA_BUILDINGS, client=client,
+                                           in_mask_polygons=f"{gdb}/mask")
+    plan = plan_export(make_config(KAMPALA_IMAGE, "x"), KAMPALA_BUILDINGS, mask).describe()
+    assert masked.num_chips == plan["expected_chips"] < len(expected)
+
+    out = tmp_path / "refused"
+    with pytest.raises(chipflow.InvalidParameterError,
+                       match=r"in_class_data='.*project\.gpkg': holds 3 layers \('other', 'buildings', 'mask'\); "
+                             r"name one, as '.*project\.gpkg/other'"):
+        chipflow.export_training_data(KAMPALA_IMAGE, out, str(gpkg), client=client)
+    with pytest.raises(chipflow.InputNotFoundError,
+                       match=r"in_mask_polygons='.*project\.gdb/roads'.*no layer 'roads'; its layers: 'other', "):
+        chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, client=client,
+                                      in_mask_polygons=f"{gdb}/roads")
+    assert not out.exists()

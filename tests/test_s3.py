@@ -335,3 +335,22 @@ def test_an_output_bucket_that_does_not_exist_is_refused_not_created(s3, client)
                                     "--scheduler", client.scheduler.address, "-q", *cli_options(s3.options)])
     assert res.exit_code == 2 and "bucket 'chipflow-no-such-bucket' does not exist" in res.output, res.output
     assert {b["Name"] for b in s3.boto.list_buckets()["Buckets"]} == before
+
+
+def test_a_layer_of_a_geopackage_on_s3_is_named_as_locally(s3, client, local_ref, tmp_path):
+    """``s3://bucket/project.gpkg/buildings``: GDAL reads that layer of the object, not its first."""
+    frame = gpd.read_file(KAMPALA_BUILDINGS)
+    gpkg = tmp_path / "project.gpkg"
+    frame.iloc[:2].to_file(gpkg, layer="other")
+    frame.to_file(gpkg, layer="buildings")
+    s3.boto.upload_file(str(gpkg), IN, "kampala/project.gpkg")
+    url = f"s3://{OUT}/layer"
+    chipflow.export_training_data(str(KAMPALA_IMAGE), url, f"s3://{IN}/kampala/project.gpkg/buildings",
+                                  client=client, storage_options=s3.options, **JOB)
+    got = s3_objects(s3.boto, OUT, "layer")
+    expected = local_files(local_ref)
+    labels = [k for k in expected if k.startswith("labels/")]
+    assert len(labels) > 10 and all(got[k] == expected[k] for k in labels)
+    with pytest.raises(InvalidParameterError, match=r"holds 2 layers \('other', 'buildings'\)"):
+        chipflow.export_training_data(str(KAMPALA_IMAGE), f"s3://{OUT}/no-layer", f"s3://{IN}/kampala/project.gpkg",
+                                      client=client, storage_options=s3.options, **JOB)
