@@ -42,12 +42,19 @@ class ClassRaster:
         from rasterio.warp import Resampling, reproject
 
         x0, y0, x1, y1 = window
-        out = np.zeros((y1 - y0, x1 - x0), np.int32)
+        nodata = 0 if self.nodata is None else self.nodata
         with rasterio.open(self.path) as ds:
-            reproject(rasterio.band(ds, 1), out, src_nodata=self.nodata,
+            # warped in the file's own type, nodata kept as nodata (GDAL's warper copied a float
+            # raster's -99999 into an int32 destination as it was), then made 0 here
+            warped = np.full((y1 - y0, x1 - x0), nodata, ds.dtypes[0])
+            reproject(rasterio.band(ds, 1), warped, src_nodata=nodata,
                       dst_transform=source.affine @ Affine.translation(x0, y0), dst_crs=source.crs_wkt,
-                      dst_nodata=0, resampling=Resampling.nearest)
-        return out
+                      dst_nodata=nodata, resampling=Resampling.nearest)
+        if isinstance(nodata, float) and np.isnan(nodata):
+            valid = ~np.isnan(warped)
+        else:
+            valid = warped != np.asarray(nodata).astype(warped.dtype)
+        return np.where(valid, warped, 0).astype(np.int32)
 
 
 def is_class_raster(in_class_data: Any) -> bool:

@@ -24,7 +24,7 @@ import rasterio
 import rasterio.errors
 import rasterio.windows
 from affine import Affine
-from rasterio.enums import Resampling
+from rasterio.enums import MaskFlags, Resampling
 
 from . import _cloud
 from .errors import InputNotFoundError, InvalidParameterError, RasterError
@@ -45,6 +45,9 @@ class SourceItem:
     #: Which state of the file was planned (:func:`chipflow._cloud.version`): a worker's open
     #: handle of an older state (a file replaced at the same path) is not reused.
     version: str = ""
+    #: GDAL's per-dataset mask (an internal or .msk mask, or an alpha band) marks its nodata
+    #: pixels; set only for files without a nodata value.
+    masked: bool = False
 
 
 @dataclass(frozen=True)
@@ -160,7 +163,15 @@ def _open_item(path: str, *, need_crs: bool) -> dict[str, Any]:
                 ds.read(1, window=rasterio.windows.Window(ds.width - 1, ds.height - 1, 1, 1))
             except rasterio.RasterioIOError as exc:
                 raise RasterError(f"in_raster={path!r} cannot be decoded: {exc}") from None
+            if np.dtype(ds.dtypes[0]).kind == "c":
+                raise RasterError(f"in_raster={path!r} has data type {ds.dtypes[0]}: chips hold real "
+                                  "numbers; write its amplitude (or real and imaginary parts) as bands first")
             gcps, gcp_crs = ds.gcps
+            if ds.crs is None and gcps and need_crs:
+                raise RasterError(
+                    f"in_raster={path!r} is georeferenced by {len(gcps)} ground control points only, not "
+                    "by a geotransform; pass reference_system='PIXEL_SPACE' (labels are placed through "
+                    "the points) or warp it first (gdalwarp)")
             if ds.crs is None and gcp_crs is None and need_crs:
                 raise RasterError(
                     f"in_raster={path!r} has no coordinate reference system; chips in map space need "
@@ -178,6 +189,7 @@ def _open_item(path: str, *, need_crs: bool) -> dict[str, Any]:
                 "dtype": ds.dtypes[0], "crs": crs, "transform": ds.transform, "nodata": ds.nodata,
                 "block_shape": tuple(ds.block_shapes[0]), "band_names": names,
                 "gcps": tuple((g.col, g.row, g.x, g.y) for g in gcps),
+                "masked": ds.nodata is None and MaskFlags.per_dataset in ds.mask_flag_enums[0],
                 "rpcs": ds.rpcs.to_dict() if ds.rpcs else None,
             }
     except rasterio.RasterioIOError as exc:
@@ -207,8 +219,11 @@ def _grid(items: list[dict[str, Any]], cell_size: float | None,
     rotated = [i["path"] for i in items if i["transform"].b or i["transform"].d or i["transform"].a < 0
                or i["transform"].e > 0]
     if rotated:
-        raise RasterError(f"in_raster={rotated[0]!r} has a rotated or flipped geotransform; warp it "
-                          "north-up first (gdalwarp) or use reference_system='PIXEL_SPACE'")
+        why = ("mosaicked with other rasters" if len(items) > 1
+               else f"resampled to cell_size={cell_size!r}" if cell_size is not None
+               else f"clipped to extent={extent!r}")
+        raise RasterError(f"in_raster={rotated[0]!r} has a rotated or flipped geotransform and cannot be "
+                          f"{why}; warp it north-up first (gdalwarp) or use reference_system='PIXEL_SPACE'")
     left = min(i["transform"].c for i in items)
     top = max(i["transform"].f for i in items)
     right = max(i["transform"].c + i["width"] * i["transform"].a for i in items)
@@ -255,6 +270,13 @@ def open_sources(in_raster: tuple[str, ...], *, mosaic: bool, pixel_space: bool,
             "reference_system", "PIXEL_SPACE", "cannot mosaic several rasters (pixel grids do not "
             "join); use processing_mode='PROCESS_ITEMS_SEPARATELY'")
     groups = [infos] if mosaic else [[i] for i in infos]
+    if mosaic and len({repr(i["nodata"]) for i in infos}) > 1:  # repr: NaN equals NaN
+        shown = ", ".join(f"{os.path.basename(i['path'])}: {_shown_nodata(i['nodata'])}" for i in infos[:6])
+        raise InvalidParameterError(
+            "in_raster", [i["path"] for i in infos],
+            f"mosaics items of different nodata values ({shown}{', ...' if len(infos) > 6 else ''}): "
+            "one item's nodata would read as another's data; give them one nodata value "
+            "(gdal_edit.py -a_nodata) or use processing_mode='PROCESS_ITEMS_SEPARATELY'")
     if mosaic and len(infos) > 1:
         crss = {str(i["crs"]) for i in infos}
         if len({i["crs"] for i in infos}) > 1:
@@ -264,6 +286,11 @@ def open_sources(in_raster: tuple[str, ...], *, mosaic: bool, pixel_space: bool,
                 "processing_mode='PROCESS_ITEMS_SEPARATELY'")
     return [_source(group, pixel_space=pixel_space, cell_size=cell_size, extent=extent)
             for group in groups]
+
+
+def _shown_nodata(nodata: float | None) -> str:
+    """A nodata value as error messages show it: ``0``, ``-99999``, ``nan``, ``none``."""
+    return "none" if nodata is None else f"{nodata:g}"
 
 
 def _resampling(cell_size: float | None, native: float) -> str:
@@ -294,8 +321,8 @@ def _source(group: list[dict[str, Any]], *, pixel_space: bool, cell_size: float 
         transform=tuple(transform)[:6], nodata=first["nodata"], block_shape=first["block_shape"],
         band_names=first["band_names"], axis_mapping=_axis_mapping(crs),
         epsg=crs.to_epsg() if crs is not None else None,
-        items=tuple(SourceItem(i["path"], tuple(i["transform"])[:6], i["width"], i["height"], i["version"])
-                    for i in group),
+        items=tuple(SourceItem(i["path"], tuple(i["transform"])[:6], i["width"], i["height"], i["version"],
+                               i["masked"]) for i in group),
         resampling=_resampling(cell_size, abs(first["transform"].a)),
         pixel_space=pixel_space,
         gcps=first["gcps"] if pixel_space else (),
@@ -327,13 +354,19 @@ def _dataset(item: SourceItem) -> rasterio.DatasetReader:
     return held[1]
 
 
+def _mask(ds: rasterio.DatasetReader, win: rasterio.windows.Window, inside: bool) -> np.ndarray:
+    """The per-dataset mask of ``win`` as booleans (True: data); outside the file: False."""
+    return (ds.read_masks(1, window=win) if inside else ds.read_masks(1, window=win, boundless=True)) > 0
+
+
 def read_window(source: RasterSource,
                 window: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray | None]:
     """Read virtual-grid pixels ``(x0, y0, x1, y1)`` as ``(bands, y1 - y0, x1 - x0)``.
 
-    Returns the pixels and a mask of the pixels some input covers (None when
-    all are covered). Uncovered pixels (past the edge, gaps between mosaic
-    items) hold the nodata value, or 0 without one. Mosaic items overlap
+    Returns the pixels and a mask of the pixels some input covers with data
+    (None when all are covered). Uncovered pixels (past the edge, gaps between
+    mosaic items, and pixels a file's per-dataset mask or alpha band marks as
+    nodata) hold the nodata value, or 0 without one. Mosaic items overlap
     first-come: an earlier item's valid pixels are kept.
     """
     x0, y0, x1, y1 = window
@@ -342,11 +375,16 @@ def read_window(source: RasterSource,
     if len(items) == 1 and items[0].transform == source.transform and source.resampling == "nearest":
         ds = _dataset(items[0])  # the file's own grid: a plain windowed read
         win = rasterio.windows.Window(x0, y0, x1 - x0, y1 - y0)
-        if x0 >= 0 and y0 >= 0 and x1 <= source.width and y1 <= source.height:
+        inside = x0 >= 0 and y0 >= 0 and x1 <= source.width and y1 <= source.height
+        if inside and not items[0].masked:
             return ds.read(window=win), None
         covered = np.zeros((y1 - y0, x1 - x0), bool)
         covered[max(0, -y0):min(y1, source.height) - y0, max(0, -x0):min(x1, source.width) - x0] = True
-        return ds.read(window=win, boundless=True, fill_value=fill), covered
+        data = ds.read(window=win) if inside else ds.read(window=win, boundless=True, fill_value=fill)
+        if items[0].masked:
+            covered &= _mask(ds, win, inside)
+            data[:, ~covered] = fill
+        return data, (None if covered.all() else covered)
     out = np.full((source.count, y1 - y0, x1 - x0), fill, dtype=source.dtype)
     covered = np.zeros(out.shape[1:], bool)
     vt = source.affine
@@ -370,6 +408,10 @@ def read_window(source: RasterSource,
         valid = np.ones(data.shape[1:], bool)
         if source.nodata is not None:
             valid = ~(data == np.asarray(fill).astype(data.dtype)).all(axis=0)
+        elif item.masked:
+            valid = _dataset(item).read_masks(
+                1, window=rasterio.windows.Window(fx0, fy0, fx1 - fx0, fy1 - fy0), out_shape=valid.shape,
+                resampling=Resampling.nearest, boundless=True) > 0
         take = valid & ~covered[sub]
         region = out[(slice(None), *sub)]
         region[:, take] = data[:, take]

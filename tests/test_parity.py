@@ -16,6 +16,7 @@ from test_export import T, px_polygon
 
 import chipflow
 from chipflow.errors import ChipflowDeprecationWarning
+from chipflow.validate import validate_dataset
 
 
 def test_buffer_radius_turns_points_into_discs(client, tmp_path):
@@ -189,8 +190,26 @@ def test_classified_raster_as_class_data_for_classified_tiles(client, tmp_path):
             expected[(image == -99999).all(axis=0)] = 0  # and so is the image's nodata
             agree += (mask == expected).sum()
             total += mask.size
+            assert set(np.unique(mask).tolist()) <= {0, *range(1, 8)}  # nodata is 0, never a wrapped -99999
     assert agree / total > 0.995  # the same grid, in a CRS whose datum differs by < 1 m
     assert stats["ClassPixelStats"]["NumPixelsPerClass"][4] > stats["ClassPixelStats"]["NumPixelsPerClass"][1]
+
+
+@pytest.mark.parametrize("nodata", [-99999.0, float("nan")])
+def test_a_class_rasters_nodata_is_background_in_the_labels(client, make_raster, tmp_path, nodata):
+    raster = make_raster(textured((3, 128, 128)))
+    classes = np.ones((1, 128, 128), np.float32)
+    classes[0, :, 64:] = 2
+    classes[0, :40, :50] = nodata
+    class_raster = make_raster(classes, name="classes.tif", nodata=nodata)
+    out = tmp_path / "nd"
+    chipflow.export_training_data(raster, out, class_raster, metadata_format="Classified_Tiles",
+                                  tile_size_x=128, tile_size_y=128, client=client)
+    with rasterio.open(out / "labels" / "000000000.tif") as ds:
+        label = ds.read(1)
+    expected = np.where(np.isnan(classes[0]) | (classes[0] == nodata), 0, classes[0]).astype(np.uint8)
+    np.testing.assert_array_equal(label, expected)
+    assert validate_dataset(str(out)).ok
 
 
 def test_class_raster_regions_become_boxes(client, make_raster, tmp_path):

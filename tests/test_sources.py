@@ -15,6 +15,7 @@ from conftest import KAMPALA_BUILDINGS, KAMPALA_IMAGE, textured
 from labels_io import chip_ids, read_kitti, read_voc, source_window
 from rasterio.control import GroundControlPoint
 from shapely.geometry import box
+from test_export import T
 
 import chipflow
 from chipflow.errors import ChipflowWarning
@@ -150,6 +151,21 @@ def test_pixel_space_maps_labels_through_gcps(client, tmp_path):
                                   tile_size_y=128, stride_x=128, stride_y=128, client=client)
     _, got = read_kitti(out / "labels" / "000000000.txt")
     np.testing.assert_allclose(got, [[60, 20, 100, 50]], atol=0.01)
+    # in map space (the default) the points are no geotransform: said so, not "no overlap"
+    with pytest.raises(chipflow.RasterError, match=r"in_raster=.*gcps\.tif.*4 ground control points only.*"
+                                                   "reference_system='PIXEL_SPACE'"):
+        chipflow.export_training_data(raster, tmp_path / "map", features, client=client)
+    assert not (tmp_path / "map").exists()
+
+
+def test_a_flipped_raster_names_the_parameter_that_would_resample_it(client, make_raster, tmp_path):
+    south_up = make_raster(textured((3, 128, 128)), transform=Affine(2.0, 0, 500000.0, 0, 2.0, 3999744.0))
+    boxes = gpd.GeoDataFrame(geometry=[box(500010, 3999760, 500050, 3999800)], crs="EPSG:32633")
+    for kw, says in (({"cell_size": 4.0}, "resampled to cell_size=4.0"),
+                     ({"extent": (500000, 3999744, 500128, 3999872)}, r"clipped to extent=\(500000")):
+        with pytest.raises(chipflow.RasterError, match=rf"flipped geotransform and cannot be {says}"):
+            chipflow.export_training_data(south_up, tmp_path / "o", boxes, **kw)
+    assert not (tmp_path / "o").exists()
 
 
 def test_image_space_is_pixel_space_with_a_warning(client, make_raster, tmp_path):
@@ -170,6 +186,26 @@ def test_mismatched_inputs_are_refused(make_raster, tmp_path, kampala_tiles):
         chipflow.export_training_data(str(tmp_path / "nothing_*.tif"), tmp_path / "o", KAMPALA_BUILDINGS)
     with pytest.raises(chipflow.InvalidParameterError, match=r"extent=.*does not overlap"):
         chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "o", KAMPALA_BUILDINGS, extent=(0, 0, 1, 1))
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_mosaic_of_items_with_other_nodata_values_and_complex_rasters_are_refused(make_raster, tmp_path):
+    """Mosaicked, b's nodata (255) would read as data and a's (0) would hide b's valid zeros: refused."""
+    a = make_raster(textured((3, 128, 128)), name="a.tif", nodata=0)
+    b = make_raster(textured((3, 128, 128)), name="b.tif", nodata=255,
+                    transform=T @ rasterio.Affine.translation(128, 0))
+    none = make_raster(textured((3, 128, 128)), name="none.tif", transform=T @ rasterio.Affine.translation(0, 128))
+    boxes = gpd.GeoDataFrame(geometry=[box(*(T * (10, 20)), *(T * (40, 5)))], crs="EPSG:32633")
+    for items, shown in (([a, b], r"a\.tif: 0, b\.tif: 255"), ([a, none], r"a\.tif: 0, none\.tif: none")):
+        with pytest.raises(chipflow.InvalidParameterError,
+                           match=rf"in_raster=.*mosaics items of different nodata values \({shown}\).*"
+                                 "PROCESS_ITEMS_SEPARATELY"):
+            chipflow.export_training_data([str(p) for p in items], tmp_path / "o", boxes)
+    with rasterio.open(tmp_path / "cx.tif", "w", driver="GTiff", width=64, height=64, count=1, dtype="complex64",
+                       crs="EPSG:32633", transform=T) as ds:
+        ds.write(np.ones((1, 64, 64), np.complex64))
+    with pytest.raises(chipflow.RasterError, match=r"in_raster=.*cx\.tif.*data type complex64"):
+        chipflow.export_training_data(str(tmp_path / "cx.tif"), tmp_path / "o", boxes)
     assert not (tmp_path / "o").exists()
 
 
