@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -412,8 +413,8 @@ def _locate_vector(data: Any, parameter: str) -> tuple[str, str | None] | None:
         return dataset, layer  # one layer a file, or missing: reading it says so
     import pyogrio
 
-    try:
-        layers = [str(name) for name in pyogrio.list_layers(dataset)[:, 0]]
+    try:  # the layers with geometries: not QGIS's layer_styles and other attribute tables
+        layers = [str(name) for name, kind in pyogrio.list_layers(dataset) if kind is not None]
     except Exception as exc:
         raise InputNotFoundError(parameter, path, f"cannot be read as vector data ({exc})") from None
     shown = ", ".join(map(repr, layers[:10])) + (", ..." if len(layers) > 10 else "")
@@ -421,12 +422,23 @@ def _locate_vector(data: Any, parameter: str) -> tuple[str, str | None] | None:
         if len(layers) > 1:
             raise InvalidParameterError(parameter, path, f"holds {len(layers)} layers ({shown}); name one, "
                                                          f"as {dataset + '/' + layers[0]!r}")
-        return dataset, None
+        if not layers:
+            raise LabelError(f"{parameter}={path!r} holds no layer with geometries")
+        return dataset, layers[0]
     if layer not in layers and layer.lower().startswith("main.") and layer[5:] in layers:
         layer = layer[5:]  # ArcGIS calls a GeoPackage's feature classes main.<name>
     if layer not in layers:
-        raise InputNotFoundError(parameter, path, f"{dataset!r} has no layer {layer!r}; its layers: {shown}")
+        raise InputNotFoundError(parameter, path, f"{dataset!r} has no layer {layer!r} with geometries; "
+                                                  f"its layers: {shown or 'none'}")
     return dataset, layer
+
+
+@contextlib.contextmanager
+def _m_dropped() -> Iterator[None]:
+    """Without pyogrio's warning that it drops M values: chipflow drops them, and Z (:func:`_to_pixels`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"Measured \(M\) geometry types are not supported")
+        yield
 
 
 def _read_frame(data: Any, parameter: str = "in_class_data",
@@ -447,10 +459,15 @@ def _read_frame(data: Any, parameter: str = "in_class_data",
             from ._cloud import vector_input
 
             return gpd.read_parquet(vector_input(path) if "://" in path else path)
-        return gpd.read_file(path, layer=layer, engine="pyogrio", use_arrow=True)
+        with _m_dropped():
+            frame = gpd.read_file(path, layer=layer, engine="pyogrio", use_arrow=True)
     except Exception as exc:  # pyogrio/arrow raise many types for unreadable files
         raise InputNotFoundError(parameter, os.fspath(data),
                                  f"cannot be read as vector data ({exc})") from None
+    if not isinstance(frame, gpd.GeoDataFrame):  # a table (CSV, an attribute table): no geometry column
+        raise LabelError(f"{parameter}={os.fspath(data)!r} has no geometries (a table with the fields "
+                         f"{list(frame.columns)[:10]})")
+    return frame
 
 
 def _repaired(geoms: np.ndarray) -> np.ndarray:
@@ -547,14 +564,15 @@ def _class_values(frame: Any, class_value_field: str | None) -> tuple[np.ndarray
             f"(e.g. {example!r}); fields: "
             + ", ".join(f"{c} ({frame[c].dtype})" for c in columns)
         )
-    ints = numeric.astype(np.int64)
-    bad = ints[(ints < 1) | (ints > _MAX_CLASS_VALUE)]
-    if bad.size:
+    out_of_range = (numeric < 1) | (numeric > _MAX_CLASS_VALUE)  # before the cast: 1e20 does not fit
+    if out_of_range.any():
+        example = column.iloc[int(np.argmax(out_of_range))]
+        example = example.item() if isinstance(example, np.generic) else example
         raise LabelError(
-            f"class_value_field={name!r} holds {int(bad[0])}: class values must be 1..65535 "
+            f"class_value_field={name!r} holds {example!r}: class values must be 1..65535 "
             "(0 is reserved for background/NoData)"
         )
-    return ints, name
+    return numeric.astype(np.int64), name
 
 
 def _class_names(frame: Any, values: np.ndarray) -> dict[int, str]:
@@ -585,8 +603,11 @@ def _to_pixels(geoms: np.ndarray, source: RasterSource) -> np.ndarray:
 
     Through the affine transform, or in pixel space through the raster's GCPs or
     RPCs (GDAL's transformers) when it has them; a raster without any
-    georeferencing takes coordinates as pixels already.
+    georeferencing takes coordinates as pixels already. Z and M values are
+    dropped (shapely's transform would keep them as NaN).
     """
+    if shapely.has_z(geoms).any() or shapely.has_m(geoms).any():
+        geoms = shapely.force_2d(geoms)
     if source.pixel_space and (source.gcps or source.rpcs):
         from rasterio.control import GroundControlPoint
         from rasterio.rpc import RPC
@@ -902,6 +923,7 @@ def _read_polygons_fast(
     import pyproj
 
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_m_dropped())
         try:
             found = stack.enter_context(_arrow_vector(path, layer))
             if found is None:

@@ -28,7 +28,7 @@ from .config import (
 )
 from .encode import ChipEncoder
 from .errors import ChipflowWarning, InvalidParameterError, LabelError
-from .formats._common import class_folders
+from .formats.base import LabelFormat
 from .grid import Block, ChipGrid, FeatureBlock, feature_windows, plan_blocks, plan_feature_blocks
 from .labels import LabelSet, describe, empty_labels, read_class_data, read_mask
 from .sources import RasterSource, open_sources
@@ -246,24 +246,30 @@ def _feature_blocks(cfg: ExportConfig, source: RasterSource, labels: LabelSet) -
     return plan_feature_blocks(inside, windows)
 
 
-def _named_as_folders(labels: LabelSet, in_class_data: Any, fmt_name: str) -> None:
-    """Rename classes whose names are no safe folder name to their folder's name (with a warning).
+def _named_as_written(labels: LabelSet, in_class_data: Any, fmt: LabelFormat) -> None:
+    """Rename classes whose names the format cannot write as they are (with a warning).
 
-    Formats with a folder per class are read by the class ``Name`` of the emd:
-    arcgis.learn looks for ``labels/<Name>/``. A name such as ``"a/b"`` cannot be
-    a folder, so the class is called as its folder (``"a_b"``) everywhere.
+    Formats that write class names into their labels are read by the class ``Name``
+    of the emd: arcgis.learn looks for ``labels/<Name>/`` (a folder per class), or
+    splits MultiLabeled_Tiles' ``<name>`` on commas. A name such as ``"a/b"`` cannot
+    be a folder, and ``"a,b"`` would read as two labels, so the class is called as
+    the format writes it (``"a_b"``) everywhere.
     """
     try:
-        folders = class_folders(labels.classes)
-    except ValueError as error:  # two names with one safe spelling
+        spelled = fmt.class_spellings(labels.classes)
+    except ValueError as error:  # two names with one spelling
         raise InvalidParameterError("in_class_data", describe(in_class_data), str(error)) from None
-    renamed = [(c.name, folders[c.value]) for c in labels.classes if folders[c.value] != c.name]
+    if spelled is None:
+        return
+    renamed = [(c.name, spelled[c.value]) for c in labels.classes if spelled[c.value] != c.name]
     if renamed:
+        how = "a folder after each class, and a folder cannot be named so" if fmt.class_folders else (
+            "the classes of each chip in one comma-separated label, and a name cannot hold a comma")
         warnings.warn(
-            f"metadata_format={fmt_name!r} names a folder after each class, and a folder cannot be "
-            "named so: " + ", ".join(f"class {old!r} is renamed {new!r}" for old, new in renamed)
-            + " (its folder, the emd and the statistics)", ChipflowWarning, stacklevel=4)
-        labels.classes = tuple(dataclasses.replace(c, name=folders[c.value]) for c in labels.classes)
+            f"metadata_format={fmt.name!r} names {how}: "
+            + ", ".join(f"class {old!r} is renamed {new!r}" for old, new in renamed)
+            + " (its labels, the emd and the statistics)", ChipflowWarning, stacklevel=4)
+        labels.classes = tuple(dataclasses.replace(c, name=spelled[c.value]) for c in labels.classes)
 
 
 def plan_export(cfg: ExportConfig, in_class_data: Any, in_mask_polygons: Any = None) -> ExportPlan:
@@ -318,8 +324,7 @@ def plan_export(cfg: ExportConfig, in_class_data: Any, in_mask_polygons: Any = N
                 f"or lines and buffer_radius=0: their {fmt.name} boxes have no area or no width, which "
                 "detectors' training code rejects; set buffer_radius (in the class data's CRS units) to "
                 "give them an area", ChipflowWarning, stacklevel=3)
-        if fmt.class_folders:
-            _named_as_folders(labels, in_class_data, fmt.name)
+        _named_as_written(labels, in_class_data, fmt)
         if labels.raster is not None and (fmt.feature_chips or source.pixel_space):
             raise InvalidParameterError(
                 "in_class_data", in_class_data, "a class raster works with the grid formats in map "

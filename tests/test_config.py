@@ -120,6 +120,20 @@ def test_a_class_field_that_is_not_whole_numbers_names_its_first_bad_value(colum
     assert _class_values(frame.iloc[:1], None)[0].tolist() == [1]  # the rows before it are fine
 
 
+@pytest.mark.parametrize(("column", "shown"), [
+    (pd.Series([1, 2, 1e20]), "1e+20"),
+    (pd.Series([1, 2**63 + 5], dtype="uint64"), str(2**63 + 5)),
+    (pd.Series([3, 0, 2]), "0"),
+    (pd.Series([70000, 1]), "70000"),
+])
+def test_a_class_value_out_of_range_is_shown_as_given(column, shown):
+    from chipflow.labels import _class_values
+
+    with pytest.raises(chipflow.LabelError, match=rf"class_value_field='Value' holds {re.escape(shown)}: "
+                                                  r"class values must be 1\.\.65535"):
+        _class_values(pd.DataFrame({"Value": column}), None)
+
+
 @pytest.mark.parametrize("column", [pd.Series([1, 2, None, 3, None], dtype="Int32"),
                                     pd.Series([1.0, 2.0, np.nan, 3.0, np.nan])])
 def test_a_class_field_with_empty_values_says_how_many(column):

@@ -614,7 +614,23 @@ def test_a_layer_of_a_geopackage_or_file_geodatabase_is_named_as_in_arcgis(clien
                              r"name one, as '.*project\.gpkg/other'"):
         chipflow.export_training_data(KAMPALA_IMAGE, out, str(gpkg), client=client)
     with pytest.raises(chipflow.InputNotFoundError,
-                       match=r"in_mask_polygons='.*project\.gdb/roads'.*no layer 'roads'; its layers: 'other', "):
+                       match=r"in_mask_polygons='.*project\.gdb/roads'.*no layer 'roads' with geometries; "
+                             r"its layers: 'other', "):
         chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, client=client,
                                       in_mask_polygons=f"{gdb}/roads")
+    # QGIS's layer_styles (a table without geometries) is no layer to choose from
+    import pandas as pd
+    import pyogrio
+
+    styled = tmp_path / "styled.gpkg"
+    buildings.to_file(styled, layer="buildings")
+    pyogrio.write_dataframe(pd.DataFrame({"styleName": ["flat"]}), styled, layer="layer_styles")
+    r = chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "styled", str(styled), client=client,
+                                      metadata_format="PASCAL_VOC_rectangles")
+    assert r.num_chips == len(expected)
+    with pytest.raises(chipflow.InputNotFoundError, match=r"no layer 'layer_styles' with geometries"):
+        chipflow.export_training_data(KAMPALA_IMAGE, out, f"{styled}/layer_styles", client=client)
+    pd.DataFrame({"x": [1.0], "y": [2.0]}).to_csv(tmp_path / "table.csv", index=False)
+    with pytest.raises(chipflow.LabelError, match=r"in_class_data='.*table\.csv' has no geometries"):
+        chipflow.export_training_data(KAMPALA_IMAGE, out, str(tmp_path / "table.csv"), client=client)
     assert not out.exists()

@@ -202,7 +202,7 @@ def test_rcnn_map_txt_starts_with_a_chip_that_has_a_mask(client, scene_raster, t
 
 def test_rcnn_classes_sharing_a_folder_fail_before_anything_is_written(client, scene_raster, tmp_path):
     clash = SCENE.assign(ClassName=SCENE["ClassName"].replace({"roof": ".._pool"}))  # "../pool"'s folder
-    with pytest.raises(chipflow.InvalidParameterError, match=r"in_class_data=.*share the label folder"):
+    with pytest.raises(chipflow.InvalidParameterError, match=r"in_class_data=.*would be written alike in the labels"):
         export(scene_raster, tmp_path / "rcnn", "RCNN_Masks", client, data=clash)
     assert not (tmp_path / "rcnn").exists()
 
@@ -225,7 +225,7 @@ def test_rcnn_masks_switch_to_uint16_past_255_instances_and_number_them_in_order
     assert fmt.count(files[0][1], width=20, height=20, path=files[0][0], classes=classes) == {1: 299}
     with pytest.raises(ValueError, match="folder"):
         fmt.count(files[0][1], width=20, height=20)  # the file alone has no class
-    with pytest.raises(ValueError, match="share the label folder"):
+    with pytest.raises(ValueError, match="would be written alike"):
         get("RCNN_Masks").files(_chip(n, inst, class_index, (ClassInfo(1, "a/b", (0, 0, 0)),
                                                             ClassInfo(2, "a_b", (0, 0, 0)))), "tif")
 
@@ -321,6 +321,27 @@ def test_multilabeled_commas_in_class_names_cannot_split_a_label():
                                  values=np.zeros(0, int), boxes=np.zeros((0, 4)),
                                  class_index=np.zeros(0, int), classes=classes))
     assert b"<object>" not in empty and fmt.count(empty, width=64, height=32, classes=classes) == {}
+
+
+def test_multilabeled_class_names_are_written_as_in_the_emd_and_may_not_collide(client, scene_raster, tmp_path):
+    """A comma in a name is renamed (with a warning) so that the emd names what the labels hold;
+    two classes written alike are refused before anything is written (validate would call it INVALID)."""
+    from chipflow.validate import validate_dataset
+
+    comma = SCENE.assign(ClassName=SCENE["ClassName"].replace({"roof": "roof, flat"}))
+    out = tmp_path / "comma"
+    with pytest.warns(chipflow.ChipflowWarning, match=r"class 'roof, flat' is renamed 'roof_ flat'"):
+        r = export(scene_raster, out, "MultiLabeled_Tiles", client, data=comma)
+    emd, _ = metadata(out)
+    assert [c["Name"] for c in emd["Classes"]] == ["roof_ flat", POOL_NAME] and "roof_ flat" in r.features_per_class
+    assert validate_dataset(str(out)).ok
+    for names in (["car", "car"], ["a,b", "a_b"]):
+        same = SCENE.assign(ClassName=SCENE["Value"].map({ROOF: names[0], POOL: names[1]}))
+        with pytest.raises(chipflow.InvalidParameterError,
+                           match=rf"in_class_data=.*classes '{names[0]}' and '{names[1]}' would be written "
+                                 r"alike in the labels"):
+            export(scene_raster, tmp_path / "same", "MultiLabeled_Tiles", client, data=same)
+    assert not (tmp_path / "same").exists()
 
 
 # --------------------------------------------------------------------------- Export_Tiles
@@ -492,6 +513,40 @@ def test_yolo_segmentation_rows_are_normalised_polygons(client, scene_raster, tm
                               classes=emd["Classes"]).items():
             counts[v] += n
     assert stats["FeatureStats"]["NumFeaturesPerClass"] == [counts[ROOF], counts[POOL]] == [4, 3]
+
+
+def _zm(frame: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+    """``frame`` with Z and M values on every vertex (ArcGIS's PolygonZM feature classes)."""
+    import re
+
+    def zm(wkt: str) -> str:
+        wkt = re.sub(r"(-?[\d.]+) (-?[\d.]+)", r"\1 \2 5 7", wkt)
+        return wkt.replace("POLYGON (", "POLYGON ZM (").replace("POLYGON ((", "POLYGON ZM ((")
+
+    geoms = shapely.from_wkt([zm(shapely.to_wkt(g, trim=True)) for g in frame.geometry])
+    assert shapely.has_z(geoms).all() and shapely.has_m(geoms).all()
+    return frame.set_geometry(geoms)
+
+
+@coco_warning
+def test_polygons_with_z_and_m_values_give_the_labels_of_their_2d_shapes(client, scene_raster, tmp_path):
+    """Z and M are dropped: COCO polygons and YOLO rows hold x, y pairs (no NaN), as for 2D input."""
+    zm = _zm(SCENE)
+    import pyogrio  # a PolygonZM shapefile, written as ISO WKB with all four dimensions
+
+    pyogrio.raw.write(str(tmp_path / "zm.shp"), np.array(
+        [shapely.to_wkb(g, flavor="iso", output_dimension=4) for g in zm.geometry], dtype=object),
+        [zm["Value"].to_numpy(), zm["ClassName"].to_numpy()], ["Value", "ClassName"], driver="ESRI Shapefile",
+        geometry_type="Unknown", crs="EPSG:32633", layer_options={"SHPT": "POLYGONZM"})
+    for name, files in (("COCO", ["annotations.json"]),
+                        ("YOLO_segmentation", [f"labels/00000000{i}.txt" for i in range(4)])):
+        export(scene_raster, tmp_path / name, name, client)
+        for data, tag in ((zm, "frame"), (str(tmp_path / "zm.shp"), "file")):
+            out = tmp_path / f"{name}_{tag}"
+            export(scene_raster, out, name, client, data=data)
+            for f in files:
+                assert (out / f).read_bytes() == (tmp_path / name / f).read_bytes(), (name, tag, f)
+    assert len(_coco(tmp_path / "COCO_file").getAnnIds()) == 7
 
 
 @pytest.mark.parametrize("name", ["PASCAL_VOC_rectangles", "KITTI_rectangles"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -51,19 +51,31 @@ def class_folders(classes: Iterable[Any]) -> dict[int, str]:
     ValueError
         When two classes would share a folder.
     """
-    folders: dict[int, str] = {}
+    return distinct_spellings(classes, safe_name, fold_case=True)  # case-insensitive file systems
+
+
+def distinct_spellings(classes: Iterable[Any], spell: Callable[[str], str], *,
+                       fold_case: bool = False) -> dict[int, str]:
+    """Class value → ``spell(name)``, the class name as a format writes it (a folder, a label).
+
+    Raises
+    ------
+    ValueError
+        When two classes would be written alike (``fold_case``: alike but for case).
+    """
+    spelled: dict[int, str] = {}
     owner: dict[str, str] = {}
     for value, name in class_pairs(classes):
-        folder = safe_name(name)
-        key = folder.lower()  # case-insensitive file systems
+        written = spell(name)
+        key = written.lower() if fold_case else written
         if key in owner:
             raise ValueError(
-                f"classes {owner[key]!r} and {name!r} would share the label folder {folder!r}; "
+                f"classes {owner[key]!r} and {name!r} would be written alike in the labels ({written!r}); "
                 "give them distinct names (class_value_field's ClassName)"
             )
         owner[key] = name
-        folders[value] = folder
-    return folders
+        spelled[value] = written
+    return spelled
 
 
 @functools.lru_cache(maxsize=16)

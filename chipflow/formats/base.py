@@ -132,6 +132,24 @@ class LabelFormat(ABC):
         """
         return {}, []
 
+    def class_spellings(self, classes: tuple[Any, ...]) -> dict[int, str] | None:
+        """Class value → the class name as this format writes it into its labels; None: it writes none.
+
+        Formats with :attr:`class_folders` write each name as a folder
+        (:func:`chipflow.formats._common.class_folders`). A class whose spelling
+        differs is renamed to it at planning, so that the emd names what the labels hold.
+
+        Raises
+        ------
+        ValueError
+            When two classes would be written alike.
+        """
+        if not self.class_folders:
+            return None
+        from ._common import class_folders
+
+        return class_folders(classes)
+
     def emd_extra(self, classes: tuple[Any, ...] = ()) -> dict[str, Any]:
         """Keys this format adds to ``esri_model_definition.emd``, given the export's classes."""
         return {}

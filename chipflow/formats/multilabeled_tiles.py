@@ -9,7 +9,7 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
-from ._common import class_pairs
+from ._common import class_pairs, distinct_spellings
 from .base import ChipLabel, LabelFormat
 from .rectangles import _VOC_HEAD, _check_box
 
@@ -55,6 +55,10 @@ class MultiLabeledTiles(LabelFormat):
     def label_extension(self, image_extension: str) -> str:
         """Always ``xml``."""
         return "xml"
+
+    def class_spellings(self, classes: tuple[Any, ...]) -> dict[int, str]:
+        """Each name as :func:`label_name` writes it (names with a comma are renamed at planning)."""
+        return distinct_spellings(classes, label_name)
 
     def encode(self, chip: ChipLabel) -> bytes:
         """The annotation XML."""
