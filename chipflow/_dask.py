@@ -137,6 +137,8 @@ def local_cluster(n_workers: int | None = None, **kwargs: Any) -> Any:
     workers sample their profile for the dashboard every 100 ms instead of 10 ms.
     The settings hold for this cluster's scheduler, nannies and workers (also
     workers restarted later); the process's own Dask config is left as it was.
+    Its worker processes ignore SIGINT (:mod:`chipflow._worker_preload`): a
+    Ctrl-C at a terminal interrupts the main process alone, which closes them.
 
     Parameters
     ----------
@@ -157,6 +159,9 @@ def local_cluster(n_workers: int | None = None, **kwargs: Any) -> Any:
 
     options = {"n_workers": n_workers or os.cpu_count() or 1, "threads_per_worker": 1, "processes": True,
                **kwargs}
+    if options["processes"]:  # Ctrl-C is the main process's to handle (chipflow._worker_preload)
+        given = options.get("preload") or []
+        options["preload"] = [*([given] if isinstance(given, str) else given), "chipflow._worker_preload"]
     with dask.config.set(CLUSTER_CONFIG):  # servers read it as they start
         if options["processes"]:  # each nanny starts its worker (again after a restart) with this copy
             options["config"] = dask.config.merge(dask.config.config, kwargs.get("config", {}))
@@ -206,10 +211,30 @@ class StartingCluster:
     def __enter__(self) -> StartingCluster:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         if self._thread is not None:
             self._thread.join()
-        self._stack.close()
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            with _quiet_logs("distributed", "tornado.application"):  # the interrupted run's shutdown chatter
+                self._stack.close()
+        else:
+            self._stack.close()
+
+
+@contextlib.contextmanager
+def _quiet_logs(*names: str) -> Iterator[None]:
+    """These loggers show only critical messages while inside."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _has_default_client() -> bool:
@@ -238,6 +263,10 @@ def run_blocks(
     the tree. Each result comes to the client as its block finishes and is
     merged there (:class:`MergeTree`): the tree's shape depends only on the block
     list, so merged statistics are identical on any cluster and after any resume.
+    A killed worker's blocks are rerun by Dask; when every worker holding the class
+    data is lost (Dask cannot recompute scattered data, and cancels the tasks that
+    need it), the class data is scattered again and those blocks are submitted
+    again, up to :data:`_RESUBMITS` times each.
     """
     from distributed import as_completed
 
@@ -247,35 +276,60 @@ def run_blocks(
     angles = len(work[0][1].angles)
     todo = [(i, b, job, labels) for i, (b, job, labels) in enumerate(work) if b.id not in committed]
     token = uuid.uuid4().hex[:8]
+    scattered: dict[int, Any] = {}
+    direct = _direct(client)
+
+    def submit(items: list[tuple[int, Any, Job, Any]], attempt: int = 0) -> list[Any]:
+        """One task per block; each item's class data broadcast once, again when it was lost."""
+        for _, _, _, labels in items:
+            held = scattered.get(id(labels))
+            if held is None or held.status != "finished":
+                scattered[id(labels)] = client.scatter(labels, broadcast=True, hash=False, direct=direct)
+        futures = client.map(
+            run_block, [b for _, b, _, _ in items], [j for _, _, j, _ in items],
+            [scattered[id(lab)] for _, _, _, lab in items],
+            key=[f"chipflow-block-{token}-{b.id}" + (f"-again{attempt}" if attempt else "")
+                 for _, b, _, _ in items],
+            retries=3, pure=False,
+        )
+        where.update({f.key: item for item, f in zip(items, futures, strict=True)})
+        return futures
+
+    where: dict[str, tuple[int, Any, Job, Any]] = {}
     futures = []
     if todo:
         client.register_plugin(WorkerTuning(), name=WorkerTuning.name)
-        scattered: dict[int, Any] = {}
-        direct = _direct(client)
-        for _, _, _, labels in todo:
-            if id(labels) not in scattered:
-                scattered[id(labels)] = client.scatter(labels, broadcast=True, hash=False, direct=direct)
-        futures = client.map(
-            run_block, [b for _, b, _, _ in todo], [j for _, _, j, _ in todo],
-            [scattered[id(lab)] for _, _, _, lab in todo],
-            key=[f"chipflow-block-{token}-{b.id}" for _, b, _, _ in todo], retries=3, pure=False,
-        )
-    where = {f.key: i for (i, _, _, _), f in zip(todo, futures, strict=True)}
+        futures = submit(todo)
     # on the client's own event loop: Dask's default is the process's default client's loop,
     # which with a second client in the process left this one's results unseen (a hang)
-    arriving = as_completed(futures, loop=client.loop, with_results=True)
+    arriving = as_completed(futures, loop=client.loop, with_results=True, raise_errors=False)
     del futures  # each block's result is let go on the cluster once the client has it
+    again: dict[int, int] = {}  # block index → times its task was submitted again
 
     def results() -> Iterator[tuple[int, BlockResult]]:
         """Each block's place in ``work`` and its result: the committed ones, then as they finish."""
         yield from ((i, committed[b.id]) for i, (b, _, _) in enumerate(work) if b.id in committed)
         for future, result in arriving:
-            if future.status != "finished":  # cancelled: the client closed, or the scheduler went away
+            item = where.pop(future.key)
+            if future.status == "error":
+                future.result()  # raises the block's error, with its traceback
+            if future.status == "finished":
+                yield item[0], result
+                continue
+            # cancelled: the client closed or the scheduler went away, or every worker holding the
+            # class data died (Dask cannot recompute scattered data): scattered again, the block rerun
+            if client.status != "running":
                 raise RuntimeError(
                     f"the export lost the Dask cluster ({future.key} {future.status}: the client was "
                     "closed or the scheduler stopped); rerun the same export to resume: the blocks "
                     "already committed are kept")
-            yield where[future.key], result
+            again[item[0]] = again.get(item[0], 0) + 1
+            if again[item[0]] > _RESUBMITS:
+                raise RuntimeError(
+                    f"block {item[1].id} was cancelled {again[item[0]]} times ({future.key}: the workers "
+                    "holding its class data were lost each time); rerun the same export to resume: the "
+                    "blocks already committed are kept")
+            arriving.update(submit([item], again[item[0]]))
 
     tree = MergeTree(len(work))
     if progress is not None:
@@ -292,6 +346,10 @@ def run_blocks(
     root = tree.root()
     assert root is not None, "every block's result was merged"
     return root
+
+
+#: How often a block whose class data was lost with its workers is submitted again.
+_RESUBMITS = 3
 
 
 class MergeTree:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import hashlib
 import os
@@ -18,7 +19,7 @@ from ._dask import StartingCluster, finalize_format, run_blocks, tune_allocator
 from ._partition import PARTITION_THRESHOLD, partition_labels
 from ._version import __version__
 from .config import ExportConfig, check_n_workers, make_config
-from .errors import InvalidParameterError
+from .errors import InvalidParameterError, OutputError
 from .index import chip_index
 from .labels import ClassInfo, split_layer
 from .plan import ExportPlan, plan_export
@@ -248,7 +249,10 @@ def export_training_data(
         work = [(b, job, labels_) for item, job, labels_ in zip(plan.items, jobs, shipped, strict=True)
                 for b in item.blocks]
         mark = time.perf_counter()
-        merged = run_blocks(c, work, committed=committed, progress=progress)
+        try:
+            merged = run_blocks(c, work, committed=committed, progress=progress)
+        except OSError as exc:
+            raise _storage_error(exc, cfg.out_folder) from exc
         if not work:
             merged = BlockResult(len(labels.classes), source.count)
         finalize_format(c, jobs[0], blocks, labels.classes)
@@ -321,6 +325,18 @@ def _check_inputs_outside(cfg: ExportConfig, **inputs: Any) -> None:
                 "out_folder", cfg.out_folder,
                 f"holds {name}={path!r}, and overwrite=True would delete it before it is read; "
                 "write the dataset to a folder that holds none of the inputs")
+
+
+#: Errors of the output's storage (full, over quota, read-only, too large a file): the folder's.
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+def _storage_error(exc: OSError, out_folder: str) -> OSError:
+    """A block's storage error as :class:`OutputError` naming ``out_folder`` and how to go on; else as is."""
+    if isinstance(exc, OutputError) or exc.errno not in _STORAGE_ERRNOS:
+        return exc
+    return OutputError(f"out_folder={out_folder!r} cannot be written: {exc}; make room (or fix the "
+                       "folder) and rerun the same export to resume: the blocks already committed are kept")
 
 
 def _inputs_exist(cfg: ExportConfig, in_class_data: Any) -> bool:

@@ -18,6 +18,7 @@ with (see :mod:`chipflow._cloud`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -100,9 +101,13 @@ class Store:
         of its time to a tenth.
         """
         full = self.path(relpath)
-        if self.is_local and not atomic:
-            _write_in_place(full, data)
-        elif self.is_local:
+        if not self.is_local:
+            self.fs.pipe_file(full, data if isinstance(data, bytes) else bytes(data))
+            return
+        try:
+            if not atomic:
+                _write_in_place(full, data)
+                return
             folder = os.path.dirname(full)
             tmp = os.path.join(folder, f".{os.path.basename(full)}.{uuid.uuid4().hex[:8]}.tmp")
             try:
@@ -110,11 +115,18 @@ class Store:
             except FileNotFoundError:  # a subfolder (a class folder) not made yet
                 os.makedirs(folder, exist_ok=True)
                 f = open(tmp, "wb")  # noqa: SIM115
-            with f:
-                f.write(data)
-            os.replace(tmp, full)
-        else:
-            self.fs.pipe_file(full, data if isinstance(data, bytes) else bytes(data))
+            try:
+                with f:
+                    f.write(data)
+                os.replace(tmp, full)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError as exc:
+            if exc.filename is None and exc.errno is not None:  # os.write's errors name no file
+                raise OSError(exc.errno, exc.strerror, full) from exc
+            raise
 
     def child(self, name: str) -> Store:
         """The subfolder ``name`` (a split's dataset) as a store with the same options."""
@@ -294,8 +306,19 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
             if inner:
                 out.append(inner)
         elif a != b:
-            out.append(f"{prefix}{key}: {a!r} → {b!r}")
+            out.append(f"{prefix}{key}: {_brief(a)} → {_brief(b)}")
     return ", ".join(out)
+
+
+def _brief(value: Any) -> str:
+    """``repr(value)``, a long list (the planned blocks) as its length and ends.
+
+    >>> _brief(list(range(100)))
+    '[0, 1, 2, ..., 99] (100 items)'
+    """
+    if isinstance(value, list) and len(value) > 8:
+        return f"[{', '.join(map(repr, value[:3]))}, ..., {value[-1]!r}] ({len(value)} items)"
+    return repr(value)
 
 
 _RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),

@@ -206,7 +206,7 @@ def validate_dataset(out_folder: str, *, storage_options: dict[str, Any] | None 
             try:
                 per_class = fmt.count(raw, width=shape[0], height=shape[1], path=label,
                                       classes=emd["Classes"])
-            except (ValueError, TypeError, OSError) as exc:
+            except (ValueError, TypeError, OSError, SyntaxError) as exc:  # SyntaxError: XML's ParseError
                 report.problems.append(f"{label} does not parse: {exc}")
                 continue
             unknown = set(per_class) - set(class_values)

@@ -112,6 +112,37 @@ def test_a_killed_worker_still_gives_the_full_dataset(slow_inputs, slow_clean, t
     assert_same_tree(out, slow_clean)
 
 
+def test_losing_every_worker_that_holds_the_class_data_still_gives_the_full_dataset(slow_inputs, slow_clean,
+                                                                                      tmp_path):
+    """One worker, killed mid-run: the nanny restarts it, the class data is scattered again, the rest runs."""
+    from distributed import Client, LocalCluster
+
+    out = tmp_path / "killed-only-worker"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+         Client(cluster) as c:
+        [pid] = c.run(os.getpid).values()
+        errors = []
+
+        def run():
+            try:
+                chipflow.export_training_data(*slow_inputs[:1], out, slow_inputs[1], client=c, **SLOW)
+            except Exception as exc:  # reported below
+                errors.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline = time.time() + 60
+        while markers(out) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        total = markers(out)
+        os.kill(pid, signal.SIGKILL)
+        thread.join(180)
+        assert list(c.run(os.getpid).values()) != [pid]  # a new worker process did the rest
+    assert not errors, errors
+    assert total < 16  # it was killed mid-run
+    assert_same_tree(out, slow_clean)
+
+
 def test_a_killed_cli_then_rerun_equals_a_clean_run(slow_inputs, slow_clean, tmp_path):
     out = tmp_path / "killed-cli"
     raster, vector = slow_inputs
@@ -133,6 +164,27 @@ def test_a_killed_cli_then_rerun_equals_a_clean_run(slow_inputs, slow_clean, tmp
     subprocess.run(cmd, check=True, timeout=300)
     assert_same_tree(out, slow_clean)
     assert CliRunner().invoke(main, ["validate", str(out)]).exit_code == 0
+
+
+def test_ctrl_c_at_a_terminal_stops_quietly_and_the_rerun_resumes(slow_inputs, slow_clean, tmp_path):
+    """SIGINT to the whole process group (a terminal's Ctrl-C): no worker tracebacks, a short exit."""
+    out = tmp_path / "ctrl-c"
+    raster, vector = slow_inputs
+    cmd = [sys.executable, "-m", "chipflow", "export", str(raster), str(out), "--in-class-data", str(vector),
+           "--tile-size-x", "64", "--tile-size-y", "64", "--stride-x", "32", "--stride-y", "32",
+           "--metadata-format", "PASCAL_VOC_rectangles", "--output-nofeature-tiles", "ALL_TILES",
+           "--n-workers", "2"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while markers(out) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    said = proc.communicate(timeout=30)[0].decode()
+    assert proc.returncode == 1 and said.rstrip().endswith("Aborted!"), said
+    assert "Traceback" not in said and "KeyboardInterrupt" not in said, said
+    assert 0 < markers(out) < 16
+    subprocess.run(cmd + ["--quiet"], check=True, timeout=300)
+    assert_same_tree(out, slow_clean)
 
 
 def test_resume_skips_committed_blocks_and_refuses_other_parameters(client, tmp_path):
@@ -160,6 +212,10 @@ def test_resume_skips_committed_blocks_and_refuses_other_parameters(client, tmp_
     assert rewritten and len(rewritten) < len(before)  # only the two uncommitted blocks ran
     with pytest.raises(chipflow.OutputError, match=r"different parameters \(parameters.stride_x: 128 → 256\)"):
         chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, stride_x=256, client=client)
+    from chipflow.store import _differences  # a long list (the planned blocks) is shown by its length
+
+    said = _differences({"blocks": list(range(100)), "x": [1, 2]}, {"blocks": list(range(40)), "x": [1, 3]})
+    assert said == "blocks: [0, 1, 2, ..., 99] (100 items) → [0, 1, 2, ..., 39] (40 items), x: [1, 2] → [1, 3]"
     r = chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, stride_x=256,
                                       overwrite=True, client=client)
     assert r.num_chips == len(list((out / "images").glob("*.tif"))) == 4 * 7
@@ -203,6 +259,34 @@ def test_a_file_never_appears_half_written(tmp_path, monkeypatch):
         store.put("images/a.tif", b"new bytes")
     assert not (tmp_path / "images" / "b.tif").exists()
     assert (tmp_path / "images" / "a.tif").read_bytes() == b"complete"
+
+
+def test_a_full_disk_names_the_file_leaves_no_temporary_and_the_export_says_how_to_go_on(tmp_path, monkeypatch):
+    import errno
+
+    from chipflow.pipeline import _storage_error
+
+    store = Store(str(tmp_path))
+    (tmp_path / "images").mkdir()
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)  # a chip written in place: os.write's error names no file
+    with pytest.raises(OSError, match=r"No space left on device: '.*images/c\.tif'") as caught:
+        store.put("images/c.tif", b"chip", atomic=False)
+    assert caught.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "replace", full)  # a metadata file: its temporary is removed
+    with pytest.raises(OSError, match=r"No space left on device: '.*map\.txt'"):
+        store.put("map.txt", b"images\\0.tif ")
+    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "map.txt").exists()
+    said = _storage_error(caught.value, "/data/out")
+    assert isinstance(said, chipflow.OutputError) and said.errno is None
+    assert str(said).startswith("out_folder='/data/out' cannot be written: [Errno 28] No space left on device: ")
+    assert str(said).endswith("rerun the same export to resume: the blocks already committed are kept")
+    other = OSError(errno.ECONNRESET, "Connection reset")
+    assert _storage_error(other, "/data/out") is other  # not the folder's: as it was
 
 
 def test_in_place_writes_leave_exactly_the_new_bytes_and_never_cut_a_file_first(tmp_path, monkeypatch):

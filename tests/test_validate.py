@@ -23,6 +23,9 @@ def test_every_format_validates_complete(client, tmp_path, name):
     assert report.images == r.num_chips
     if fmt.per_chip_labels and not fmt.instances:
         victim = next(p for p in sorted((out / "labels").rglob("*")) if p.is_file())
+        victim.write_bytes(b"<annotation><object>\xff\x00 1 2")  # cut short and garbled
+        broken = validate_dataset(str(out))
+        assert not broken.ok and f"{victim.name} does not parse" in broken.summary(), broken.summary()
         victim.unlink()
         broken = validate_dataset(str(out))
         assert not broken.ok and "has no label file" in broken.summary()
