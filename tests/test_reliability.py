@@ -84,11 +84,14 @@ def test_reruns_give_the_same_names_and_bytes(client, slow_inputs, slow_clean, t
     assert report.images == 63 * 63
 
 
-def test_a_killed_worker_still_gives_the_full_dataset(slow_inputs, slow_clean, tmp_path):
+@pytest.mark.parametrize("n_workers", [2, 1], ids=["one of two", "the only one"])
+def test_a_killed_worker_still_gives_the_full_dataset(slow_inputs, slow_clean, tmp_path, n_workers):
+    """Killed mid-run, its blocks run again; the only worker: the class data it held is scattered again
+    (Dask cannot recompute scattered data) to the worker its nanny restarts, and the rest runs."""
     from distributed import Client, LocalCluster
 
     out = tmp_path / "killed-worker"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
          Client(cluster) as c:
         pids = list(c.run(os.getpid).values())
         errors = []
@@ -104,40 +107,10 @@ def test_a_killed_worker_still_gives_the_full_dataset(slow_inputs, slow_clean, t
         deadline = time.time() + 60
         while markers(out) < 2 and time.time() < deadline:
             time.sleep(0.01)
-        total = len([b for b in (out / ".chipflow" / "blocks").glob("*.json")])
-        os.kill(pids[0], signal.SIGKILL)
-        thread.join(120)
-    assert not errors, errors
-    assert total < 16  # it was killed mid-run
-    assert_same_tree(out, slow_clean)
-
-
-def test_losing_every_worker_that_holds_the_class_data_still_gives_the_full_dataset(slow_inputs, slow_clean,
-                                                                                      tmp_path):
-    """One worker, killed mid-run: the nanny restarts it, the class data is scattered again, the rest runs."""
-    from distributed import Client, LocalCluster
-
-    out = tmp_path / "killed-only-worker"
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-         Client(cluster) as c:
-        [pid] = c.run(os.getpid).values()
-        errors = []
-
-        def run():
-            try:
-                chipflow.export_training_data(*slow_inputs[:1], out, slow_inputs[1], client=c, **SLOW)
-            except Exception as exc:  # reported below
-                errors.append(exc)
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        deadline = time.time() + 60
-        while markers(out) < 2 and time.time() < deadline:
-            time.sleep(0.01)
         total = markers(out)
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pids[0], signal.SIGKILL)
         thread.join(180)
-        assert list(c.run(os.getpid).values()) != [pid]  # a new worker process did the rest
+        assert pids[0] not in c.run(os.getpid).values()  # its blocks were done by another process
     assert not errors, errors
     assert total < 16  # it was killed mid-run
     assert_same_tree(out, slow_clean)
