@@ -45,7 +45,7 @@ class SourceItem:
     #: Which state of the file was planned (:func:`chipflow._cloud.version`): a worker's open
     #: handle of an older state (a file replaced at the same path) is not reused.
     version: str = ""
-    #: GDAL's per-dataset mask (an internal or .msk mask, or an alpha band) marks its nodata
+    #: GDAL's per-dataset mask (an internal or .msk mask, not an alpha band) marks its nodata
     #: pixels; set only for files without a nodata value.
     masked: bool = False
 
@@ -189,7 +189,10 @@ def _open_item(path: str, *, need_crs: bool) -> dict[str, Any]:
                 "dtype": ds.dtypes[0], "crs": crs, "transform": ds.transform, "nodata": ds.nodata,
                 "block_shape": tuple(ds.block_shapes[0]), "band_names": names,
                 "gcps": tuple((g.col, g.row, g.x, g.y) for g in gcps),
-                "masked": ds.nodata is None and MaskFlags.per_dataset in ds.mask_flag_enums[0],
+                # an internal or .msk mask; not an alpha band: GDAL marks the 4th band of any
+                # 4-band RGB GeoTIFF as alpha by default, and there it is near infrared (NAIP)
+                "masked": ds.nodata is None and MaskFlags.per_dataset in ds.mask_flag_enums[0]
+                and MaskFlags.alpha not in ds.mask_flag_enums[0],
                 "rpcs": ds.rpcs.to_dict() if ds.rpcs else None,
             }
     except rasterio.RasterioIOError as exc:
@@ -365,8 +368,8 @@ def read_window(source: RasterSource,
 
     Returns the pixels and a mask of the pixels some input covers with data
     (None when all are covered). Uncovered pixels (past the edge, gaps between
-    mosaic items, and pixels a file's per-dataset mask or alpha band marks as
-    nodata) hold the nodata value, or 0 without one. Mosaic items overlap
+    mosaic items, and pixels a file's per-dataset mask marks as nodata) hold
+    the nodata value, or 0 without one. Mosaic items overlap
     first-come: an earlier item's valid pixels are kept.
     """
     x0, y0, x1, y1 = window

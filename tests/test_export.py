@@ -292,39 +292,43 @@ def test_chips_entirely_nodata_are_not_exported(client, make_raster, tmp_path):
     assert emd["AllTilesStats"][0]["Mean"] == pytest.approx(valid.mean(), rel=1e-12)
 
 
-@pytest.mark.parametrize("how", ["internal mask", "alpha band"])
-def test_masked_pixels_are_nodata_when_the_raster_has_a_mask_or_alpha_band(client, tmp_path, how):
-    """GDAL's per-dataset mask (an internal mask, or an alpha band) marks nodata as a nodata value does."""
-    data = textured((3, 512, 512)) | 1  # no pixel is 0
+def test_masked_pixels_are_nodata_when_the_raster_has_a_mask_but_an_alpha_band_is_a_band(client, tmp_path):
+    """GDAL's per-dataset mask marks nodata as a nodata value does; a 4th band flagged alpha (GDAL's
+    default for 4-band RGB GeoTIFFs, where it is often near infrared) is data like the others."""
+    data = textured((4, 512, 512)) | 1  # no pixel is 0
     valid = np.ones((512, 512), bool)
     valid[:256, :256] = False  # chip (0, 0) at stride 256: wholly masked
     valid[256:300, 300:400] = False  # part of chip (1, 1)
-    path = tmp_path / "masked.tif"
-    count = 3 if how == "internal mask" else 4
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(
-            path, "w", driver="GTiff", width=512, height=512, count=count, dtype="uint8", crs="EPSG:32633",
-            transform=T, tiled=True, blockxsize=128, blockysize=128,
-            **({} if count == 3 else {"photometric": "RGB", "alpha": "YES"})) as ds:
-        ds.write(data, indexes=[1, 2, 3])
-        if count == 3:
-            ds.write_mask(valid.astype(np.uint8) * 255)
-        else:
-            ds.write(valid.astype(np.uint8) * 255, 4)
     features = gpd.GeoDataFrame(geometry=[box(*T * (0, 512), *T * (512, 0))], crs="EPSG:32633")
-    out = tmp_path / "m"
-    r = chipflow.export_training_data(path, out, features, stride_x=256, stride_y=256,
-                                      output_nofeature_tiles="ALL_TILES", client=client)
-    assert chip_ids(out) == [1, 2, 3] and r.num_chips == 3
-    with rasterio.open(out / "images" / "000000003.tif") as ds:
+    kw = dict(stride_x=256, stride_y=256, output_nofeature_tiles="ALL_TILES", client=client)
+    profile = dict(driver="GTiff", width=512, height=512, dtype="uint8", crs="EPSG:32633", transform=T,
+                   tiled=True, blockxsize=128, blockysize=128)
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(tmp_path / "masked.tif", "w", count=3,
+                                                                    **profile) as ds:
+        ds.write(data[:3])
+        ds.write_mask(valid.astype(np.uint8) * 255)
+    r = chipflow.export_training_data(tmp_path / "masked.tif", tmp_path / "m", features, **kw)
+    assert chip_ids(tmp_path / "m") == [1, 2, 3] and r.num_chips == 3
+    with rasterio.open(tmp_path / "m" / "images" / "000000003.tif") as ds:
         chip = ds.read()
     part = valid[256:, 256:]
-    assert (chip[:3, ~part] == 0).all()  # masked pixels are 0 in the chip
-    np.testing.assert_array_equal(chip[:3, part], data[:, 256:, 256:][:, part])
-    emd = json.loads((out / "esri_model_definition.emd").read_text())
+    assert (chip[:, ~part] == 0).all()  # masked pixels are 0 in the chip
+    np.testing.assert_array_equal(chip[:, part], data[:3, 256:, 256:][:, part])
+    emd = json.loads((tmp_path / "m" / "esri_model_definition.emd").read_text())
     for b in range(3):
         inside = data[b][valid].astype(float)
         assert emd["AllTilesStats"][b]["Min"] == inside.min()
         assert emd["AllTilesStats"][b]["Mean"] == pytest.approx(inside.mean(), rel=1e-12)
+
+    rgbn = data.copy()
+    rgbn[3][~valid] = 0  # the "alpha" band holds zeros where the mask was: still data
+    with rasterio.open(tmp_path / "rgbn.tif", "w", count=4, photometric="RGB", alpha="YES", **profile) as ds:
+        ds.write(rgbn)
+        assert ds.colorinterp[3] == rasterio.enums.ColorInterp.alpha
+    r = chipflow.export_training_data(tmp_path / "rgbn.tif", tmp_path / "n", features, **kw)
+    assert r.num_chips == 4
+    with rasterio.open(tmp_path / "n" / "images" / "000000000.tif") as ds:
+        np.testing.assert_array_equal(ds.read(), rgbn[:, :256, :256])
 
 
 def test_multiband_float_raster_with_nodata_keeps_dtype_and_values(client, tmp_path):
