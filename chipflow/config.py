@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .errors import ChipflowDeprecationWarning, InvalidParameterError
+from .errors import ChipflowDeprecationWarning, ChipflowWarning, InvalidParameterError
 from .formats import LabelFormat
 from .formats import get as get_format
 from .grid import EdgePolicy
@@ -388,3 +388,8 @@ def check_against_raster(cfg: ExportConfig, *, width: int, height: int, count: i
                 "image_chip_format", fmt.value,
                 f"holds 8-bit data only but the raster is {dtype}; use image_chip_format='TIFF'",
             )
+        if count == 2:
+            warnings.warn(
+                "image_chip_format='PNG' stores 2 bands as grey + alpha (PNG has no other 2-band type): "
+                "loaders that read RGB (PIL's convert('RGB'), OpenCV's imread) drop band 2; "
+                "image_chip_format='TIFF' keeps both as they are", ChipflowWarning, stacklevel=4)

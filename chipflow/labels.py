@@ -22,7 +22,7 @@ import shapely
 from .errors import InputNotFoundError, InvalidParameterError, LabelError
 from .sources import RasterSource
 
-__all__ = ["ClassInfo", "LabelSet", "describe", "empty_labels", "read_class_data", "read_mask"]
+__all__ = ["ClassInfo", "LabelSet", "class_keys", "describe", "empty_labels", "read_class_data", "read_mask"]
 
 # Distinct, readable class colours (ArcGIS-style [r, g, b]); cycled past 20 classes.
 _PALETTE = (
@@ -43,6 +43,19 @@ class ClassInfo:
     value: int
     name: str
     color: tuple[int, int, int]
+
+
+def class_keys(classes: tuple[ClassInfo, ...]) -> list[str]:
+    """Each class's name as a key of per-class counts; a name two classes share, with its value.
+
+    >>> grey = (0, 0, 0)
+    >>> class_keys((ClassInfo(1, "roof", grey), ClassInfo(2, "roof", grey), ClassInfo(3, "tree", grey)))
+    ['roof (1)', 'roof (2)', 'tree']
+    """
+    from collections import Counter
+
+    seen = Counter(c.name for c in classes)
+    return [f"{c.name} ({c.value})" if seen[c.name] > 1 else c.name for c in classes]
 
 
 def _pack_wkb(geoms: np.ndarray) -> tuple[bytes, np.ndarray]:

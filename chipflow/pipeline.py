@@ -21,7 +21,7 @@ from ._version import __version__
 from .config import ExportConfig, check_n_workers, make_config
 from .errors import InvalidParameterError, OutputError
 from .index import chip_index
-from .labels import ClassInfo, split_layer
+from .labels import ClassInfo, class_keys, split_layer
 from .plan import ExportPlan, plan_export
 from .progress import Progress
 from .stats import BlockResult, Summary, esri_json
@@ -45,7 +45,7 @@ class ExportResult:
     classes : tuple of ClassInfo
         The classes, sorted by value.
     features_per_class : dict
-        Class name → feature instances.
+        Class name → feature instances (a name two classes share: ``"name (value)"``).
     statistics : dict
         The content of ``esri_accumulated_stats.json``.
     paths : dict
@@ -292,8 +292,8 @@ def export_training_data(
         num_chips=merged.num_chips,
         num_features=int(merged.features_per_class.sum()),
         classes=labels.classes,
-        features_per_class={c.name: int(n) for c, n in zip(labels.classes, merged.features_per_class,
-                                                           strict=True)},
+        features_per_class={k: int(n) for k, n in zip(class_keys(labels.classes), merged.features_per_class,
+                                                      strict=True)},
         statistics=statistics,
         paths={name: store.path(name) for name in store.listdir() if name != RUN_DIR},  # what is there
         elapsed_seconds=time.perf_counter() - started,

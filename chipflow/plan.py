@@ -30,7 +30,7 @@ from .encode import ChipEncoder
 from .errors import ChipflowWarning, InvalidParameterError, LabelError
 from .formats.base import LabelFormat
 from .grid import Block, ChipGrid, FeatureBlock, feature_windows, plan_blocks, plan_feature_blocks
-from .labels import LabelSet, describe, empty_labels, read_class_data, read_mask
+from .labels import LabelSet, class_keys, describe, empty_labels, read_class_data, read_mask
 from .sources import RasterSource, open_sources
 from .store import Store
 
@@ -215,8 +215,8 @@ class ExportPlan:
             "metadata_format": self.cfg.label_format.name,
             "image_chip_format": self.cfg.image_chip_format.value,
             "features_over_raster": features,
-            "features_per_class": {c.name: int(n) for c, n in zip(self.labels.classes, per_class,
-                                                                  strict=True)},
+            "features_per_class": {k: int(n) for k, n in zip(class_keys(self.labels.classes), per_class,
+                                                              strict=True)},
         }
 
 

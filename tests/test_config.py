@@ -13,6 +13,7 @@ import chipflow
 from chipflow.config import ImageChipFormat, NoFeatureTiles, make_config
 from chipflow.errors import ChipflowError, InvalidParameterError
 from chipflow.labels import _strictly_convex, read_class_data
+from chipflow.plan import plan_export
 from chipflow.sources import open_raster
 
 
@@ -90,6 +91,34 @@ def test_jpeg_of_uint16_is_refused(make_raster, tmp_path):
         chipflow.export_training_data(raster, tmp_path / "o", KAMPALA_BUILDINGS,
                                       image_chip_format="JPEG")
     assert not (tmp_path / "o").exists()
+
+
+def test_png_of_two_bands_warns_that_the_second_is_stored_as_alpha(client, make_raster, tmp_path):
+    """PNG has no 2-band type but grey + alpha: both bands are kept, and the user is told."""
+    from PIL import Image
+
+    data = textured((2, 256, 256))
+    raster = make_raster(data)
+    boxes = gpd.GeoDataFrame(geometry=[box(500010, 3999700, 500050, 3999740)], crs="EPSG:32633")
+    with pytest.warns(chipflow.ChipflowWarning, match=r"image_chip_format='PNG' stores 2 bands as grey \+ "
+                                                      r"alpha.*drop band 2"):
+        chipflow.export_training_data(raster, tmp_path / "o", boxes, image_chip_format="PNG",
+                                      tile_size_x=256, tile_size_y=256, client=client)
+    with Image.open(tmp_path / "o" / "images" / "000000000.png") as png:
+        assert png.mode == "LA"
+        np.testing.assert_array_equal(np.moveaxis(np.asarray(png), -1, 0), data)
+
+
+def test_counts_per_class_keep_two_classes_of_one_name_apart(client, tmp_path):
+    """Box labels hold class values, so two classes may share a name; their counts are not merged."""
+    buildings = gpd.read_file(KAMPALA_BUILDINGS)
+    named = buildings.assign(value=np.where(np.arange(len(buildings)) % 2, 1, 2), classname="roof")
+    r = chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "o", named, client=client,
+                                      metadata_format="PASCAL_VOC_rectangles")
+    assert set(r.features_per_class) == {"roof (1)", "roof (2)"}
+    assert sum(r.features_per_class.values()) == r.num_features
+    plan = plan_export(make_config(KAMPALA_IMAGE, "x"), named).describe()
+    assert set(plan["features_per_class"]) == {"roof (1)", "roof (2)"}
 
 
 def test_missing_inputs_and_bad_class_field(tmp_path):
