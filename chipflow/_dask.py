@@ -214,10 +214,9 @@ class StartingCluster:
     def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         if self._thread is not None:
             self._thread.join()
-        if kind is not None and issubclass(kind, KeyboardInterrupt):
-            with _quiet_logs("distributed", "tornado.application"):  # the interrupted run's shutdown chatter
-                self._stack.close()
-        else:
+        interrupted = kind is not None and issubclass(kind, KeyboardInterrupt)
+        # an interrupted run's shutdown chatter (cancelled gathers, closed comms) is not shown
+        with _quiet_logs("distributed", "tornado.application") if interrupted else contextlib.nullcontext():
             self._stack.close()
 
 
@@ -277,6 +276,7 @@ def run_blocks(
     todo = [(i, b, job, labels) for i, (b, job, labels) in enumerate(work) if b.id not in committed]
     token = uuid.uuid4().hex[:8]
     scattered: dict[int, Any] = {}
+    where: dict[str, tuple[int, Any, Job, Any]] = {}  # task key → (place in work, block, job, labels)
     direct = _direct(client)
 
     def submit(items: list[tuple[int, Any, Job, Any]], attempt: int = 0) -> list[Any]:
@@ -295,7 +295,6 @@ def run_blocks(
         where.update({f.key: item for item, f in zip(items, futures, strict=True)})
         return futures
 
-    where: dict[str, tuple[int, Any, Job, Any]] = {}
     futures = []
     if todo:
         client.register_plugin(WorkerTuning(), name=WorkerTuning.name)

@@ -50,11 +50,16 @@ class ClassRaster:
             reproject(rasterio.band(ds, 1), warped, src_nodata=nodata,
                       dst_transform=source.affine @ Affine.translation(x0, y0), dst_crs=source.crs_wkt,
                       dst_nodata=nodata, resampling=Resampling.nearest)
-        if isinstance(nodata, float) and np.isnan(nodata):
-            valid = ~np.isnan(warped)
-        else:
-            valid = warped != np.asarray(nodata).astype(warped.dtype)
-        return np.where(valid, warped, 0).astype(np.int32)
+        return np.where(_holds_data(warped, nodata), warped, 0).astype(np.int32)
+
+
+def _holds_data(values: np.ndarray, nodata: float | None) -> np.ndarray:
+    """Which ``values`` are neither ``nodata`` nor (floats) NaN."""
+    valid = np.ones(values.shape, bool) if nodata is None or np.isnan(nodata) else (
+        values != np.asarray(nodata).astype(values.dtype))
+    if values.dtype.kind == "f":
+        valid &= ~np.isnan(values)
+    return valid
 
 
 def is_class_raster(in_class_data: Any) -> bool:
@@ -121,9 +126,7 @@ def open_class_raster(path: str, source: RasterSource) -> tuple[ClassRaster, dic
         values: set[int] = set()
         for _, window in ds.block_windows(1):
             data = ds.read(1, window=window)
-            valid = data != ds.nodata if ds.nodata is not None else np.ones(data.shape, bool)
-            if data.dtype.kind == "f":
-                valid &= ~np.isnan(data)
+            valid = _holds_data(data, ds.nodata)
             found = np.unique(data[valid])
             fractional = found[found != np.round(found)]
             if fractional.size:

@@ -252,7 +252,10 @@ def export_training_data(
         try:
             merged = run_blocks(c, work, committed=committed, progress=progress)
         except OSError as exc:
-            raise _storage_error(exc, cfg.out_folder) from exc
+            said = _storage_error(exc, cfg.out_folder)
+            if said is None:
+                raise
+            raise said from exc
         if not work:
             merged = BlockResult(len(labels.classes), source.count)
         finalize_format(c, jobs[0], blocks, labels.classes)
@@ -331,10 +334,10 @@ def _check_inputs_outside(cfg: ExportConfig, **inputs: Any) -> None:
 _STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 
 
-def _storage_error(exc: OSError, out_folder: str) -> OSError:
-    """A block's storage error as :class:`OutputError` naming ``out_folder`` and how to go on; else as is."""
+def _storage_error(exc: OSError, out_folder: str) -> OutputError | None:
+    """A block's storage error as :class:`OutputError` naming ``out_folder`` and how to go on; else None."""
     if isinstance(exc, OutputError) or exc.errno not in _STORAGE_ERRNOS:
-        return exc
+        return None
     return OutputError(f"out_folder={out_folder!r} cannot be written: {exc}; make room (or fix the "
                        "folder) and rerun the same export to resume: the blocks already committed are kept")
 

@@ -357,11 +357,6 @@ def _dataset(item: SourceItem) -> rasterio.DatasetReader:
     return held[1]
 
 
-def _mask(ds: rasterio.DatasetReader, win: rasterio.windows.Window, inside: bool) -> np.ndarray:
-    """The per-dataset mask of ``win`` as booleans (True: data); outside the file: False."""
-    return (ds.read_masks(1, window=win) if inside else ds.read_masks(1, window=win, boundless=True)) > 0
-
-
 def read_window(source: RasterSource,
                 window: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray | None]:
     """Read virtual-grid pixels ``(x0, y0, x1, y1)`` as ``(bands, y1 - y0, x1 - x0)``.
@@ -385,7 +380,7 @@ def read_window(source: RasterSource,
         covered[max(0, -y0):min(y1, source.height) - y0, max(0, -x0):min(x1, source.width) - x0] = True
         data = ds.read(window=win) if inside else ds.read(window=win, boundless=True, fill_value=fill)
         if items[0].masked:
-            covered &= _mask(ds, win, inside)
+            covered &= ds.read_masks(1, window=win, boundless=not inside) > 0  # outside the file: 0
             data[:, ~covered] = fill
         return data, (None if covered.all() else covered)
     out = np.full((source.count, y1 - y0, x1 - x0), fill, dtype=source.dtype)

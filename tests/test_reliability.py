@@ -70,6 +70,15 @@ def slow_clean(client, slow_inputs, tmp_path_factory):
     return out
 
 
+def slow_cli(slow_inputs, out: Path, *extra: str) -> list[str]:
+    """``chipflow export`` of the slow inputs with ``SLOW``'s parameters, on 2 workers."""
+    raster, vector = slow_inputs
+    return [sys.executable, "-m", "chipflow", "export", str(raster), str(out), "--in-class-data", str(vector),
+            "--tile-size-x", "64", "--tile-size-y", "64", "--stride-x", "32", "--stride-y", "32",
+            "--metadata-format", "PASCAL_VOC_rectangles", "--output-nofeature-tiles", "ALL_TILES",
+            "--n-workers", "2", *extra]
+
+
 def markers(out: Path) -> int:
     folder = out / ".chipflow" / "blocks"
     return len(list(folder.glob("*.json"))) if folder.exists() else 0
@@ -118,11 +127,7 @@ def test_a_killed_worker_still_gives_the_full_dataset(slow_inputs, slow_clean, t
 
 def test_a_killed_cli_then_rerun_equals_a_clean_run(slow_inputs, slow_clean, tmp_path):
     out = tmp_path / "killed-cli"
-    raster, vector = slow_inputs
-    cmd = [sys.executable, "-m", "chipflow", "export", str(raster), str(out), "--in-class-data", str(vector),
-           "--tile-size-x", "64", "--tile-size-y", "64", "--stride-x", "32", "--stride-y", "32",
-           "--metadata-format", "PASCAL_VOC_rectangles", "--output-nofeature-tiles", "ALL_TILES",
-           "--n-workers", "2", "--quiet"]
+    cmd = slow_cli(slow_inputs, out, "--quiet")
     proc = subprocess.Popen(cmd, start_new_session=True)
     deadline = time.time() + 120
     while markers(out) < 2 and time.time() < deadline and proc.poll() is None:
@@ -142,11 +147,7 @@ def test_a_killed_cli_then_rerun_equals_a_clean_run(slow_inputs, slow_clean, tmp
 def test_ctrl_c_at_a_terminal_stops_quietly_and_the_rerun_resumes(slow_inputs, slow_clean, tmp_path):
     """SIGINT to the whole process group (a terminal's Ctrl-C): no worker tracebacks, a short exit."""
     out = tmp_path / "ctrl-c"
-    raster, vector = slow_inputs
-    cmd = [sys.executable, "-m", "chipflow", "export", str(raster), str(out), "--in-class-data", str(vector),
-           "--tile-size-x", "64", "--tile-size-y", "64", "--stride-x", "32", "--stride-y", "32",
-           "--metadata-format", "PASCAL_VOC_rectangles", "--output-nofeature-tiles", "ALL_TILES",
-           "--n-workers", "2"]
+    cmd = slow_cli(slow_inputs, out)
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while markers(out) < 2 and time.time() < deadline and proc.poll() is None:
@@ -258,8 +259,7 @@ def test_a_full_disk_names_the_file_leaves_no_temporary_and_the_export_says_how_
     assert isinstance(said, chipflow.OutputError) and said.errno is None
     assert str(said).startswith("out_folder='/data/out' cannot be written: [Errno 28] No space left on device: ")
     assert str(said).endswith("rerun the same export to resume: the blocks already committed are kept")
-    other = OSError(errno.ECONNRESET, "Connection reset")
-    assert _storage_error(other, "/data/out") is other  # not the folder's: as it was
+    assert _storage_error(OSError(errno.ECONNRESET, "Connection reset"), "/data/out") is None  # not the folder's
 
 
 def test_in_place_writes_leave_exactly_the_new_bytes_and_never_cut_a_file_first(tmp_path, monkeypatch):
