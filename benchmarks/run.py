@@ -128,8 +128,10 @@ def measure_chipflow(spec: dict) -> dict:
             result = chipflow.export_training_data(
                 spec["raster"], spec["out"], spec["vector"], client=client, **kwargs
             )
-            seconds = time.perf_counter() - start
-        phases = block_phases(stream.data, began, began + seconds, n_blocks=result.num_blocks)
+            seconds, ended = time.perf_counter() - start, time.time()
+        # the workers stamp tasks with the wall clock: the phases are measured on it too (began +
+        # seconds drifted from it while the clock was slewed, once to 3 ms past the last block's end)
+        phases = block_phases(stream.data, began, ended, n_blocks=result.num_blocks)
         tick_ms = sorted(set(client.run(
             lambda dask_worker: dask_worker.periodic_callbacks["tick"].callback_time).values()))
     return {"chips": int(result.num_chips), "seconds": seconds, "startup_seconds": startup,

@@ -72,7 +72,8 @@ def test_quick_run_measures_all_systems(tmp_path):
         for run in systems[name]["runs"]:
             phases = run["phases"]
             assert phases["blocks"] > 0 and phases["before_blocks"] > 0 and phases["after_blocks"] > 0
-            assert abs(phases["before_blocks"] + phases["blocks"] + phases["after_blocks"] - run["seconds"]) < 1e-6
+            # on the wall clock, which may be slewed against the interval timer by a few ms
+            assert abs(phases["before_blocks"] + phases["blocks"] + phases["after_blocks"] - run["seconds"]) < 0.01
     assert systems["chipflow_1_worker"]["runs"][0]["phases"]["idle_at_end"] == 0  # one worker: never idle
     assert scaling["blocks"]["ratio"] == (systems["chipflow_1_worker"]["phases"]["blocks"]
                                           / systems["chipflow"]["phases"]["blocks"])
