@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
+from distributed.diagnostics.plugin import SchedulerPlugin
 
 if TYPE_CHECKING:
     from benchmarks.scratch import Scratch
@@ -96,7 +97,7 @@ def measure_chipflow(spec: dict) -> dict:
     cached. ``seconds`` is the full export that follows (steady state). The
     whole-process cost, cold, is what ``--cli`` measures.
     """
-    from distributed import Client, LocalCluster, get_task_stream
+    from distributed import Client, LocalCluster
 
     import chipflow
 
@@ -123,50 +124,75 @@ def measure_chipflow(spec: dict) -> dict:
                                       **{**kwargs, "stride_x": 256, "stride_y": 256})
         warmup = time.perf_counter() - start
         os.sync()  # the warm-up's files reach the disk before the measured run starts
-        with get_task_stream(client) as stream:  # read from the scheduler after the export, untimed
-            began, start = time.time(), time.perf_counter()
-            result = chipflow.export_training_data(
-                spec["raster"], spec["out"], spec["vector"], client=client, **kwargs
-            )
-            seconds, ended = time.perf_counter() - start, time.time()
-        # the workers stamp tasks with the wall clock: the phases are measured on it too (began +
-        # seconds drifted from it while the clock was slewed, once to 3 ms past the last block's end)
-        phases = block_phases(stream.data, began, ended, n_blocks=result.num_blocks)
+        client.register_plugin(BlockClock())  # the scheduler's own clock, which is this process's
+        began, start = time.time(), time.perf_counter()
+        result = chipflow.export_training_data(
+            spec["raster"], spec["out"], spec["vector"], client=client, **kwargs
+        )
+        seconds, ended = time.perf_counter() - start, time.time()
+        blocks = client.run_on_scheduler(BlockClock.collect)  # after the export, untimed
+        phases = block_phases(blocks, began, ended, n_blocks=result.num_blocks)
         tick_ms = sorted(set(client.run(
             lambda dask_worker: dask_worker.periodic_callbacks["tick"].callback_time).values()))
     return {"chips": int(result.num_chips), "seconds": seconds, "startup_seconds": startup,
             "warmup_seconds": warmup, "worker_tick_ms": tick_ms, "phases": phases}
 
 
-def block_phases(tasks: list[dict], began: float, ended: float, *, n_blocks: int | None = None) -> dict:
-    """Split an export's wall time at its block tasks, from Dask's task stream.
+class BlockClock(SchedulerPlugin):
+    """A Dask scheduler plugin that stamps chipflow's block tasks on the scheduler's clock.
 
-    ``before_blocks``: from the call to the first block's start (planning, the
-    broadcast, scheduling); ``blocks``: from the first block's start to the
-    last one's end; ``after_blocks``: from there to the return (fetching the
-    last results and merging them, the chip index, the metadata);
-    ``idle_at_end``: how long the first worker to finish its last block waited
-    for the last one (0 with one worker). Times are the workers' clocks, which
-    on one machine are the client's. Empty when no block ran, or when fewer
-    than ``n_blocks`` are in the stream (the scheduler keeps only its latest
-    tasks: Dask's
-    ``distributed.scheduler.dashboard.tasks.task-stream-length``).
+    It records when each block was first sent to a worker and when the
+    scheduler learned it was done, and by which worker. The scheduler of a
+    ``LocalCluster`` runs in the client's process, so these stamps and the
+    client's ``time.time()`` are one clock, and they are causal: a block is sent
+    after the export was called, and its result is known before the export
+    returns. The workers' own task-stream stamps are not: Dask shifts them by
+    each worker's estimate of its offset from the scheduler (``scheduler_delay``),
+    which on one machine is noise of a few ms, and it once put the last block's
+    end 3 ms after the export's return.
     """
-    last_stop: dict[str, float] = {}
-    first = float("inf")
-    blocks = [task for task in tasks if str(task["key"]).startswith("chipflow-block-")]
-    if n_blocks is not None and len({str(task["key"]) for task in blocks}) < n_blocks:
+
+    name = "chipflow-benchmark-block-clock"
+
+    def __init__(self) -> None:
+        self.sent: dict[str, float] = {}
+        self.done: dict[str, tuple[str, float]] = {}
+
+    def transition(self, key, start, finish, *args, **kwargs) -> None:
+        if not str(key).startswith("chipflow-block-"):
+            return
+        if finish == "processing":
+            self.sent.setdefault(str(key), time.time())
+        elif start == "processing" and finish == "memory":
+            self.done[str(key)] = (kwargs["worker"], time.time())
+
+    @staticmethod
+    def collect(dask_scheduler) -> list[dict]:
+        """The blocks stamped, as ``block_phases`` reads them, and the plugin removed."""
+        clock = dask_scheduler.plugins.pop(BlockClock.name)
+        return [{"key": key, "worker": worker, "sent": clock.sent[key], "done": done}
+                for key, (worker, done) in clock.done.items()]
+
+
+def block_phases(blocks: list[dict], began: float, ended: float, *, n_blocks: int | None = None) -> dict:
+    """Split an export's wall time at its block tasks, as ``BlockClock`` stamped them.
+
+    ``before_blocks``: from the call to the first block's dispatch (planning,
+    the broadcast, scheduling); ``blocks``: from there to the scheduler learning
+    that the last one was done; ``after_blocks``: from there to the return
+    (fetching the last results and merging them, the chip index, the metadata);
+    ``idle_at_end``: how long the first worker to finish its last block waited
+    for the last one (0 with one worker). Empty when no block ran (a resumed
+    export), or when fewer than ``n_blocks`` finished once each.
+    """
+    if not blocks or (n_blocks is not None and len(blocks) < n_blocks):
         return {}
-    for task in blocks:
-        for span in task["startstops"]:
-            if span["action"] == "compute":
-                first = min(first, span["start"])
-                last_stop[task["worker"]] = max(last_stop.get(task["worker"], 0.0), span["stop"])
-    if not last_stop:
-        return {}
-    last = max(last_stop.values())
+    last_done: dict[str, float] = {}
+    for block in blocks:
+        last_done[block["worker"]] = max(last_done.get(block["worker"], 0.0), block["done"])
+    first, last = min(block["sent"] for block in blocks), max(last_done.values())
     return {"before_blocks": first - began, "blocks": last - first, "after_blocks": ended - last,
-            "idle_at_end": last - min(last_stop.values())}
+            "idle_at_end": last - min(last_done.values())}
 
 
 # -------------------------------------------------------------------- parent side

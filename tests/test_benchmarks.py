@@ -100,22 +100,45 @@ def test_quick_run_measures_all_systems(tmp_path):
 def test_block_phases_split_an_export_at_its_block_tasks():
     from benchmarks.run import block_phases
 
-    def task(key, worker, *spans):
-        return {"key": key, "worker": worker,
-                "startstops": [{"action": action, "start": a, "stop": b} for action, a, b in spans]}
+    def block(i, worker, sent, done):
+        return {"key": f"chipflow-block-ab12cd34-{i}", "worker": worker, "sent": sent, "done": done}
 
-    tasks = [
-        task("chipflow-block-ab12cd34-0", "w1", ("transfer", 10.0, 10.1), ("compute", 10.1, 10.5)),
-        task("chipflow-block-ab12cd34-1", "w2", ("compute", 10.2, 10.6)),
-        task("chipflow-block-ab12cd34-2", "w1", ("compute", 10.5, 11.0)),
-        task("chipflow-reduce-ab12cd34-0-0", "w2", ("compute", 11.0, 11.1)),  # not a block
-    ]
-    phases = block_phases(tasks, began=10.0, ended=11.3)
+    blocks = [block(0, "w1", 10.1, 10.5), block(1, "w2", 10.2, 10.6), block(2, "w1", 10.5, 11.0)]
+    phases = block_phases(blocks, began=10.0, ended=11.3)
     assert phases == pytest.approx({"before_blocks": 0.1, "blocks": 0.9, "after_blocks": 0.3,
                                     "idle_at_end": 0.4})  # w2 finished at 10.6, w1 at 11.0
-    assert block_phases(tasks[3:], 10.0, 11.3) == {}  # no block ran (a resumed export)
-    assert block_phases(tasks, 10.0, 11.3, n_blocks=3) == phases
-    assert block_phases(tasks[1:], 10.0, 11.3, n_blocks=3) == {}  # the stream lost a block: no phases
+    assert block_phases([], 10.0, 11.3) == {}  # no block ran (a resumed export)
+    assert block_phases(blocks, 10.0, 11.3, n_blocks=3) == phases
+    assert block_phases(blocks[1:], 10.0, 11.3, n_blocks=3) == {}  # a block not stamped: no phases
+
+
+def test_block_clock_stamps_blocks_on_the_schedulers_clock():
+    """Causal stamps: the blocks start after the export is called and end before it returns."""
+    from distributed import Client, LocalCluster
+
+    from benchmarks.run import BlockClock, block_phases
+
+    def block(i):
+        time.sleep(0.02)
+        return i
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        client.register_plugin(BlockClock())
+        began = time.time()
+        futures = [client.submit(block, i, key=f"chipflow-block-ab12cd34-{i}") for i in range(6)]
+        assert client.gather(futures) == list(range(6))
+        client.submit(block, 9, key="chipflow-reduce-ab12cd34-0").result()  # not a block
+        ended = time.time()
+        blocks = client.run_on_scheduler(BlockClock.collect)
+        workers = set(client.scheduler_info()["workers"])
+        assert BlockClock.name not in client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.plugins))
+    assert sorted(b["key"] for b in blocks) == [f"chipflow-block-ab12cd34-{i}" for i in range(6)]
+    assert {b["worker"] for b in blocks} <= workers
+    assert all(began < b["sent"] < b["done"] < ended and b["done"] - b["sent"] >= 0.02 for b in blocks)
+    phases = block_phases(blocks, began, ended, n_blocks=6)
+    assert phases["before_blocks"] > 0 and phases["after_blocks"] > 0
+    assert phases["before_blocks"] + phases["blocks"] + phases["after_blocks"] == pytest.approx(ended - began)
 
 
 def test_features_scaling_runs_and_pairs_its_repeats(tmp_path):
