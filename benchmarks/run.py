@@ -598,7 +598,7 @@ def print_entry(entry: dict) -> None:
               f"(repeat by repeat: median {paired['chipflow/chipflow_1_worker']['median']:.2f}x)")
         if "blocks" in scaling:
             one, two = (entry["systems"][name]["phases"] for name in ("chipflow_1_worker", "chipflow"))
-            print(f"  the block phase alone (first block's start to last block's end): "
+            print(f"  the block phase alone (the first block's dispatch to the last one's result): "
                   f"{scaling['blocks']['ratio']:.2f}x; with {' / '.join(scaling['chips_per_s'])} workers: "
                   f"{one['before_blocks']:.3f} / {two['before_blocks']:.3f} s before the first block, "
                   f"{one['after_blocks']:.3f} / {two['after_blocks']:.3f} s after the last, "
