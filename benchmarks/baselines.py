@@ -252,11 +252,18 @@ def _floor_worker(
 def encode(chip: np.ndarray, fmt: str) -> bytes:
     """Encode a ``(bands, rows, cols)`` chip as TIFF, PNG or JPEG bytes.
 
-    TIFF keeps every band, planar and uncompressed; PNG (compress_level=1) and
-    JPEG (quality 90) keep the first 3 bands.
+    TIFF keeps every band, uncompressed, laid out as chipflow's chips are (so both
+    do the same work): 4 bands of uint8 as RGB and an extra sample, pixel-interleaved
+    (band by band into the interleaved array, chipflow's copy), others band after band;
+    PNG (compress_level=1) and JPEG (quality 90) keep the first 3 bands.
     """
     buf = io.BytesIO()
-    if fmt == "TIFF":
+    if fmt == "TIFF" and chip.dtype == np.uint8 and len(chip) == 4:
+        interleaved = np.empty((chip.shape[1], chip.shape[2], 4), np.uint8)
+        for i in range(4):
+            interleaved[..., i] = chip[i]
+        tifffile.imwrite(buf, interleaved, photometric="rgb", planarconfig="contig", extrasamples=[0])
+    elif fmt == "TIFF":
         tifffile.imwrite(buf, chip, photometric="minisblack", planarconfig="separate")
     else:
         image = Image.fromarray(np.ascontiguousarray(chip[:3].transpose(1, 2, 0)))

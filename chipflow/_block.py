@@ -702,6 +702,9 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
         kept_boxes = np.clip(kept_boxes - np.tile(corner, 2), 0, (tx, ty, tx, ty)) + 0.0
         kept_classes = labels.class_index[cand[kept]]
         rows = fmt.block_rows(b.class_values[kept_classes + 1], kept_boxes, cuts)
+        # chips met by a feature the ratio leaves out: their class raster burns the kept ones alone
+        redrawn = (np.bincount(chips, minlength=len(chip_boxes)) > np.diff(cuts)
+                   if job.min_overlap_ratio > 0 and b.mask is not None else None)
     chip_affine = src.chip_affine
     ca, cb, cc, cd, ce, cf = chip_affine[:6]
     for r, row in enumerate(range(*block.rows)):
@@ -730,6 +733,11 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                         geoms = None if kept_geoms is None else kept_geoms[mine]
                         class_index = kept_classes[mine]
                         text = None if rows is None else rows[i]
+                        if redrawn is not None and redrawn[i]:
+                            mask = _rasterize(cand_geoms[pos], b.class_values[class_index + 1], (ty, tx),
+                                              Affine.translation(cx0, cy0), b.mask_dtype)
+                            if b.any_valid is not None:
+                                mask[~b.any_valid[sl]] = 0
                         if geoms is not None:
                             geoms = shapely.transform(geoms, lambda xy, o=(cx0, cy0): xy - o)
                     if job.only_with_features and class_index.size == 0:

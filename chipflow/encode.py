@@ -185,8 +185,13 @@ class ChipEncoder:
         out = bytearray(len(header) + len(georef) + pixels.nbytes)  # one copy of the pixels, straight in
         out[:len(header)] = header
         out[len(header):len(header) + len(georef)] = georef
-        np.frombuffer(out, pixels.dtype.newbyteorder("<"), offset=len(header) + len(georef)).reshape(
-            pixels.shape)[...] = pixels
+        body = np.frombuffer(out, pixels.dtype.newbyteorder("<"), offset=len(header) + len(georef))
+        if _interleaved(bands, pixels.dtype):
+            body = body.reshape(h, w, bands)
+            for i in range(bands):  # band by band: 2.5x faster than copying the transposed view
+                body[..., i] = pixels[i]
+        else:
+            body.reshape(pixels.shape)[...] = pixels
         return out
 
 
@@ -202,23 +207,25 @@ def _tiff_header(bands: int, h: int, w: int, dtype: str, north_up: bool, crs_wkt
     Little-endian classic TIFF: the IFD, then the out-of-line tag values, then
     (8-byte aligned, at the end of the header) the 9 doubles of ModelPixelScale +
     ModelTiepoint (``north_up``) or the 16 of ModelTransformation, which the
-    caller appends, then one strip per band (PlanarConfiguration 2).
+    caller appends, then the pixels: one strip per band (PlanarConfiguration 2), or
+    one strip of interleaved pixels for 2 and 4 bands of uint8 (:func:`_interleaved`).
     """
     dt = np.dtype(dtype)
-    rgb = bands == 3 and dt == np.uint8
-    strip = h * w * dt.itemsize
+    rgb = bands in (3, 4) and dt == np.uint8
+    planes = 1 if _interleaved(bands, dt) else bands
+    strip = h * w * dt.itemsize * (bands // planes)
     n_georef = 9 if north_up else 16
     tags: list[tuple[int, int, list | bytes]] = [  # (code, type, values); ASCII values are bytes
         (256, _LONG, [w]),
         (257, _LONG, [h]),
         (258, _SHORT, [dt.itemsize * 8] * bands),
         (259, _SHORT, [1]),  # no compression
-        (262, _SHORT, [2 if rgb else 1]),  # RGB, or min-is-black
-        (273, _LONG, [0] * bands),  # strip offsets: filled in below
+        (262, _SHORT, [2 if rgb else 1]),  # RGB (and an unspecified 4th band), or min-is-black
+        (273, _LONG, [0] * planes),  # strip offsets: filled in below
         (277, _SHORT, [bands]),
         (278, _LONG, [h]),
-        (279, _LONG, [strip] * bands),
-        (284, _SHORT, [2 if bands > 1 else 1]),  # one plane per band
+        (279, _LONG, [strip] * planes),
+        (284, _SHORT, [2 if planes > 1 else 1]),  # one plane per band, or pixel-interleaved
     ]
     extra = bands - (3 if rgb else 1)
     if extra > 0:
@@ -267,8 +274,8 @@ def _tiff_header(bands: int, h: int, w: int, dtype: str, north_up: bool, crs_wkt
         pixels_start = georef_start + 8 * n_georef
         return b"".join(entries), pixels_start, bytes(blob)
 
-    _, pixels_start, _ = layout([0] * bands)
-    entries, again, blob = layout([pixels_start + i * strip for i in range(bands)])
+    _, pixels_start, _ = layout([0] * planes)
+    entries, again, blob = layout([pixels_start + i * strip for i in range(planes)])
     assert again == pixels_start  # offsets fit inline or not alike: same layout
     entries = bytearray(entries)
     for i, (code, _, values) in enumerate(tags):  # point the georef tags at the caller's doubles
@@ -277,6 +284,19 @@ def _tiff_header(bands: int, h: int, w: int, dtype: str, north_up: bool, crs_wkt
             struct.pack_into("<I", entries, 12 * i + 8, offset)
     return b"".join((b"II*\0", struct.pack("<I", 8), struct.pack("<H", len(tags)), bytes(entries),
                      b"\0\0\0\0", blob))
+
+
+def _interleaved(bands: int, dtype: np.dtype) -> bool:
+    """Whether a chip's pixels are stored interleaved (RGBNRGBN...) rather than band after band.
+
+    2 and 4 bands of uint8 are, as GDAL stores them by default: Pillow cannot
+    open them band after band (Ultralytics then skips every chip as corrupt),
+    and OpenCV reads only their first band. Interleaved, Pillow opens them (as
+    grey, and as RGB without the 4th band) and OpenCV reads all 4 bands. Other
+    chips stay band after band, a plain copy of each band: 1 and 3 bands of
+    uint8 read alike both ways, and neither reader opens the other types.
+    """
+    return dtype == np.uint8 and bands in (2, 4)
 
 
 def _nodata_text(nodata: float) -> str:

@@ -215,8 +215,12 @@ def test_by_hand_chip_matches_source(small_inputs, tmp_path):
 
 
 def read_floor_chip(folder, chip_id, fmt):
-    if fmt == "TIFF":
-        return tifffile.imread(folder / "images" / f"{chip_id:09d}.tif")
+    if fmt == "TIFF":  # laid out as chipflow's 4-band uint8 chips: RGB and an extra sample, interleaved
+        with tifffile.TiffFile(folder / "images" / f"{chip_id:09d}.tif") as tif:
+            page = tif.pages[0]
+            assert (page.photometric, page.planarconfig, page.extrasamples) == (
+                tifffile.PHOTOMETRIC.RGB, tifffile.PLANARCONFIG.CONTIG, (0,))
+            return np.moveaxis(page.asarray(), -1, 0)
     return np.asarray(Image.open(folder / "images" / f"{chip_id:09d}.png")).transpose(2, 0, 1)
 
 

@@ -50,9 +50,32 @@ def test_geotiff_chip_reads_back_in_gdal_exactly(epsg, transform, shape, dtype, 
         assert got["nodata"] is None
     else:
         assert got["nodata"] == nodata or (np.isnan(got["nodata"]) and np.isnan(nodata))
-    rgb = shape[0] == 3 and dtype == "uint8"
+    rgb = shape[0] in (3, 4) and dtype == "uint8"
     assert got["colorinterp"][0].name == ("red" if rgb else "gray")
-    np.testing.assert_array_equal(tifffile.imread(io.BytesIO(data)).reshape(shape), pixels)
+    assert [c.name for c in got["colorinterp"][3 if rgb else 1:]] == ["undefined"] * (shape[0] - (3 if rgb else 1))
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        interleaved = shape[0] > 1 and tif.pages[0].planarconfig == tifffile.PLANARCONFIG.CONTIG
+        read = tif.asarray()
+    assert interleaved == (dtype == "uint8" and shape[0] in (2, 4))
+    np.testing.assert_array_equal(np.moveaxis(read, -1, 0) if interleaved else read.reshape(shape), pixels)
+
+
+@pytest.mark.parametrize(("bands", "mode"), [(1, "L"), (2, "L"), (3, "RGB"), (4, "RGB")])
+def test_uint8_geotiff_chips_open_in_pillow(bands, mode):
+    """Pillow (Ultralytics checks every image with it, and skips what it cannot open) reads a
+    uint8 chip of 1-4 bands: grey, its first band of 2 (the second is an extra sample), RGB, and the
+    RGB of 4 (the 4th is an extra sample, as Pillow's RGBX)."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(bands).integers(0, 255, (bands, 24, 40), dtype=np.uint8)
+    data = ChipEncoder("tif", CRS.from_epsg(26917).to_wkt()).geotiff(pixels, NORTH_UP, None)
+    with Image.open(io.BytesIO(data)) as im:
+        im.verify()
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode == mode and im.size == (40, 24)
+        got = np.asarray(im)
+    np.testing.assert_array_equal(got if mode == "L" else np.moveaxis(got, -1, 0),
+                                  pixels[0] if mode == "L" else pixels[:3])
 
 
 def test_geotiff_chips_carry_the_crs_as_gdal_writes_it(tmp_path):

@@ -134,6 +134,53 @@ def test_min_polygon_overlap_ratio_drops_small_parts(client, make_raster, tmp_pa
         assert chip_ids(out) == expected and r.num_chips == len(expected)
 
 
+@pytest.mark.parametrize("fmt", ["Classified_Tiles", "Panoptic_Segmentation"])
+def test_min_polygon_overlap_ratio_leaves_small_parts_out_of_class_rasters(client, make_raster, tmp_path, fmt):
+    """A feature below the ratio in a chip is left out of that chip's class raster too, unrotated as
+    rotated: class 2 has 10% of its area in chip 0 (x 118-128), so chip 0 holds class 1 alone."""
+    raster = make_raster(textured((3, 128, 256)))
+    features = gpd.GeoDataFrame({"klass": [1, 2]}, crs="EPSG:32633", geometry=[
+        px_polygon([(20, 20), (60, 20), (60, 60), (20, 60)]),
+        px_polygon([(118, 40), (218, 40), (218, 100), (118, 100)])])
+    out = tmp_path / fmt
+    chipflow.export_training_data(raster, out, features, metadata_format=fmt, class_value_field="klass",
+                                  tile_size_x=128, tile_size_y=128, stride_x=128, stride_y=128,
+                                  min_polygon_overlap_ratio=0.5, rotation_angle=180, client=client)
+
+    def label(chip_id):
+        with rasterio.open(out / "labels" / f"{chip_id:09d}.tif") as ds:
+            return ds.read(1)
+
+    unrotated, rotated = label(0), label(1)  # chip 0 at 0° and at 180°
+    expected = np.zeros((128, 128), np.uint8)
+    expected[20:60, 20:60] = 1
+    np.testing.assert_array_equal(unrotated, expected)
+    np.testing.assert_array_equal(np.rot90(unrotated, 2), rotated)
+    second = label(2)  # chip 1 at 0°: 90% of class 2, kept whole within the chip
+    assert set(np.unique(second)) == {0, 2} and (second == 2).sum() == 90 * 60
+
+
+@pytest.mark.parametrize("fmt", ["PASCAL_VOC_rectangles", "KITTI_rectangles"])
+def test_a_sliver_narrower_than_a_printed_hundredth_gets_no_box(client, make_raster, tmp_path, fmt):
+    """Class 2 reaches 0.004 px into chip 0: its box there would print as 128.00-128.00, which
+    detection trainers refuse (torchvision: boxes need a positive width), so chip 0 lists class 1
+    alone; chip 1 has class 2's box, from its left edge."""
+    raster = make_raster(textured((3, 128, 256)))
+    features = gpd.GeoDataFrame({"klass": [1, 2] * 30}, crs="EPSG:32633", geometry=[
+        px_polygon(ring) for _ in range(30) for ring in (
+            [(20, 20), (60, 20), (60, 60), (20, 60)],
+            [(127.996, 10), (140, 10), (140, 30), (127.996, 30)])])  # 60 rows: the tables' path too
+    out = tmp_path / fmt
+    chipflow.export_training_data(raster, out, features, metadata_format=fmt, class_value_field="klass",
+                                  tile_size_x=128, tile_size_y=128, stride_x=128, stride_y=128, client=client)
+    read = read_voc if fmt.startswith("PASCAL") else read_kitti
+    ext = "xml" if fmt.startswith("PASCAL") else "txt"
+    names, boxes = read(out / "labels" / f"000000000.{ext}")
+    assert names == [1] * 30 and (boxes == [20, 20, 60, 60]).all()
+    names, boxes = read(out / "labels" / f"000000001.{ext}")
+    assert names == [2] * 30 and (boxes == [0, 10, 12, 30]).all()
+
+
 def test_start_index_is_accepted_and_ignored_with_a_deprecation_warning(client, tmp_path):
     with pytest.warns(ChipflowDeprecationWarning, match=r"start_index=5 is deprecated"):
         r = chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "s", KAMPALA_BUILDINGS, start_index=5,

@@ -95,6 +95,12 @@ def _block_rows(values: np.ndarray, boxes: np.ndarray, cuts: np.ndarray, templat
     """
     n = len(values)
     boxes = np.asarray(boxes, dtype=np.float64).reshape(n, 4)
+    sliver = _slivers(boxes)
+    if sliver.any():  # a part narrower than a hundredth: 128.00-128.00, which trainers refuse
+        keep = ~sliver
+        values, boxes = np.asarray(values)[keep], boxes[keep]
+        cuts = np.r_[0, np.cumsum(keep)][np.asarray(cuts)]
+        n = len(values)
     bounds = np.asarray(cuts).tolist()
     text = _hundredths(boxes.T.ravel()) if n >= 40 else None  # below, `%` costs less than the set-up
     if text is None:
@@ -112,6 +118,23 @@ def _block_rows(values: np.ndarray, boxes: np.ndarray, cuts: np.ndarray, templat
     for k in range(4):
         out[1 + 2 * k::9], out[2 + 2 * k::9] = whole[k], tails[k][cents[k]].tolist()
     return ["".join(out[9 * a:9 * b]) for a, b in itertools.pairwise(bounds)]
+
+
+def _slivers(boxes: np.ndarray) -> np.ndarray:
+    """Boxes of some width (or height) whose two x (or y) print alike with 2 decimals, as 0.00.
+
+    Found by their hundredths, then each one that is within a hundredth checked
+    with ``%`` itself (a tie may round either way). A point's or a line's box,
+    of no width or height at all, is not one: it is written as it is, as
+    ArcGIS does, and the export warns of it (``buffer_radius``).
+    """
+    sliver = np.zeros(len(boxes), bool)
+    hundredths = np.rint(boxes * 100.0)
+    close = np.flatnonzero((np.abs(hundredths[:, 2] - hundredths[:, 0]) <= 1)
+                           | (np.abs(hundredths[:, 3] - hundredths[:, 1]) <= 1))
+    for i, (x0, y0, x1, y1) in zip(close.tolist(), boxes[close].tolist(), strict=True):
+        sliver[i] = (x1 > x0 and f"{x0:.2f}" == f"{x1:.2f}") or (y1 > y0 and f"{y0:.2f}" == f"{y1:.2f}")
+    return sliver
 
 
 class _Heads(dict[int, str]):
