@@ -21,7 +21,7 @@ import click
 
 from . import formats
 from .config import CropMode, ImageChipFormat, NoFeatureTiles, ProcessingMode, ReferenceSystem, make_config
-from .errors import ChipflowDeprecationWarning, ChipflowError
+from .errors import ChipflowDeprecationWarning, ChipflowError, InputNotFoundError, OutputError
 from .grid import EdgePolicy
 from .pipeline import export_training_data
 from .progress import RichProgress
@@ -121,8 +121,20 @@ def _merged_storage_options(config: dict[str, Any], flags: tuple[str, ...]) -> d
     if not isinstance(base, dict):
         raise click.BadParameter("'storage_options' in the config file must be a mapping",
                                  param_hint="--config")
-    merged = {**base, **parse_storage_options(flags)}
+    merged = _deep_merge(base, parse_storage_options(flags))
     return merged or None
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over``'s keys, mappings merged key by key.
+
+    A flag's ``client_kwargs.region_name`` keeps the file's ``client_kwargs.endpoint_url``.
+    """
+    merged = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _deep_merge(merged[key], value) if both else value
+    return merged
 
 
 def _export_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -322,12 +334,13 @@ def stats(out_folder: str, as_json: bool, storage_option: tuple[str, ...]) -> No
 
     store = Store(out_folder, _cloud.freeze(parse_storage_options(storage_option)))
     try:
-        store.require_folder()
+        if not store.require_folder():
+            raise InputNotFoundError("out_folder", out_folder, "no such folder, or it is empty")
+        splits = store.split_names(store.run_params())
+        datasets = [store.child(name) for name in splits] or [store]
+        found = {d.url: _read_stats(d) for d in datasets}
     except ChipflowError as exc:
         _fail(exc)
-    splits = store.split_names(store.run_params())
-    datasets = [store.child(name) for name in splits] or [store]
-    found = {d.url: _read_stats(d) for d in datasets}
     if any(v is None for v in found.values()):
         click.echo(f"chipflow: error: out_folder={out_folder!r} holds no chipflow/ArcGIS statistics "
                    "(esri_accumulated_stats.json, esri_model_definition.emd)", err=True)
@@ -342,9 +355,36 @@ def stats(out_folder: str, as_json: bool, storage_option: tuple[str, ...]) -> No
 
 
 def _read_stats(store: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """A dataset's statistics json and emd, or None when it has not both."""
-    raw_stats, raw_emd = store.read("esri_accumulated_stats.json"), store.read("esri_model_definition.emd")
-    return None if raw_stats is None or raw_emd is None else (json.loads(raw_stats), json.loads(raw_emd))
+    """A dataset's statistics json and emd, or None when it has not both.
+
+    Raises
+    ------
+    OutputError
+        One of them is not a JSON mapping, or the emd's classes or band statistics lack their keys.
+    """
+    names = ("esri_accumulated_stats.json", "esri_model_definition.emd")
+    raws = [store.read(name) for name in names]
+    if any(raw is None for raw in raws):
+        return None
+    docs = []
+    for name, raw in zip(names, raws, strict=True):
+        try:
+            doc = json.loads(raw)
+            why = "" if isinstance(doc, dict) else f"holds a {type(doc).__name__}, not a mapping"
+        except ValueError as exc:
+            why = f"is not valid JSON: {exc}"
+        if not why and name.endswith(".emd"):
+            keys = [("Classes", k) for k in ("Name", "Value")] + [("AllTilesStats", k) for k in _BAND_KEYS]
+            lost = sorted({f"{part}[].{k}" for part, k in keys for entry in doc.get(part) or []
+                           if not isinstance(entry, dict) or k not in entry})
+            why = f"lacks {', '.join(lost)}" if lost else ""
+        if why:
+            raise OutputError(f"out_folder={store.url!r}: {name} {why}; `chipflow validate` checks it")
+        docs.append(doc)
+    return docs[0], docs[1]
+
+
+_BAND_KEYS = ("Min", "Max", "Mean", "StdDev")
 
 
 def _stats_lines(out_folder: str, s: dict[str, Any], emd: dict[str, Any]) -> str:

@@ -30,6 +30,7 @@ __all__ = [
     "NoFeatureTiles",
     "check_against_raster",
     "check_n_workers",
+    "check_scheduler",
     "make_config",
 ]
 
@@ -176,16 +177,18 @@ def _absolute(path: Any) -> str:
     return text if "://" in text else os.path.abspath(text)
 
 
-def _positive_int(parameter: str, value: Any, unit: str = "pixels") -> int:
-    """Accept ints and integer strings (the ESRI samples pass ``"256"``)."""
-    expected = f"must be a whole number of {unit} >= 1"
+def _positive_int(parameter: str, value: Any, unit: str = "pixels", *, low: int = 1,
+                  high: int | None = None) -> int:
+    """Accept ints and integer strings (the ESRI samples pass ``"256"``) within ``[low, high]``."""
+    expected = (f"must be a whole number{f' of {unit}' if unit else ''} >= {low}"
+                + ("" if high is None else f" and <= {high}"))
     if isinstance(value, bool):
         raise InvalidParameterError(parameter, value, expected)
     try:
         number = int(str(value).strip()) if isinstance(value, str) else int(value)
     except (TypeError, ValueError):
         raise InvalidParameterError(parameter, value, expected) from None
-    if number != value and not isinstance(value, str) or number < 1:
+    if number != value and not isinstance(value, str) or number < low or high is not None and number > high:
         raise InvalidParameterError(parameter, value, expected)
     return number
 
@@ -202,6 +205,16 @@ def _rotation(value: Any) -> float:
 def check_n_workers(n_workers: Any) -> int | None:
     """``n_workers``: None (one per core) or a whole number >= 1."""
     return None if n_workers is None else _positive_int("n_workers", n_workers, "worker processes")
+
+
+def check_scheduler(scheduler: Any) -> Any:
+    """``scheduler``: None, an address (``"tcp://host:8786"``) or a Dask cluster, as ``Client`` takes it."""
+    if scheduler is None or hasattr(scheduler, "scheduler_address"):
+        return scheduler
+    if not isinstance(scheduler, str) or not scheduler.strip():
+        raise InvalidParameterError("scheduler", scheduler, "must be a Dask scheduler's address, e.g. "
+                                    "'tcp://scheduler:8786'")
+    return scheduler.strip()
 
 
 @dataclass(frozen=True)
@@ -346,8 +359,8 @@ def make_config(
                                                            high=float("inf")),
         extent=_extent(extent),
         split=_splits(split),
-        split_block_size=_positive_int("split_block_size", split_block_size),
-        seed=int(_number("seed", seed, low=0, high=2**63)),
+        split_block_size=_positive_int("split_block_size", split_block_size, "chips"),
+        seed=_positive_int("seed", seed, "", low=0, high=2**63 - 1),
         edge_policy=_enum(EdgePolicy, "edge_policy", edge_policy),
         overwrite=_flag("overwrite", overwrite),
     )

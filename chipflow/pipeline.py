@@ -18,7 +18,7 @@ from . import _cloud, zarr_store
 from ._dask import StartingCluster, finalize_format, run_blocks, tune_allocator
 from ._partition import PARTITION_THRESHOLD, partition_labels
 from ._version import __version__
-from .config import ExportConfig, check_n_workers, make_config
+from .config import ExportConfig, check_n_workers, check_scheduler, make_config
 from .errors import InvalidParameterError, OutputError
 from .index import chip_index
 from .labels import ClassInfo, class_keys, split_layer
@@ -222,9 +222,8 @@ def export_training_data(
         split_block_size=split_block_size, seed=seed,
         edge_policy=edge_policy, overwrite=overwrite,
     )
-    n_workers = check_n_workers(n_workers)
-    if cfg.overwrite:
-        _check_inputs_outside(cfg, in_class_data=in_class_data, in_mask_polygons=in_mask_polygons)
+    n_workers, scheduler = check_n_workers(n_workers), check_scheduler(scheduler)
+    _check_inputs_outside(cfg, in_class_data=in_class_data, in_mask_polygons=in_mask_polygons)
     options = _cloud.freeze(storage_options)
     tune_allocator()  # this process re-uses the memory it frees (planning, pickling, the index)
     # the embedded cluster starts on a thread while the client plans; closed on leaving, also on errors
@@ -306,7 +305,9 @@ def export_training_data(
 
 
 def _check_inputs_outside(cfg: ExportConfig, **inputs: Any) -> None:
-    """Refuse ``overwrite`` when an input lies inside ``out_folder``: emptying it would delete it.
+    """Refuse an ``out_folder`` an input lies in.
+
+    It is not empty, so no run starts there, and ``overwrite`` would delete the input.
 
     Raises
     ------
@@ -326,8 +327,9 @@ def _check_inputs_outside(cfg: ExportConfig, **inputs: Any) -> None:
         if real == out or real.startswith(out.rstrip(os.sep) + os.sep):
             raise InvalidParameterError(
                 "out_folder", cfg.out_folder,
-                f"holds {name}={path!r}, and overwrite=True would delete it before it is read; "
-                "write the dataset to a folder that holds none of the inputs")
+                f"holds {name}={path!r}" + (", and overwrite=True would delete it before it is read"
+                                             if cfg.overwrite else "") +
+                "; write the dataset to a folder that holds none of the inputs")
 
 
 #: Errors of the output's storage (full, over quota, read-only, too large a file): the folder's.

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import shapely
+from affine import Affine
 
 from ._block import Job, crosses_split_cell
 from .config import (
@@ -148,9 +149,11 @@ class ExportPlan:
     def chips_with_features(self) -> int | None:
         """Chips a feature overlaps, as the export counts them, over all items and angles.
 
-        Polygons must overlap a chip's interior; only chips the export can write
-        count (:meth:`_grid_chips`). None for huge grids and for class rasters,
-        whose features are only found while their pixels are read.
+        Polygons must overlap a chip's interior, by ``min_polygon_overlap_ratio``
+        of their area at least; a rotated chip is its own footprint, turned about
+        the grid chip's centre; only chips the export can write count
+        (:meth:`_grid_chips`). None for huge grids and for class rasters, whose
+        features are only found while their pixels are read.
         """
         total = 0
         for item in self.items:
@@ -158,12 +161,20 @@ class ExportPlan:
                 return None
             if len(item.labels) == 0:
                 continue
-            boxes, geoms = self._grid_chips(item), item.labels.geoms
-            chips, features = shapely.STRtree(geoms).query(boxes, predicate="intersects")
-            inside = ~item.labels.polygonal[features] | shapely.relate_pattern(
-                geoms[features], boxes[chips], "T********")  # interiors meet: not just an edge
-            total += int(np.unique(chips[inside]).size)
-        return total * len(self.cfg.angles)
+            boxes, labels = self._grid_chips(item), item.labels
+            tree = shapely.STRtree(labels.geoms)
+            for angle in self.cfg.angles:
+                frames = _footprints(boxes, angle, (item.source.width, item.source.height))
+                chips, features = tree.query(frames, predicate="intersects")
+                geoms, poly = labels.geoms[features], labels.polygonal[features]
+                keep = ~poly | shapely.relate_pattern(geoms, frames[chips], "T********")  # not just an edge
+                ratio = self.cfg.min_polygon_overlap_ratio
+                if ratio > 0:  # as the blocks test it: the part in the chip against the whole
+                    full = labels.areas[features]
+                    keep &= (full <= 0) | (shapely.area(shapely.intersection(geoms, frames[chips]))
+                                           >= ratio * full)
+                total += int(np.unique(chips[keep]).size)
+        return total
 
     def chips_in_grid(self) -> int | None:
         """Grid chips the export can write whatever their features, over all items and angles."""
@@ -354,3 +365,21 @@ def plan_export(cfg: ExportConfig, in_class_data: Any, in_mask_polygons: Any = N
         raise LabelError(f"in_class_data={describe(in_class_data)} does not overlap any of the "
                          f"{len(items)} input rasters ({items[0].source.path!r}, ...)")
     return ExportPlan(cfg, tuple(items))
+
+
+def _footprints(boxes: np.ndarray, angle: float, size: tuple[int, int]) -> np.ndarray:
+    """Chips' footprints in raster pixels, as the blocks see them.
+
+    Unrotated, their boxes clipped to the raster; rotated by ``angle``, each box
+    turned about its centre (``_block._rotation``, whose exact quarter turns these share).
+    """
+    x0, y0, x1, y1 = shapely.bounds(boxes).T
+    if angle == 0:
+        return shapely.box(np.maximum(x0, 0), np.maximum(y0, 0), np.minimum(x1, size[0]),
+                           np.minimum(y1, size[1]))
+    turn = Affine.rotation(angle)
+    u = np.stack([-(x1 - x0) / 2, (x1 - x0) / 2, (x1 - x0) / 2, -(x1 - x0) / 2], axis=1)
+    v = np.stack([-(y1 - y0) / 2, -(y1 - y0) / 2, (y1 - y0) / 2, (y1 - y0) / 2], axis=1)
+    xs = ((x0 + x1) / 2)[:, None] + turn.a * u + turn.b * v
+    ys = ((y0 + y1) / 2)[:, None] + turn.d * u + turn.e * v
+    return shapely.polygons(np.stack([xs, ys], axis=-1))

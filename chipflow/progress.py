@@ -23,7 +23,12 @@ class Progress(Protocol):
 
 
 class RichProgress:
-    """A live bar on stderr: chips done/total, chips/s, ETA, and the Dask dashboard link."""
+    """A live bar on stderr: chip positions done/total, chips written, chips/s, ETA, the dashboard link.
+
+    The bar moves over the grid's positions (every chip the run may write), so
+    that its ETA holds when most positions are skipped (``ONLY_TILES_WITH_FEATURES``);
+    beside it, the chips actually written and their rate.
+    """
 
     def __init__(self, console: Any = None):
         from rich.console import Console
@@ -41,11 +46,11 @@ class RichProgress:
         if dashboard:
             self.console.print(f"Dask dashboard: {dashboard}")
         self._bar = Progress(
-            TextColumn("chips"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]:>8.1f} chips/s"), TimeRemainingColumn(),
-            console=self.console, transient=False,
+            TextColumn("positions"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[written]:>8} chips written {task.fields[rate]:>8.1f} chips/s"),
+            TimeRemainingColumn(), console=self.console, transient=False,
         )
-        self._task = self._bar.add_task("export", total=chips, rate=0.0)
+        self._task = self._bar.add_task("export", total=chips, rate=0.0, written=0)
         self._started = time.perf_counter()
         self._bar.start()
 
@@ -53,7 +58,7 @@ class RichProgress:
         """Advance by the block's planned chips; the rate counts chips actually written."""
         self._written += chips_written
         rate = self._written / max(time.perf_counter() - self._started, 1e-9)
-        self._bar.update(self._task, advance=chips_planned, rate=rate)
+        self._bar.update(self._task, advance=chips_planned, rate=rate, written=self._written)
 
     def finish(self) -> None:
         """Close the bar."""

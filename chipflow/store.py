@@ -133,9 +133,28 @@ class Store:
         return Store(f"{self.url.rstrip('/')}/{name}", self.storage_options)
 
     def run_params(self) -> dict[str, Any] | None:
-        """The parameters of the chipflow run in this folder (None for a folder chipflow did not write)."""
+        """The parameters of the chipflow run in this folder (None for a folder chipflow did not write).
+
+        Raises
+        ------
+        OutputError
+            ``.chipflow/params.json`` is there but damaged (not a JSON mapping).
+        """
         raw = self.read(f"{RUN_DIR}/params.json")
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else self._parsed_params(raw)
+
+    def _parsed_params(self, raw: bytes) -> dict[str, Any]:
+        try:
+            params = json.loads(raw)
+            why = "" if isinstance(params, dict) else f"holds a {type(params).__name__}, not a mapping"
+        except ValueError as exc:  # JSON's errors and undecodable bytes
+            why = f"is not valid JSON: {exc}"
+        if why:
+            raise OutputError(
+                f"out_folder={self.url!r} holds a damaged chipflow run: {RUN_DIR}/params.json {why}; "
+                "pass overwrite=True (--overwrite) to start again"
+            )
+        return params
 
     @staticmethod
     def split_names(params: dict[str, Any] | None) -> list[str]:
@@ -231,7 +250,7 @@ class Store:
                     f"{entries[:3]}) and holds no chipflow run; choose a new folder or pass "
                     "overwrite=True (--overwrite) to replace its contents"
                 )
-            old = json.loads(previous)
+            old = self._parsed_params(previous)
             if old != params:
                 changed = _differences(old, params)
                 raise OutputError(

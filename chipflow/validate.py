@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import zarr_store
-from .errors import InputNotFoundError
+from .errors import InputNotFoundError, OutputError
 from .formats import get
 from .stats import BlockResult
 from .store import Store
@@ -121,7 +121,11 @@ def validate_dataset(out_folder: str, *, storage_options: dict[str, Any] | None 
     if not store.require_folder():
         raise InputNotFoundError("out_folder", str(out_folder), "no such folder, or it is empty")
     report = ValidationReport(str(out_folder))
-    params = store.run_params()
+    try:
+        params = store.run_params()
+    except OutputError as exc:  # checked as a folder chipflow did not write
+        report.problems.append(str(exc))
+        params = None
     _check_run(store, params, report)
     splits = store.split_names(params)
     if splits:  # a dataset per split, in out_folder/<split>
@@ -155,11 +159,13 @@ def validate_dataset(out_folder: str, *, storage_options: dict[str, Any] | None 
         images = [zarr_store.image_ref(i) for i in chips.chip_ids.tolist()]
     report.images = len(images)
     if emd is None or stats is None or map_txt is None:
+        report.labels = _labelled_chips(store)
         return report
     try:
         fmt = get(stats.get("MetaDataMode"))
     except ValueError:
         report.problems.append(f"MetaDataMode {stats.get('MetaDataMode')!r} is not a known format")
+        report.labels = _labelled_chips(store)
         return report
     class_values = _check_emd(emd, stats, report, needs_classes=fmt.needs_labels)
     pairs: dict[str, str | None] = {}
@@ -216,6 +222,12 @@ def validate_dataset(out_folder: str, *, storage_options: dict[str, Any] | None 
     if fmt.per_chip_labels or fmt.dataset_file:
         _check_counts(fmt, stats, class_values, counts, report)
     return report
+
+
+def _labelled_chips(store: Store) -> int:
+    """How many chips have a file in ``labels/`` (by stem), without the metadata that says its format."""
+    return len({p.rsplit("/", 1)[-1].split(".", 1)[0] for p in store.find("labels")
+                if not p.rsplit("/", 1)[-1].startswith(".")})
 
 
 def _map_columns(line: str) -> list[str]:

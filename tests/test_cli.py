@@ -19,8 +19,26 @@ def test_export_prints_a_summary_and_writes_the_dataset(client, tmp_path):
     assert res.exit_code == 0, res.output
     assert "chips               9" in res.output and "chips/s" in res.output and str(out) in res.output
     assert "9/9" in res.stderr and "Dask dashboard: http" in res.stderr  # the progress bar
+    assert "9 chips written" in res.stderr
     stats = json.loads((out / "esri_accumulated_stats.json").read_text())
     assert stats["NumTiles"] == 9 and stats["TileSizeX"] == 512
+
+
+def test_the_progress_bar_tells_positions_from_chips_written(client, tmp_path):
+    """With ONLY_TILES_WITH_FEATURES most positions write no chip: the bar's count is of positions,
+    and beside it the chips written, as many as the summary and the folder hold."""
+    out = tmp_path / "o"
+    res = CliRunner().invoke(main, [
+        "export", str(NC / "landsat_multiband.tif"), str(out), "--in-class-data",
+        str(NC / "landsat96_polygons.shp"), "--class-value-field", "ID", "--tile-size-x", "32",
+        "--tile-size-y", "32", "--stride-x", "16", "--stride-y", "16", "--scheduler", client.scheduler.address,
+    ])
+    assert res.exit_code == 0, res.output
+    written = len(list((out / "images").iterdir()))
+    summary = int(next(line.split()[1] for line in res.output.splitlines() if line.strip().startswith("chips ")))
+    positions = res.stderr.split("positions", 1)[1].split("/", 1)[1].split()[0]
+    assert summary == written < int(positions)
+    assert f"{written} chips written" in res.stderr
 
 
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path):
@@ -103,6 +121,50 @@ def test_stats_prints_the_datasets_numbers(client, tmp_path):
     assert "pixels" in res.output and len(res.output.splitlines()) == 2 + 7 + 1 + 5
     as_json = json.loads(CliRunner().invoke(main, ["stats", str(out), "--json"]).output)
     assert as_json["accumulated_stats"] == stats and len(as_json["AllTilesStats"]) == 5
+
+
+def test_stats_refuses_a_damaged_or_missing_dataset_in_one_line(client, tmp_path):
+    import chipflow
+
+    out = tmp_path / "s"
+    chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, stride_x=512, stride_y=512, client=client)
+    emd = out / "esri_model_definition.emd"
+    good = json.loads(emd.read_text())
+    nameless = {**good, "Classes": [{k: v for k, v in c.items() if k != "Name"} for c in good["Classes"]]}
+    for text, says in (("{not json", "esri_model_definition.emd is not valid JSON"),
+                       (json.dumps(nameless), "esri_model_definition.emd lacks Classes[].Name"),
+                       ("[]", "esri_model_definition.emd holds a list, not a mapping")):
+        emd.write_text(text)
+        res = CliRunner().invoke(main, ["stats", str(out)])
+        (line,) = res.output.strip().splitlines()
+        assert res.exit_code == 2 and line.startswith(f"chipflow: error: out_folder='{out}': {says}"), line
+    res = CliRunner().invoke(main, ["stats", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "no such folder" in res.output and "Traceback" not in res.output
+
+
+def test_storage_option_flags_merge_into_the_job_files_nested_options():
+    from chipflow.cli import _merged_storage_options
+
+    config = {"storage_options": {"client_kwargs": {"endpoint_url": "http://minio:9000", "region_name": "us-east-1"},
+                                  "anon": False}}
+    merged = _merged_storage_options(config, ("client_kwargs.region_name=eu-west-1", "key=k"))
+    assert merged == {"client_kwargs": {"endpoint_url": "http://minio:9000", "region_name": "eu-west-1"},
+                      "anon": False, "key": "k"}
+    assert config["storage_options"]["client_kwargs"]["region_name"] == "us-east-1"  # the file's own left as read
+
+
+def test_a_scheduler_of_the_wrong_type_is_refused_before_any_output(tmp_path):
+    import chipflow
+
+    job = tmp_path / "job.yaml"
+    job.write_text(f"in_raster: {KAMPALA_IMAGE}\nout_folder: {tmp_path / 'o'}\n"
+                   f"in_class_data: {KAMPALA_BUILDINGS}\nscheduler: 8786\n")
+    res = CliRunner().invoke(main, ["export", "--config", str(job)])
+    assert res.exit_code == 2 and res.output.strip().splitlines() == [
+        "chipflow: error: Invalid scheduler=8786: must be a Dask scheduler's address, e.g. 'tcp://scheduler:8786'"]
+    with pytest.raises(chipflow.InvalidParameterError, match=r"scheduler=5"):
+        chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "o", KAMPALA_BUILDINGS, scheduler=5)
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.filterwarnings("ignore:Geometry is in a geographic CRS")  # buffering the 4326 sample

@@ -62,6 +62,10 @@ def test_defaults_are_the_esri_tools():
         ({"processing_mode": "ALL"}, r"processing_mode='ALL'.*PROCESS_ITEMS_SEPARATELY"),
         ({"crop_mode": "TIGHT"}, r"crop_mode='TIGHT'.*FIXED_SIZE, BOUNDING_BOX"),
         ({"blacken_around_feature": "YES"}, r"blacken_around_feature='YES'.*BLACKEN_AROUND_FEATURE or NO_BLACKEN"),
+        ({"seed": 1.7}, r"seed=1.7: must be a whole number >= 0 and <= 9223372036854775807"),
+        ({"seed": "0.9"}, r"seed='0.9': must be a whole number"),
+        ({"seed": 2**63}, r"seed=9223372036854775808: must be a whole number >= 0 and <= 9223372036854775807"),
+        ({"split_block_size": 0}, r"split_block_size=0: must be a whole number of chips >= 1"),
     ],
 )
 def test_bad_parameters_name_the_parameter_and_value(kwargs, match):

@@ -127,9 +127,14 @@ def _half_mask() -> gpd.GeoDataFrame:
     {"split": "train=0.5,val=0.5", "split_block_size": 2},
     {"split": "train=0.5,val=0.5", "split_block_size": 2, "output_nofeature_tiles": "ALL_TILES"},
     {"rotation_angle": 90, "stride_x": 256, "stride_y": 256},
-], ids=["features", "mask", "mask, all tiles", "split", "split, all tiles", "rotation"])
+    {"rotation_angle": 45, "tile_size_x": 64, "tile_size_y": 64, "stride_x": 48, "stride_y": 48},
+    {"rotation_angle": 90, "tile_size_x": 96, "tile_size_y": 32, "stride_x": 64, "stride_y": 64},
+    {"min_polygon_overlap_ratio": 0.9},
+], ids=["features", "mask", "mask, all tiles", "split", "split, all tiles", "rotation", "rotation 45",
+        "rotation of oblong chips", "overlap ratio"])
 def test_the_plan_predicts_the_chips_an_export_writes(client, tmp_path, kw):
-    """``chipflow plan``'s count applies the export's rules: interiors, mask polygons, split cells, angles."""
+    """``chipflow plan``'s count applies the export's rules: interiors, mask polygons, split cells,
+    angles (a rotated chip's own footprint), the overlap ratio."""
     kw = {k: (_half_mask() if v == "half" else v) for k, v in kw.items()}
     mask = kw.pop("in_mask_polygons", None)
     plan = plan_export(make_config(KAMPALA_IMAGE, "x", **kw), KAMPALA_BUILDINGS, mask).describe()

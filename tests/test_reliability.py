@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -216,6 +217,37 @@ def test_overwrite_refuses_to_empty_a_folder_holding_the_inputs(tmp_path):
     res = CliRunner().invoke(main, ["export", raster, str(tmp_path), "--in-class-data", vector, "--overwrite"])
     assert res.exit_code == 2 and "overwrite=True would delete it" in res.output
     assert (data / "image.tif").exists()
+    # without overwrite, the refusal says what to do, not to pass --overwrite (which is refused too)
+    res = CliRunner().invoke(main, ["export", raster, str(data), "--in-class-data", vector])
+    assert res.exit_code == 2 and res.output.strip().splitlines() == [
+        f"chipflow: error: Invalid out_folder='{data}': holds in_raster='{raster}'; write the dataset to a "
+        "folder that holds none of the inputs"]
+    assert sorted(p.name for p in data.iterdir()) == ["buildings.geojson", "image.tif"]
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b"[1, 2]", b"\xff\xfe"], ids=["syntax", "a list", "bytes"])
+def test_a_damaged_run_file_is_reported_not_a_traceback(client, tmp_path, damage):
+    """A damaged ``.chipflow/params.json``: export refuses the folder (exit 2) naming it and the file,
+    and changes nothing; validate reports it as a problem; stats refuses it in one line."""
+    out = tmp_path / "o"
+    chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, stride_x=512, stride_y=512, client=client)
+    (out / ".chipflow" / "params.json").write_bytes(damage)
+    before = tree(out)
+    args = ["export", str(KAMPALA_IMAGE), str(out), "--in-class-data", str(KAMPALA_BUILDINGS),
+            "--stride-x", "512", "--stride-y", "512", "--scheduler", client.scheduler.address]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2, res.output
+    (line,) = res.output.strip().splitlines()
+    assert line.startswith(f"chipflow: error: out_folder='{out}' holds a damaged chipflow run: "
+                           ".chipflow/params.json ") and "--overwrite" in line
+    assert tree(out) == before
+    res = CliRunner().invoke(main, ["validate", str(out)])
+    assert res.exit_code == 1 and "problem: out_folder=" in res.output and "Traceback" not in res.output
+    assert "(4 images, 4 labels)" in res.output
+    res = CliRunner().invoke(main, ["stats", str(out)])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "params.json" in res.output
+    res = CliRunner().invoke(main, [*args, "--overwrite"])  # the way out it names
+    assert res.exit_code == 0 and json.loads((out / ".chipflow" / "params.json").read_text())
 
 
 def test_a_file_never_appears_half_written(tmp_path, monkeypatch):

@@ -83,3 +83,15 @@ def test_export_tiles_writes_no_labels_folder(client, tmp_path):
     assert (out / "map.txt").read_text().splitlines()[0] == "images\\000000000.tif "
     with pytest.raises(chipflow.InvalidParameterError, match=r"in_class_data=None: is required"):
         chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "x", metadata_format="KITTI_rectangles")
+
+
+def test_labels_are_counted_when_the_metadata_that_names_their_format_is_missing(client, tmp_path):
+    """An interrupted run (no map.txt or emd yet) still reports the chips that have label files."""
+    out = tmp_path / "o"
+    chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, stride_x=512, stride_y=512,
+                                  metadata_format="RCNN_Masks", client=client)
+    labelled = {p.stem for p in (out / "labels").rglob("*.tif")}
+    for name in ("map.txt", "esri_model_definition.emd"):
+        (out / name).unlink()
+        report = validate_dataset(str(out))
+        assert not report.ok and (report.images, report.labels) == (4, len(labelled)) and len(labelled) > 0
