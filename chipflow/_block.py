@@ -700,6 +700,12 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
         # in each chip's own pixels (origin: the chip's corner, even past the raster's edge)
         corner = np.repeat(np.column_stack([bx.ravel(), by.ravel()]), np.diff(cuts), axis=0)
         kept_boxes = np.clip(kept_boxes - np.tile(corner, 2), 0, (tx, ty, tx, ty)) + 0.0
+        dropped = fmt.dropped_boxes(kept_boxes)
+        if dropped is not None and dropped.any():  # boxes the label cannot hold: counted nowhere
+            keep = ~dropped
+            kept, kept_boxes, kept_areas = kept[keep], kept_boxes[keep], kept_areas[keep]
+            kept_geoms = None if kept_geoms is None else kept_geoms[keep]
+            cuts = np.r_[0, np.cumsum(keep)][cuts]
         kept_classes = labels.class_index[cand[kept]]
         rows = fmt.block_rows(b.class_values[kept_classes + 1], kept_boxes, cuts)
         # chips met by a feature the ratio leaves out: their class raster burns the kept ones alone
@@ -772,9 +778,14 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                             (0, 0, tx, ty), job.min_overlap_ratio, True)
                         class_index = labels.class_index[cand[near[pos]]]
                         mask = None
+                    boxes = np.clip(boxes, 0, (tx, ty, tx, ty)) + 0.0
+                    dropped = fmt.dropped_boxes(boxes)
+                    if dropped is not None and dropped.any():  # as for the unrotated chips
+                        keep = ~dropped
+                        class_index, boxes, areas = class_index[keep], boxes[keep], areas[keep]
+                        geoms = None if geoms is None else geoms[keep]
                     if job.only_with_features and class_index.size == 0:
                         continue
-                    boxes = np.clip(boxes, 0, (tx, ty, tx, ty)) + 0.0
                     chip = _sample(b.pixels, (wx0, wy0), to_raster, (ty, tx), src.nodata)
                     idx_values = b.class_values[class_index + 1]
                     inst = None

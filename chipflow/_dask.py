@@ -331,13 +331,13 @@ def run_blocks(
             arriving.update(submit([item], again[item[0]]))
 
     tree = MergeTree(len(work))
-    if progress is not None:
-        progress.start(blocks=len(work), chips=sum(b.n_chips for b, _, _ in work) * angles,
+    if progress is not None:  # this run's blocks: a resumed run's bar and rate leave the committed out
+        progress.start(blocks=len(todo), chips=sum(b.n_chips for _, b, _, _ in todo) * angles,
                        dashboard=getattr(client, "dashboard_link", None))
     try:
         for i, result in results():
             tree.add(i, result)
-            if progress is not None:
+            if progress is not None and work[i][0].id not in committed:
                 progress.update(chips_written=result.num_chips, chips_planned=work[i][0].n_chips * angles)
     finally:
         if progress is not None:

@@ -140,7 +140,9 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def _export_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The export parameters, shared by ``export`` and ``plan`` (ESRI names in kebab case)."""
     options = [
-        click.option("--in-class-data", help="Vector class data (GPKG, GeoJSON, SHP, Parquet)."),
+        click.option("--in-class-data", help="Class data: a vector file or layer (GPKG, GeoJSON, SHP, "
+                     "Parquet, file.gpkg/layer, file.gdb/layer) or a classified raster; optional for "
+                     "Export_Tiles."),
         click.option("--image-chip-format", default="TIFF", show_default=True,
                      help=_values([f.value for f in ImageChipFormat])),
         click.option("--tile-size-x", type=int, default=256, show_default=True),

@@ -335,6 +335,13 @@ def make_config(
             "image_chip_format", "ZARR", f"writes no image files, and metadata_format={fmt.name!r} "
             "names each chip's image file (COCO's file_name, YOLO's images/ folder); use "
             "image_chip_format='TIFF', 'PNG' or 'JPEG'")
+    system = _enum(ReferenceSystem, "reference_system", reference_system)
+    for name, value in (("extent", extent), ("cell_size", cell_size)):
+        if value is not None and system is not ReferenceSystem.MAP_SPACE:
+            raise InvalidParameterError(
+                name, value, f"is in map units and applies with reference_system='MAP_SPACE'; with "
+                f"{system.value!r} chips are cut on the raster's own pixel grid: leave {name} out, or crop "
+                "or resample the raster first (gdal_translate -srcwin / -tr)")
     return ExportConfig(
         in_raster=tuple(_absolute(r) for r in rasters),
         out_folder=_absolute(out_folder),
@@ -348,7 +355,7 @@ def make_config(
         class_value_field=class_value_field.strip() if class_value_field else None,
         buffer_radius=_number("buffer_radius", buffer_radius, low=0, high=float("inf")),
         rotation_angle=_rotation(rotation_angle),
-        reference_system=_enum(ReferenceSystem, "reference_system", reference_system),
+        reference_system=system,
         processing_mode=_enum(ProcessingMode, "processing_mode", processing_mode),
         blacken_around_feature=_flag("blacken_around_feature", blacken_around_feature,
                                      ("BLACKEN_AROUND_FEATURE",), ("NO_BLACKEN",)),

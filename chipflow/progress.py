@@ -13,7 +13,11 @@ class Progress(Protocol):
     """What :func:`chipflow.export_training_data` tells a progress reporter."""
 
     def start(self, *, blocks: int, chips: int, dashboard: str | None) -> None:
-        """The run starts: ``chips`` is the most it can write (before skipping empty chips)."""
+        """The run starts: ``blocks`` to run, ``chips`` the most they can write.
+
+        Before empty chips are skipped; a resumed run's committed blocks are
+        neither in them nor reported.
+        """
 
     def update(self, *, chips_written: int, chips_planned: int) -> None:
         """One block finished, having written ``chips_written`` of its ``chips_planned``."""

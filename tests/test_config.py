@@ -66,6 +66,9 @@ def test_defaults_are_the_esri_tools():
         ({"seed": "0.9"}, r"seed='0.9': must be a whole number"),
         ({"seed": 2**63}, r"seed=9223372036854775808: must be a whole number >= 0 and <= 9223372036854775807"),
         ({"split_block_size": 0}, r"split_block_size=0: must be a whole number of chips >= 1"),
+        ({"extent": "1 2 3 4", "reference_system": "PIXEL_SPACE"},
+         r"extent='1 2 3 4': is in map units and applies with reference_system='MAP_SPACE'; with 'PIXEL_SPACE'"),
+        ({"cell_size": 0.15, "reference_system": "image_space"}, r"cell_size=0.15: .* with 'IMAGE_SPACE' chips"),
     ],
 )
 def test_bad_parameters_name_the_parameter_and_value(kwargs, match):

@@ -171,14 +171,20 @@ def test_a_sliver_narrower_than_a_printed_hundredth_gets_no_box(client, make_ras
             [(20, 20), (60, 20), (60, 60), (20, 60)],
             [(127.996, 10), (140, 10), (140, 30), (127.996, 30)])])  # 60 rows: the tables' path too
     out = tmp_path / fmt
-    chipflow.export_training_data(raster, out, features, metadata_format=fmt, class_value_field="klass",
-                                  tile_size_x=128, tile_size_y=128, stride_x=128, stride_y=128, client=client)
+    result = chipflow.export_training_data(
+        raster, out, features, metadata_format=fmt, class_value_field="klass", tile_size_x=128, tile_size_y=128,
+        stride_x=128, stride_y=128, rotation_angle=180, client=client)
     read = read_voc if fmt.startswith("PASCAL") else read_kitti
     ext = "xml" if fmt.startswith("PASCAL") else "txt"
-    names, boxes = read(out / "labels" / f"000000000.{ext}")
-    assert names == [1] * 30 and (boxes == [20, 20, 60, 60]).all()
-    names, boxes = read(out / "labels" / f"000000001.{ext}")
+    for chip_id in (0, 1):  # chip 0 at 0° and at 180°
+        names, boxes = read(out / "labels" / f"{chip_id:09d}.{ext}")
+        assert names == [1] * 30 and (boxes == ([20, 20, 60, 60] if chip_id == 0 else [68, 68, 108, 108])).all()
+    names, boxes = read(out / "labels" / f"000000002.{ext}")  # chip 1 at 0°
     assert names == [2] * 30 and (boxes == [0, 10, 12, 30]).all()
+    # counted nowhere either: the statistics and the chip index agree with the files (validate)
+    stats = json.loads((out / "esri_accumulated_stats.json").read_text())
+    assert stats["FeatureStats"]["NumFeaturesPerClass"] == [2 * 30, 2 * 30] == list(result.features_per_class.values())
+    assert validate_dataset(str(out)).ok
 
 
 def test_start_index_is_accepted_and_ignored_with_a_deprecation_warning(client, tmp_path):

@@ -180,8 +180,22 @@ def test_resume_skips_committed_blocks_and_refuses_other_parameters(client, tmp_
     (out / ".chipflow" / ".params.json.deadbeef.tmp").write_bytes(b"half")  # an atomic put's temp file
     before = {p.name: p.stat().st_mtime_ns for p in (out / "labels").iterdir()}
     assert not validate_dataset(str(out)).ok
-    chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, client=client)
+
+    class Recorder:  # the progress of the rerun: its two blocks, not the committed ones
+        def start(self, **kw):
+            self.started, self.updates = kw, []
+
+        def update(self, **kw):
+            self.updates.append(kw)
+
+        def finish(self):
+            pass
+
+    progress = Recorder()
+    chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, client=client, progress=progress)
     assert tree(out) == clean
+    assert progress.started["blocks"] == len(progress.updates) == 2
+    assert progress.started["chips"] == sum(u["chips_planned"] for u in progress.updates) > 0
     after = {p.name: p.stat().st_mtime_ns for p in (out / "labels").iterdir()}
     rewritten = sorted(n for n in before if after[n] != before[n])
     assert rewritten and len(rewritten) < len(before)  # only the two uncommitted blocks ran

@@ -95,3 +95,16 @@ def test_labels_are_counted_when_the_metadata_that_names_their_format_is_missing
         (out / name).unlink()
         report = validate_dataset(str(out))
         assert not report.ok and (report.images, report.labels) == (4, len(labelled)) and len(labelled) > 0
+
+
+def test_png_class_rasters_validate_without_a_warning_per_label(client, tmp_path):
+    """PNG labels carry no georeferencing: reading them back is not worth a warning each."""
+    import warnings
+
+    out = tmp_path / "png"
+    chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, stride_x=256, stride_y=256,
+                                  metadata_format="Classified_Tiles", image_chip_format="PNG", client=client)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = validate_dataset(str(out))
+    assert report.ok and report.labels == report.images > 0

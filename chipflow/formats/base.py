@@ -166,6 +166,14 @@ class LabelFormat(ABC):
         """Write dataset-wide files from the blocks' parts (in block order), after every block."""
         return None
 
+    def dropped_boxes(self, boxes: np.ndarray) -> np.ndarray | None:
+        """Which features, by their boxes in a chip's pixels, the chip's label cannot hold; None: none.
+
+        Dropped before anything counts them, so the statistics, the chip index
+        and ``ONLY_TILES_WITH_FEATURES`` agree with the label files.
+        """
+        return None
+
     def block_rows(self, values: np.ndarray, boxes: np.ndarray, cuts: np.ndarray) -> list[str] | None:
         """The text of every chip's features of a block, rendered at once (``ChipLabel.rows``), or None.
 

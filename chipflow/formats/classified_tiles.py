@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ._common import open_label
 from .base import ChipLabel, LabelFormat
 
 __all__ = ["ClassifiedTiles"]
@@ -34,9 +35,7 @@ class ClassifiedTiles(LabelFormat):
 
     def count(self, data: bytes, *, width: int, height: int, **_: Any) -> dict[int, int]:
         """Pixels per class value (0, background, not counted); one band of the chip's size."""
-        from rasterio.io import MemoryFile
-
-        with MemoryFile(data) as mem, mem.open() as ds:
+        with open_label(data) as ds:
             if ds.count != 1 or (ds.width, ds.height) != (width, height):
                 raise ValueError(f"needs 1 band of {width} x {height}, has {ds.count} of "
                                  f"{ds.width} x {ds.height}")

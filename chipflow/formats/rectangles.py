@@ -95,12 +95,6 @@ def _block_rows(values: np.ndarray, boxes: np.ndarray, cuts: np.ndarray, templat
     """
     n = len(values)
     boxes = np.asarray(boxes, dtype=np.float64).reshape(n, 4)
-    sliver = _slivers(boxes)
-    if sliver.any():  # a part narrower than a hundredth: 128.00-128.00, which trainers refuse
-        keep = ~sliver
-        values, boxes = np.asarray(values)[keep], boxes[keep]
-        cuts = np.r_[0, np.cumsum(keep)][np.asarray(cuts)]
-        n = len(values)
     bounds = np.asarray(cuts).tolist()
     text = _hundredths(boxes.T.ravel()) if n >= 40 else None  # below, `%` costs less than the set-up
     if text is None:
@@ -122,6 +116,9 @@ def _block_rows(values: np.ndarray, boxes: np.ndarray, cuts: np.ndarray, templat
 
 def _slivers(boxes: np.ndarray) -> np.ndarray:
     """Boxes of some width (or height) whose two x (or y) print alike with 2 decimals, as 0.00.
+
+    A polygon reaching 0.004 px into a chip would get ``128.00 ... 128.00``,
+    which detection trainers refuse (torchvision: boxes need a positive width).
 
     Found by their hundredths, then each one that is within a hundredth checked
     with ``%`` itself (a tie may round either way). A point's or a line's box,
@@ -173,7 +170,15 @@ def _pieces(template: str) -> tuple[str, ...]:
     return tuple(re.split(r"%d|%\.2f", template))
 
 
-class KittiRectangles(LabelFormat):
+class _PrintedBoxes(LabelFormat):
+    """A format whose boxes are printed with 2 decimals."""
+
+    def dropped_boxes(self, boxes: np.ndarray) -> np.ndarray:
+        """Polygon slivers whose box prints 0.00 wide or high (:func:`_slivers`)."""
+        return _slivers(boxes)
+
+
+class KittiRectangles(_PrintedBoxes):
     """``labels/<stem>.txt``: one 15-column KITTI row per feature."""
 
     name = "KITTI_rectangles"
@@ -199,7 +204,7 @@ class KittiRectangles(LabelFormat):
         return dict(counts)
 
 
-class PascalVocRectangles(LabelFormat):
+class PascalVocRectangles(_PrintedBoxes):
     """``labels/<stem>.xml``: a PASCAL VOC annotation as ArcGIS writes it."""
 
     name = "PASCAL_VOC_rectangles"
