@@ -314,17 +314,17 @@ def _check_inputs_outside(cfg: ExportConfig, **inputs: Any) -> None:
     InvalidParameterError
         Naming ``out_folder`` and the input inside it.
     """
-    if _cloud.is_remote(cfg.out_folder):
-        return
-    out = os.path.realpath(cfg.out_folder)
+    remote = _cloud.is_remote(cfg.out_folder)
+    out = cfg.out_folder.rstrip("/") if remote else os.path.realpath(cfg.out_folder)
+    sep = "/" if remote else os.sep
     named = [("in_raster", r) for r in cfg.in_raster] + [
         (name, value) for name, value in inputs.items() if isinstance(value, str | os.PathLike)]
     for name, value in named:
         path = os.fspath(value)
-        if _cloud.is_remote(path):
+        if _cloud.is_remote(path) != remote:
             continue
-        real = os.path.realpath(path)
-        if real == out or real.startswith(out.rstrip(os.sep) + os.sep):
+        real = path.rstrip("/") if remote else os.path.realpath(path)
+        if real == out or real.startswith(out.rstrip(sep) + sep):
             raise InvalidParameterError(
                 "out_folder", cfg.out_folder,
                 f"holds {name}={path!r}" + (", and overwrite=True would delete it before it is read"

@@ -378,9 +378,11 @@ def read_window(source: RasterSource,
             return ds.read(window=win), None
         covered = np.zeros((y1 - y0, x1 - x0), bool)
         covered[max(0, -y0):min(y1, source.height) - y0, max(0, -x0):min(x1, source.width) - x0] = True
-        data = ds.read(window=win) if inside else ds.read(window=win, boundless=True, fill_value=fill)
+        with _cloud.raster_env(items[0].path):  # a boundless read opens the file again, in a VRT
+            data = ds.read(window=win) if inside else ds.read(window=win, boundless=True, fill_value=fill)
+            if items[0].masked:
+                covered &= ds.read_masks(1, window=win, boundless=not inside) > 0  # outside the file: 0
         if items[0].masked:
-            covered &= ds.read_masks(1, window=win, boundless=not inside) > 0  # outside the file: 0
             data[:, ~covered] = fill
         return data, (None if covered.all() else covered)
     out = np.full((source.count, y1 - y0, x1 - x0), fill, dtype=source.dtype)
@@ -397,19 +399,20 @@ def read_window(source: RasterSource,
         to_item = ~to_virtual
         fx0, fy0 = to_item * (ox0, oy0)
         fx1, fy1 = to_item * (ox1, oy1)
-        data = _dataset(item).read(
-            window=rasterio.windows.Window(fx0, fy0, fx1 - fx0, fy1 - fy0),
-            out_shape=(source.count, oy1 - oy0, ox1 - ox0),
-            resampling=Resampling[source.resampling], boundless=True, fill_value=fill,
-        )
-        sub = np.s_[oy0 - y0:oy1 - y0, ox0 - x0:ox1 - x0]
-        valid = np.ones(data.shape[1:], bool)
-        if source.nodata is not None:
-            valid = ~(data == np.asarray(fill).astype(data.dtype)).all(axis=0)
-        elif item.masked:
-            valid = _dataset(item).read_masks(
-                1, window=rasterio.windows.Window(fx0, fy0, fx1 - fx0, fy1 - fy0), out_shape=valid.shape,
-                resampling=Resampling.nearest, boundless=True) > 0
+        with _cloud.raster_env(item.path):  # boundless reads open the file again, in a VRT
+            data = _dataset(item).read(
+                window=rasterio.windows.Window(fx0, fy0, fx1 - fx0, fy1 - fy0),
+                out_shape=(source.count, oy1 - oy0, ox1 - ox0),
+                resampling=Resampling[source.resampling], boundless=True, fill_value=fill,
+            )
+            sub = np.s_[oy0 - y0:oy1 - y0, ox0 - x0:ox1 - x0]
+            valid = np.ones(data.shape[1:], bool)
+            if source.nodata is not None:
+                valid = ~(data == np.asarray(fill).astype(data.dtype)).all(axis=0)
+            elif item.masked:
+                valid = _dataset(item).read_masks(
+                    1, window=rasterio.windows.Window(fx0, fy0, fx1 - fx0, fy1 - fy0), out_shape=valid.shape,
+                    resampling=Resampling.nearest, boundless=True) > 0
         take = valid & ~covered[sub]
         region = out[(slice(None), *sub)]
         region[:, take] = data[:, take]

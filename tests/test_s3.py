@@ -354,3 +354,45 @@ def test_a_layer_of_a_geopackage_on_s3_is_named_as_locally(s3, client, local_ref
     with pytest.raises(InvalidParameterError, match=r"holds 2 layers \('other', 'buildings'\)"):
         chipflow.export_training_data(str(KAMPALA_IMAGE), f"s3://{OUT}/no-layer", f"s3://{IN}/kampala/project.gpkg",
                                       client=client, storage_options=s3.options, **JOB)
+
+
+@pytest.mark.parametrize("case", ["PAD past the edge", "a mosaic of a prefix"])
+def test_boundless_reads_of_s3_rasters_use_the_storage_options(s3, client, tmp_path, case):
+    """Reads past a raster's edge, and of mosaic items, go through a VRT that opens the object again:
+    with the export's endpoint too (they went to AWS). The chips equal the same job's on local files."""
+    with rasterio.open(KAMPALA_IMAGE) as src:
+        profile, data = src.profile, src.read()
+    halves = tmp_path / "halves"
+    halves.mkdir()
+    for name, rows in (("a.tif", slice(0, 512)), ("b.tif", slice(512, 1024))):
+        window = rasterio.windows.Window(0, rows.start, data.shape[2], rows.stop - rows.start)
+        with rasterio.open(halves / name, "w", **{**profile, "height": window.height,
+                                                  "transform": rasterio.windows.transform(window, profile["transform"])}) as ds:
+            ds.write(data[:, rows])
+        s3.boto.upload_file(str(halves / name), IN, f"halves/{name}")
+    if case.startswith("PAD"):
+        local, remote, kw = str(KAMPALA_IMAGE), f"s3://{IN}/{IMAGE_KEY}", {"edge_policy": "PAD", "stride_x": 300,
+                                                                          "stride_y": 300}
+    else:
+        local, remote, kw = str(halves), f"s3://{IN}/halves/", {}
+    for source, out in ((local, tmp_path / "local"), (remote, tmp_path / "remote")):
+        chipflow.export_training_data(source, str(out), str(KAMPALA_BUILDINGS), client=client,
+                                      storage_options=s3.options if source == remote else None, **kw)
+    expected, got = local_files(tmp_path / "local"), local_files(tmp_path / "remote")
+    chips = sorted(k for k in expected if k.startswith(("images/", "labels/")))
+    assert chips and chips == sorted(k for k in got if k.startswith(("images/", "labels/")))
+    assert all(got[k] == expected[k] for k in chips)
+
+
+def test_an_s3_folder_holding_the_inputs_is_refused_and_they_are_kept(s3, client):
+    """As locally: overwrite would delete the inputs before they are read (it did, on S3)."""
+    s3.boto.upload_file(str(KAMPALA_IMAGE), OUT, "job/image.tif")
+    s3.boto.upload_file(str(KAMPALA_BUILDINGS), OUT, "job/buildings.geojson")
+    before = s3_objects(s3.boto, OUT, "job")
+    args = (f"s3://{OUT}/job/image.tif", f"s3://{OUT}/job", f"s3://{OUT}/job/buildings.geojson")
+    for overwrite, says in ((True, "overwrite=True would delete it"), (False, "holds none of the inputs")):
+        with pytest.raises(chipflow.InvalidParameterError,
+                           match=rf"out_folder='s3://{OUT}/job': holds in_raster='{args[0]}'.*{says}"):
+            chipflow.export_training_data(*args, client=client, storage_options=s3.options,
+                                          overwrite=overwrite, **JOB)
+    assert s3_objects(s3.boto, OUT, "job") == before
