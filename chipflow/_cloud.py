@@ -55,13 +55,15 @@ _active: contextvars.ContextVar[Options | None] = contextvars.ContextVar("chipfl
 _remembered: list[Options] = [()]
 
 
-def freeze(storage_options: Mapping[str, Any] | Options | None) -> Options:
+def freeze(storage_options: Mapping[str, Any] | Options | None, *urls: Any) -> Options:
     """``storage_options`` (a mapping, or pairs) as sorted pairs, checked without echoing any value.
+
+    With ``urls`` (the export's paths), keys s3fs does not take are refused when one is ``s3://``.
 
     Raises
     ------
     InvalidParameterError
-        Not a mapping of string keys.
+        Not a mapping of string keys; a nested option of the wrong type; an unknown key for ``s3://``.
     """
     if storage_options is None:
         return ()
@@ -76,7 +78,34 @@ def freeze(storage_options: Mapping[str, Any] | Options | None) -> Options:
     if not all(isinstance(k, str) for k, _ in items):
         raise InvalidParameterError("storage_options", "<mapping>", "keys must be strings")
     _check_types(dict(items))
+    if any(isinstance(u, str) and _is_s3(u) for u in urls):
+        _check_s3_keys([k for k, _ in items])
     return tuple(sorted(items, key=lambda kv: kv[0]))
+
+
+def _check_s3_keys(keys: list[str]) -> None:
+    """Refuse keys s3fs does not take.
+
+    It takes its own, fsspec's listings cache's, and aiobotocore's session's, which
+    gets the rest and fails on an unknown one deep in the first request (a TypeError).
+    """
+    import difflib
+    import inspect
+
+    import aiobotocore.session
+    import s3fs
+
+    named = {p.name for f in (s3fs.S3FileSystem.__init__, aiobotocore.session.AioSession.__init__)
+             for p in inspect.signature(f).parameters.values()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+    known = named | {"use_listings_cache", "listings_expiry_time", "max_paths", "skip_instance_cache"}
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise InvalidParameterError(
+                f"storage_options.{key}", "<value>", f"is not an option of s3fs (s3:// paths); {hint}"
+                "e.g. endpoint_url, key, secret, token, anon, client_kwargs, config_kwargs")
 
 
 #: s3fs's options that are mappings themselves, and those of botocore's ``Config`` (config_kwargs).
@@ -163,7 +192,7 @@ def version(path: str) -> str:
     fs, inner = found
     try:
         info = fs.info(inner)
-    except (OSError, ValueError):
+    except (ValueError, *access_errors()):  # botocore's credential errors are no OSErrors
         return ""
     tag = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or ""
     return f"{info.get('size', '')}:{str(tag).strip(chr(34))}"
@@ -262,7 +291,7 @@ def use(options: Options) -> Iterator[None]:
     ``s3://`` class data read through pyogrio sees the same endpoint and credentials.
     """
     token = _active.set(options)
-    config = gdal_s3_config(dict(options)) if options else {}
+    config = gdal_s3_config(dict(options))  # without options too: an endpoint the environment names
     restore: dict[str, Any] = {}
     try:
         if config:
@@ -300,8 +329,16 @@ def expand_url(url: str, extensions: tuple[str, ...], parameter: str = "in_raste
     Raises
     ------
     InputNotFoundError
-        A pattern that matches nothing, or a prefix without rasters.
+        A pattern that matches nothing, a prefix without rasters, or a store that cannot be
+        reached (credentials, endpoint, permissions).
     """
+    try:
+        return _expanded(url, extensions, parameter)
+    except access_errors() as exc:
+        raise InputNotFoundError(parameter, url, f"cannot be listed: {type(exc).__name__}: {exc}") from None
+
+
+def _expanded(url: str, extensions: tuple[str, ...], parameter: str) -> list[str]:
     found = _filesystem(url)
     if found is None:
         return [url]

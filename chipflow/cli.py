@@ -300,7 +300,9 @@ def plan(ctx: click.Context, in_raster: str | None, as_json: bool, **kwargs: Any
     params = {k: v for k, v in params.items() if k in inspect.signature(make_config).parameters}
     params.setdefault("out_folder", "(dry run)")
     try:
-        with _cloud.use(_cloud.freeze(options)):
+        rasters = params.get("in_raster")
+        rasters = [rasters] if isinstance(rasters, str) else list(rasters or ())
+        with _cloud.use(_cloud.freeze(options, *rasters, in_class_data, in_mask_polygons)):
             described = plan_export(make_config(**params), in_class_data, in_mask_polygons).describe()
     except Exception as exc:
         _fail(exc)
@@ -334,8 +336,8 @@ def stats(out_folder: str, as_json: bool, storage_option: tuple[str, ...]) -> No
     from . import _cloud
     from .store import Store
 
-    store = Store(out_folder, _cloud.freeze(parse_storage_options(storage_option)))
     try:
+        store = Store(out_folder, _cloud.freeze(parse_storage_options(storage_option), out_folder))
         if not store.require_folder():
             raise InputNotFoundError("out_folder", out_folder, "no such folder, or it is empty")
         splits = store.split_names(store.run_params())

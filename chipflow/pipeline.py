@@ -224,7 +224,7 @@ def export_training_data(
     )
     n_workers, scheduler = check_n_workers(n_workers), check_scheduler(scheduler)
     _check_inputs_outside(cfg, in_class_data=in_class_data, in_mask_polygons=in_mask_polygons)
-    options = _cloud.freeze(storage_options)
+    options = _cloud.freeze(storage_options, cfg.out_folder, *cfg.in_raster, in_class_data, in_mask_polygons)
     tune_allocator()  # this process re-uses the memory it frees (planning, pickling, the index)
     # the embedded cluster starts on a thread while the client plans; closed on leaving, also on errors
     early = _inputs_exist(cfg, in_class_data)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from . import zarr_store
+from . import _cloud, zarr_store
 from .errors import InputNotFoundError, OutputError
 from .formats import get
 from .stats import BlockResult
@@ -117,7 +117,7 @@ def validate_dataset(out_folder: str, *, storage_options: dict[str, Any] | None 
     InputNotFoundError
         When ``out_folder`` does not exist.
     """
-    store = Store(str(out_folder), tuple(sorted((storage_options or {}).items())))
+    store = Store(str(out_folder), _cloud.freeze(storage_options, str(out_folder)))
     if not store.require_folder():
         raise InputNotFoundError("out_folder", str(out_folder), "no such folder, or it is empty")
     report = ValidationReport(str(out_folder))

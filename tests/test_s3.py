@@ -280,12 +280,35 @@ def test_storage_options_map_to_gdal_and_parse_from_flags():
     ("endpoint_url=notaurl", r"storage_options\.endpoint_url='notaurl': must be an http:// or https:// URL"),
 ])
 def test_badly_typed_storage_options_are_bad_input_named_before_anything_is_written(tmp_path, flag, match):
-    """Even for a local export: a wrong type is reported as bad input (status 2), its value unshown."""
+    """Even for a local export: a wrong type is reported as bad input (status 2), its value unshown;
+    by validate and stats too (they crashed inside aiobotocore)."""
     out = tmp_path / "out"
     res = CliRunner().invoke(main, ["export", str(KAMPALA_IMAGE), str(out), "--in-class-data",
                                     str(KAMPALA_BUILDINGS), "--storage-option", flag])
     assert res.exit_code == 2 and re.search(match, res.output) and "X'" not in res.output, res.output
     assert not out.exists()
+    for command in ("validate", "stats"):
+        res = CliRunner().invoke(main, [command, "s3://nobucket/x", "--storage-option", flag])
+        assert res.exit_code == 2 and re.search(match, res.output) and "Traceback" not in res.output, res.output
+
+
+@pytest.mark.parametrize(("flag", "says"), [
+    ("a=2", r"storage_options\.a='<value>': is not an option of s3fs \(s3:// paths\); e\.g\. endpoint_url"),
+    (f"endpoint={FAKE_SECRET}", r"storage_options\.endpoint='<value>': .*did you mean 'endpoint_url'\?"),
+])
+def test_an_unknown_storage_option_for_s3_is_bad_input_named(tmp_path, flag, says):
+    """s3fs hands unknown keys to aiobotocore's session, which failed on the first request with a
+    TypeError (exit 1, or a traceback); now one line naming the key, its value unshown, exit 2."""
+    out = f"s3://{OUT}/unknown"
+    for args in (["export", str(KAMPALA_IMAGE), out, "--in-class-data", str(KAMPALA_BUILDINGS)],
+                 ["plan", f"s3://{IN}/{IMAGE_KEY}", "--in-class-data", str(KAMPALA_BUILDINGS)],
+                 ["validate", out], ["stats", out]):
+        res = CliRunner().invoke(main, [*args, "--storage-option", flag])
+        assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+        assert re.search(says, res.output) and FAKE_SECRET not in res.output, res.output
+    res = CliRunner().invoke(main, ["plan", str(KAMPALA_IMAGE), "--in-class-data", str(KAMPALA_BUILDINGS),
+                                    "--storage-option", flag])  # no s3:// path: fsspec's other stores differ
+    assert res.exit_code == 0, res.output
 
 
 def test_a_replaced_object_is_neither_resumed_nor_read_from_an_old_handle(s3, client, make_raster, tmp_path):
@@ -396,3 +419,25 @@ def test_an_s3_folder_holding_the_inputs_is_refused_and_they_are_kept(s3, client
             chipflow.export_training_data(*args, client=client, storage_options=s3.options,
                                           overwrite=overwrite, **JOB)
     assert s3_objects(s3.boto, OUT, "job") == before
+
+
+def test_a_pattern_that_cannot_be_listed_is_bad_input_naming_in_raster():
+    """A store that cannot be reached while expanding a glob (botocore's errors): one line, exit 2."""
+    flags = ["--storage-option", "endpoint_url=http://127.0.0.1:1", "--storage-option", "key=a",
+             "--storage-option", f"secret={FAKE_SECRET}", "--storage-option",
+             'config_kwargs.retries={"max_attempts": 1}']
+    res = CliRunner().invoke(main, ["plan", f"s3://{IN}/kampala/*.tif", "--in-class-data", str(KAMPALA_BUILDINGS),
+                                    *flags])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert f"in_raster='s3://{IN}/kampala/*.tif'" in res.output and "cannot be listed" in res.output
+    assert "EndpointConnectionError" in res.output and FAKE_SECRET not in res.output
+
+
+def test_class_data_on_s3_uses_an_endpoint_the_environment_names(s3, monkeypatch):
+    """AWS_ENDPOINT_URL alone (the Kubernetes example's Secret) reaches GDAL for s3:// class data too,
+    as it does for rasters and the output (it went to AWS without any storage option)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    res = CliRunner().invoke(main, ["plan", str(KAMPALA_IMAGE), "--in-class-data", f"s3://{IN}/{BUILDINGS_KEY}",
+                                    "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["features_over_raster"] == 98
