@@ -767,7 +767,7 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                             mask, b.class_values[1:], regions=regions)
                     else:
                         # only the candidates meeting the rotated chip's footprint box move to its frame
-                        corners = np.array([to_raster * c for c in ((0, 0), (tx, 0), (tx, ty), (0, ty))])
+                        corners = np.array([to_raster @ c for c in ((0, 0), (tx, 0), (tx, ty), (0, ty))])
                         (fx0, fy0), (fx1, fy1) = corners.min(axis=0), corners.max(axis=0)
                         near = np.flatnonzero((cand_bounds[:, 0] <= fx1) & (cand_bounds[:, 2] >= fx0)
                                               & (cand_bounds[:, 1] <= fy1) & (cand_bounds[:, 3] >= fy0))

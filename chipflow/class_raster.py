@@ -118,8 +118,8 @@ def open_class_raster(path: str, source: RasterSource) -> tuple[ClassRaster, dic
         from rasterio.warp import transform_bounds
 
         left, bottom, right, top = transform_bounds(ds.crs, source.crs_wkt, *ds.bounds)
-        x0, y0 = source.affine * (0, 0)
-        x1, y1 = source.affine * (source.width, source.height)
+        x0, y0 = source.affine @ (0, 0)
+        x1, y1 = source.affine @ (source.width, source.height)
         if not shapely.intersects(shapely.box(left, bottom, right, top),
                                   shapely.box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))):
             raise LabelError(f"in_class_data={path!r} does not overlap in_raster={source.path!r}")

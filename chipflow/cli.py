@@ -8,20 +8,27 @@ reported in one line before anything is written; 1 a failure during the run
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
 
 from . import formats
 from .config import CropMode, ImageChipFormat, NoFeatureTiles, ProcessingMode, ReferenceSystem, make_config
-from .errors import ChipflowDeprecationWarning, ChipflowError, InputNotFoundError, OutputError
+from .errors import (
+    ChipflowDeprecationWarning,
+    ChipflowError,
+    ChipflowWarning,
+    InputNotFoundError,
+    OutputError,
+)
 from .grid import EdgePolicy
 from .pipeline import export_training_data
 from .progress import RichProgress
@@ -225,13 +232,34 @@ def _fail(exc: Exception) -> None:
     sys.exit(1)
 
 
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Show chipflow's warnings as ``chipflow: warning: ...`` lines on stderr (no source line).
+
+    Python hides DeprecationWarnings outside ``__main__``: a CLI user is who should see
+    ``start_index``'s. Filters and the display are restored when the command ends.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", ChipflowDeprecationWarning)
+        shown = warnings.showwarning
+
+        def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, ChipflowWarning):
+                click.echo(f"chipflow: warning: {message}", err=True)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
+
+
 @click.group()
 @click.version_option(package_name="chipflow")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-def main(verbose: int) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
     """Cut georeferenced rasters and labels into deep-learning training chips."""
-    # Python hides DeprecationWarnings outside __main__; a CLI user is who should see start_index's
-    warnings.simplefilter("default", ChipflowDeprecationWarning)
+    ctx.with_resource(_warnings_as_lines())
     if verbose:
         level = logging.INFO if verbose == 1 else logging.DEBUG
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -319,17 +347,22 @@ def plan(ctx: click.Context, in_raster: str | None, as_json: bool, **kwargs: Any
         f"edge {g['edge_policy']})",
         *([f"  items      {described['items']} rasters on their own grids: the raster, rows and columns "
            "above are the first's, the chips all items'"] if described["items"] > 1 else []),
-        f"  features   {with_features if with_features is not None else '?'} chips meet a feature",
+        "  features   " + ("n/a: a class raster's features are found as the blocks read its pixels"
+                           if described["class_raster"] else
+                           f"{with_features if with_features is not None else '?'} chips meet a feature"
+                           + (f", over {len(g['angles'])} angles" if len(g["angles"]) > 1 else "")),
         f"  export     ~{described['expected_chips']:,} chips as {described['image_chip_format']} + "
         f"{described['metadata_format']}, ~{described['estimated_bytes'] / 1e6:,.1f} MB",
         f"  tasks      {described['blocks']} blocks, {described['tasks']} Dask tasks",
-        "  classes    " + ", ".join(f"{k} ({v})" for k, v in described["features_per_class"].items()),
+        "  classes    " + ", ".join(k if v is None else f"{k}: {v} features over the raster"
+                                    for k, v in described["features_per_class"].items()),
     ]))
 
 
 @main.command()
 @click.argument("out_folder")
-@click.option("--json", "as_json", is_flag=True, help="Print esri_accumulated_stats.json and AllTilesStats.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print esri_accumulated_stats.json, AllTilesStats and Classes as JSON.")
 @_storage_option_flag
 def stats(out_folder: str, as_json: bool, storage_option: tuple[str, ...]) -> None:
     """Print a dataset's statistics: classes, counts, band statistics (each split's, for splits)."""

@@ -72,7 +72,7 @@ def world_file(transform: Affine) -> bytes:
     199.7500000000
     """
     a, b, c, d, e, f = transform[:6]
-    x, y = transform * (0.5, 0.5)
+    x, y = transform @ (0.5, 0.5)
     return "".join(f"{v:.10f}\n" for v in (a, d, b, e, x, y)).encode()
 
 

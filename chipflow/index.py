@@ -80,7 +80,7 @@ def _chips(plan: Any, chip_ids: np.ndarray) -> tuple[np.ndarray, list[str], np.n
             transforms[n] = tuple(src.chip_affine @ to_raster)[:6]
             corners = [(0, 0), (g.tile_x, 0), (g.tile_x, g.tile_y), (0, g.tile_y)]
             rotations[n] = angles[k]
-        polygons[n] = shapely.Polygon([transform * c for c in corners])
+        polygons[n] = shapely.Polygon([transform @ c for c in corners])
         sources[n] = src.path
     return polygons, sources, rotations, transforms
 

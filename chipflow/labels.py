@@ -1029,8 +1029,8 @@ def _check_overlap(labels: LabelSet, source: RasterSource, in_class_data: Any) -
     if not (meets & labels.rectangles).any() and not shapely.intersects(
             labels.geometries(np.flatnonzero(meets)), extent).any():
         gap = float(shapely.distance(labels.geoms, extent).min())
-        x0, y0 = source.affine * (0, 0)
-        x1, y1 = source.affine * (source.width, source.height)
+        x0, y0 = source.affine @ (0, 0)
+        x1, y1 = source.affine @ (source.width, source.height)
         bounds = tuple(round(v, 6) for v in (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
         raise LabelError(
             f"in_class_data={describe(in_class_data)} does not overlap in_raster={source.path!r}: "

@@ -225,9 +225,11 @@ class ExportPlan:
             "estimated_bytes": int(expected * (per_chip + per_label)),
             "metadata_format": self.cfg.label_format.name,
             "image_chip_format": self.cfg.image_chip_format.value,
-            "features_over_raster": features,
-            "features_per_class": {k: int(n) for k, n in zip(class_keys(self.labels.classes), per_class,
-                                                              strict=True)},
+            # a class raster's features (its regions) are only found as the blocks read its pixels
+            "class_raster": self.labels.raster is not None,
+            "features_over_raster": None if self.labels.raster is not None else features,
+            "features_per_class": {k: None if self.labels.raster is not None else int(n)
+                                   for k, n in zip(class_keys(self.labels.classes), per_class, strict=True)},
         }
 
 

@@ -390,15 +390,15 @@ def read_window(source: RasterSource,
     vt = source.affine
     for item in items:
         to_virtual = ~vt @ Affine(*item.transform)
-        ix0, iy0 = to_virtual * (0, 0)
-        ix1, iy1 = to_virtual * (item.width, item.height)
+        ix0, iy0 = to_virtual @ (0, 0)
+        ix1, iy1 = to_virtual @ (item.width, item.height)
         ox0, oy0 = max(x0, math.floor(min(ix0, ix1) + 1e-9)), max(y0, math.floor(min(iy0, iy1) + 1e-9))
         ox1, oy1 = min(x1, math.ceil(max(ix0, ix1) - 1e-9)), min(y1, math.ceil(max(iy0, iy1) - 1e-9))
         if ox0 >= ox1 or oy0 >= oy1:
             continue
         to_item = ~to_virtual
-        fx0, fy0 = to_item * (ox0, oy0)
-        fx1, fy1 = to_item * (ox1, oy1)
+        fx0, fy0 = to_item @ (ox0, oy0)
+        fx1, fy1 = to_item @ (ox1, oy1)
         with _cloud.raster_env(item.path):  # boundless reads open the file again, in a VRT
             data = _dataset(item).read(
                 window=rasterio.windows.Window(fx0, fy0, fx1 - fx0, fy1 - fy0),

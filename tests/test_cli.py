@@ -41,6 +41,20 @@ def test_the_progress_bar_tells_positions_from_chips_written(client, tmp_path):
     assert f"{written} chips written" in res.stderr
 
 
+def test_warnings_are_lines_without_python_source():
+    """A ChipflowWarning reads ``chipflow: warning: ...``, not a file, a line number and a line of code."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # as outside pytest
+        res = CliRunner().invoke(main, ["plan", str(NC / "landsat_multiband.tif"), "--in-class-data",
+                                        str(NC / "landsat96_points.shp"), "--metadata-format", "KITTI_rectangles"])
+    assert res.exit_code == 0, res.output
+    (line,) = [line for line in res.stderr.splitlines() if "warning" in line.lower()]
+    assert line.startswith("chipflow: warning: in_class_data=") and "buffer_radius=0" in line
+    assert ".py:" not in res.stderr and "export_training_data(" not in res.stderr
+
+
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path):
     res = CliRunner().invoke(main, [
         "export", str(NC / "landsat_multiband.tif"), str(tmp_path / "o"),
@@ -104,7 +118,19 @@ def test_plan_is_a_dry_run(tmp_path):
     assert plan["blocks"] >= 1 and plan["tasks"] >= plan["blocks"]
     text = CliRunner().invoke(main, ["plan", str(KAMPALA_IMAGE), "--in-class-data", str(KAMPALA_BUILDINGS)])
     assert "7 rows x 7 columns = 49 chips" in text.output and "MB" in text.output
+    assert "classes    1: 98 features over the raster" in text.output
     assert not list(tmp_path.iterdir())
+
+
+def test_plan_of_a_class_raster_does_not_count_its_features_as_none(tmp_path):
+    """A class raster's features are found as its pixels are read: unknown to the plan, not 0."""
+    args = ["plan", str(NC / "landsat_multiband.tif"), "--in-class-data", str(NC / "strata.tif"),
+            "--metadata-format", "Classified_Tiles", "--tile-size-x", "64", "--tile-size-y", "64"]
+    plan = json.loads(CliRunner().invoke(main, [*args, "--json"]).output)
+    assert plan["class_raster"] and plan["features_over_raster"] is None
+    assert len(plan["features_per_class"]) == 7 and set(plan["features_per_class"].values()) == {None}
+    text = CliRunner().invoke(main, args).output
+    assert "features   n/a: a class raster's features" in text and "classes    1, 2, 3, 4, 5, 6, 7\n" in text
 
 
 def test_stats_prints_the_datasets_numbers(client, tmp_path):
@@ -200,9 +226,13 @@ def test_quiet_prints_nothing_but_errors_not_even_warnings(client, tmp_path):
     quiet = CliRunner().invoke(main, [*args, "-q"])
     assert quiet.exit_code == 0 and quiet.output == "", quiet.output
     args[2] = str(tmp_path / "loud")
-    with pytest.warns(UserWarning, match="buffer_radius=0"):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # as outside pytest
         loud = CliRunner().invoke(main, args)
     assert loud.exit_code == 0 and "chips" in loud.output
+    assert "chipflow: warning: " in loud.stderr and "buffer_radius=0" in loud.stderr
 
 
 def test_the_cli_shows_chipflows_deprecation_warnings(tmp_path):
