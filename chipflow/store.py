@@ -231,11 +231,15 @@ class Store:
             The folder holds something else, or cannot be written, or its bucket does not exist.
         """
         try:
-            entries = self.listdir()
+            is_file = self.fs.isfile(self.root)  # an object store would list an object as itself
+            entries = [] if is_file else self.listdir()
             previous = self.read(f"{RUN_DIR}/params.json") if entries else None
-            missing = None if entries else self._missing_bucket()  # the endpoint answered the listing
+            missing = None if entries or is_file else self._missing_bucket()  # the endpoint answered
         except _cloud.access_errors() as exc:
             raise OutputError(f"out_folder={self.url!r} cannot be written: {exc}") from None
+        if is_file:
+            raise OutputError(f"out_folder={self.url!r} is a file, not a folder; name a folder (a new one "
+                              "is created) for the dataset")
         if missing:
             raise OutputError(
                 f"out_folder={self.url!r}: bucket {missing!r} does not exist (or these credentials "

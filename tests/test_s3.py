@@ -441,3 +441,17 @@ def test_class_data_on_s3_uses_an_endpoint_the_environment_names(s3, monkeypatch
                                     "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["features_over_raster"] == 98
+
+
+def test_an_out_folder_that_is_a_file_or_an_object_is_refused_and_kept(s3, client, tmp_path):
+    """A file (or an S3 object) named as out_folder: one clear line, with or without overwrite, and it stays."""
+    local = tmp_path / "afile"
+    local.write_bytes(b"mine")
+    s3.boto.put_object(Bucket=OUT, Key="anobject", Body=b"mine")
+    for out, options in ((str(local), None), (f"s3://{OUT}/anobject", s3.options)):
+        for overwrite in (False, True):
+            with pytest.raises(chipflow.OutputError, match=rf"out_folder='{out}' is a file, not a folder"):
+                chipflow.export_training_data(str(KAMPALA_IMAGE), out, str(KAMPALA_BUILDINGS), client=client,
+                                              storage_options=options, overwrite=overwrite, **JOB)
+    assert local.read_bytes() == b"mine"
+    assert s3.boto.get_object(Bucket=OUT, Key="anobject")["Body"].read() == b"mine"
