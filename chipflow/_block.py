@@ -553,6 +553,28 @@ def _direct_moments(chip: np.ndarray, valid: np.ndarray | None) -> tuple:
     return n, mean, m2, vmin, vmax
 
 
+def chip_reach(x0: Any, y0: Any, tx: int, ty: int, angles: tuple[float, ...],
+               size: tuple[int, int]) -> tuple[Any, Any, Any, Any]:
+    """The pixels a grid position's chips read at every angle: ``(x0, y0, x1, y1)``, ints or arrays.
+
+    Its window unrotated; rotated about its centre, also the box round the turned
+    footprint (a 32 px chip at 45° reaches 6.6 px past its window) within the
+    raster of ``size = (width, height)`` (past it there are no pixels of any split
+    cell), so that a split cell holds every pixel of the chips it keeps.
+    """
+    x0, y0 = np.asarray(x0), np.asarray(y0)
+    hx, hy = tx / 2, ty / 2
+    for angle in angles:
+        t = Affine.rotation(angle)  # exact quarter turns
+        hx = max(hx, (abs(t.a) * tx + abs(t.b) * ty) / 2)
+        hy = max(hy, (abs(t.d) * tx + abs(t.e) * ty) / 2)
+    cx, cy = x0 + tx / 2, y0 + ty / 2
+    rx0, ry0 = np.floor(cx - hx + 1e-9).astype(np.int64), np.floor(cy - hy + 1e-9).astype(np.int64)
+    rx1, ry1 = np.ceil(cx + hx - 1e-9).astype(np.int64), np.ceil(cy + hy - 1e-9).astype(np.int64)
+    return (np.minimum(x0, np.maximum(rx0, 0)), np.minimum(y0, np.maximum(ry0, 0)),
+            np.maximum(x0 + tx, np.minimum(rx1, size[0])), np.maximum(y0 + ty, np.minimum(ry1, size[1])))
+
+
 def crosses_split_cell(x0: Any, y0: Any, x1: Any, y1: Any, size: int) -> Any:
     """Whether windows ``[x0, x1) x [y0, y1)`` (ints, or arrays of them) cross a split cell's edge."""
     return (x0 // size != (x1 - 1) // size) | (y0 // size != (y1 - 1) // size)
@@ -719,7 +741,8 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
             if allowed is not None and not allowed[r, c]:
                 continue
             cx0 = xs[col]
-            split = split_of(job, (cx0, cy0, cx0 + tx, cy0 + ty))
+            split = None if not job.splits else split_of(job, tuple(int(v) for v in chip_reach(
+                cx0, cy0, tx, ty, job.angles, (src.width, src.height))))
             if split == "":
                 continue
             for k, angle in enumerate(job.angles):

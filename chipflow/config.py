@@ -336,6 +336,11 @@ def make_config(
             "names each chip's image file (COCO's file_name, YOLO's images/ folder); use "
             "image_chip_format='TIFF', 'PNG' or 'JPEG'")
     system = _enum(ReferenceSystem, "reference_system", reference_system)
+    angle = _rotation(rotation_angle)
+    if angle and fmt.feature_chips:
+        raise InvalidParameterError(
+            "rotation_angle", rotation_angle, "rotates the grid formats' chips; "
+            f"metadata_format={fmt.name!r} cuts one unrotated chip per feature: leave rotation_angle at 0")
     for name, value in (("extent", extent), ("cell_size", cell_size)):
         if value is not None and system is not ReferenceSystem.MAP_SPACE:
             raise InvalidParameterError(
@@ -354,7 +359,7 @@ def make_config(
         metadata_format=fmt.name,
         class_value_field=class_value_field.strip() if class_value_field else None,
         buffer_radius=_number("buffer_radius", buffer_radius, low=0, high=float("inf")),
-        rotation_angle=_rotation(rotation_angle),
+        rotation_angle=angle,
         reference_system=system,
         processing_mode=_enum(ProcessingMode, "processing_mode", processing_mode),
         blacken_around_feature=_flag("blacken_around_feature", blacken_around_feature,

@@ -18,7 +18,7 @@ import numpy as np
 import shapely
 from affine import Affine
 
-from ._block import Job, crosses_split_cell
+from ._block import Job, chip_reach, crosses_split_cell
 from .config import (
     CropMode,
     ExportConfig,
@@ -142,7 +142,9 @@ class ExportPlan:
         x0, y0 = (a.ravel() for a in np.meshgrid(np.asarray(g.xs, np.int64), np.asarray(g.ys, np.int64)))
         ok = np.ones(x0.size, bool)
         if self.cfg.split:
-            ok &= ~crosses_split_cell(x0, y0, x0 + g.tile_x, y0 + g.tile_y, self.split_block)
+            reach = chip_reach(x0, y0, g.tile_x, g.tile_y, self.cfg.angles,  # rotated chips read past
+                               (item.source.width, item.source.height))
+            ok &= ~crosses_split_cell(*reach, self.split_block)
         boxes = shapely.box(x0[ok], y0[ok], x0[ok] + g.tile_x, y0[ok] + g.tile_y)
         return boxes if item.labels.mask is None else boxes[shapely.covers(item.labels.mask, boxes)]
 

@@ -69,6 +69,9 @@ def test_defaults_are_the_esri_tools():
         ({"extent": "1 2 3 4", "reference_system": "PIXEL_SPACE"},
          r"extent='1 2 3 4': is in map units and applies with reference_system='MAP_SPACE'; with 'PIXEL_SPACE'"),
         ({"cell_size": 0.15, "reference_system": "image_space"}, r"cell_size=0.15: .* with 'IMAGE_SPACE' chips"),
+        ({"rotation_angle": 90, "metadata_format": "Labeled_Tiles"},
+         r"rotation_angle=90: rotates the grid formats' chips; metadata_format='Labeled_Tiles' cuts one unrotated"),
+        ({"rotation_angle": "45", "metadata_format": "imagenet"}, r"rotation_angle='45': .*'Imagenet'"),
     ],
 )
 def test_bad_parameters_name_the_parameter_and_value(kwargs, match):
