@@ -225,12 +225,14 @@ def create(store: Store, plan: Any) -> None:
     prefixes = [f"{name}/" for name, _ in plan.cfg.split] or [""]
     for prefix in prefixes:
         zstore = _zarr_store(store, prefix)
+        # the index is in the output folder: beside the store, or one level up from a split's
+        own = {**attributes, "chip_index": "../chips.parquet" if prefix else "chips.parquet"}
         try:
             group = zarr.open_group(zstore, mode="r+")
         except FileNotFoundError:
-            group = zarr.create_group(zstore, attributes=attributes)
-        if dict(group.attrs) != attributes:
-            group.attrs.put(attributes)
+            group = zarr.create_group(zstore, attributes=own)
+        if dict(group.attrs) != own:
+            group.attrs.put(own)
         present = set(group.array_keys())
         for name, spec in specs.items():
             if name not in present:

@@ -214,6 +214,8 @@ def test_gaps_nodata_rotation_and_splits(client, make_raster, tmp_path):
                 np.testing.assert_array_equal(chips.images[row.chip_id], expected)
             assert validate_dataset(str(out / split)).ok, validate_dataset(str(out / split)).summary()
             assert (chips.images[0] == 0).all()  # the gap reads as the fill value
+            named = zarr.open_group(str(out / split / "chips.zarr"), mode="r").attrs["chip_index"]
+            assert (out / split / named).resolve() == (out / "chips.parquet").resolve()  # the index, found
     assert not (out / "chips.zarr").exists()
 
 
