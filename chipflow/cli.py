@@ -399,17 +399,15 @@ def _read_stats(store: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
     OutputError
         One of them is not a JSON mapping, or the emd's classes or band statistics lack their keys.
     """
+    from .store import json_mapping
+
     names = ("esri_accumulated_stats.json", "esri_model_definition.emd")
     raws = [store.read(name) for name in names]
     if any(raw is None for raw in raws):
         return None
     docs = []
     for name, raw in zip(names, raws, strict=True):
-        try:
-            doc = json.loads(raw)
-            why = "" if isinstance(doc, dict) else f"holds a {type(doc).__name__}, not a mapping"
-        except ValueError as exc:
-            why = f"is not valid JSON: {exc}"
+        doc, why = json_mapping(raw)
         if not why and name.endswith(".emd"):
             keys = [("Classes", k) for k in ("Name", "Value")] + [("AllTilesStats", k) for k in _BAND_KEYS]
             lost = sorted({f"{part}[].{k}" for part, k in keys for entry in doc.get(part) or []

@@ -144,11 +144,7 @@ class Store:
         return None if raw is None else self._parsed_params(raw)
 
     def _parsed_params(self, raw: bytes) -> dict[str, Any]:
-        try:
-            params = json.loads(raw)
-            why = "" if isinstance(params, dict) else f"holds a {type(params).__name__}, not a mapping"
-        except ValueError as exc:  # JSON's errors and undecodable bytes
-            why = f"is not valid JSON: {exc}"
+        params, why = json_mapping(raw)
         if why:
             raise OutputError(
                 f"out_folder={self.url!r} holds a damaged chipflow run: {RUN_DIR}/params.json {why}; "
@@ -317,6 +313,15 @@ class Store:
         for entry in os.scandir(self.root):  # split folders' metadata
             if entry.is_dir(follow_symlinks=False) and entry.name != RUN_DIR:
                 scan(entry.path, False)
+
+
+def json_mapping(raw: bytes) -> tuple[dict[str, Any], str]:
+    """A JSON file's mapping, and what is wrong with it: ``""``, or why it is not a JSON mapping."""
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:  # JSON's errors and undecodable bytes
+        return {}, f"is not valid JSON: {exc}"
+    return (doc, "") if isinstance(doc, dict) else ({}, f"holds a {type(doc).__name__}, not a mapping")
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:

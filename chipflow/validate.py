@@ -15,7 +15,6 @@ chip's class raster is ``labels[n]`` of the store, counted like a label file.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +25,7 @@ from . import _cloud, zarr_store
 from .errors import InputNotFoundError, OutputError
 from .formats import get
 from .stats import BlockResult
-from .store import Store
+from .store import Store, json_mapping
 
 __all__ = ["ValidationReport", "validate_dataset"]
 
@@ -65,11 +64,11 @@ def _json(store: Store, name: str, report: ValidationReport) -> Any:
     if raw is None:
         report.incomplete.append(f"{name} is missing")
         return None
-    try:
-        return json.loads(raw)
-    except ValueError as exc:
-        report.problems.append(f"{name} is not valid JSON: {exc}")
+    doc, why = json_mapping(raw)
+    if why:
+        report.problems.append(f"{name} {why}")
         return None
+    return doc
 
 
 def _check_run(store: Store, params: dict[str, Any] | None, report: ValidationReport) -> None:

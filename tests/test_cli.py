@@ -164,6 +164,9 @@ def test_stats_refuses_a_damaged_or_missing_dataset_in_one_line(client, tmp_path
         res = CliRunner().invoke(main, ["stats", str(out)])
         (line,) = res.output.strip().splitlines()
         assert res.exit_code == 2 and line.startswith(f"chipflow: error: out_folder='{out}': {says}"), line
+        if "Classes" not in says:  # validate reads it the same way, as a problem, not a traceback
+            checked = CliRunner().invoke(main, ["validate", str(out)])
+            assert checked.exit_code == 1 and f"problem: {says}" in checked.output, checked.output
     res = CliRunner().invoke(main, ["stats", str(tmp_path / "nowhere")])
     assert res.exit_code == 2 and "no such folder" in res.output and "Traceback" not in res.output
 
