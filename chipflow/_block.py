@@ -889,8 +889,11 @@ def process_feature_block(block: FeatureBlock, job: Job, labels: LabelSet) -> Bl
         pos, boxes, areas, geoms = _chip_features(
             labels.geometries(one), labels.bounds[one], labels.areas[one], labels.polygonal[one], box, 0.0,
             True)
-        if pos.size == 0:
-            continue
+        if pos.size == 0:  # the tile centred on the feature misses its pixels (a ring round its centre,
+            # parts far apart): still the feature's tile, as in ArcGIS, labelled with its box in the tile
+            (fx0, fy0, fx1, fy1), (bx0, by0, bx1, by1) = labels.bounds[f], box
+            boxes = np.array([[max(fx0, bx0), max(fy0, by0), min(fx1, bx1), min(fy1, by1)]])
+            areas, geoms = np.zeros(1), np.array([shapely.Polygon()])
         chip = b.pixels[(slice(None), *sl)]
         local = shapely.transform(geoms, lambda xy, o=(x0, y0): xy - o)
         if job.blacken_around_feature:

@@ -21,7 +21,15 @@ from typing import Any
 import click
 
 from . import formats
-from .config import CropMode, ImageChipFormat, NoFeatureTiles, ProcessingMode, ReferenceSystem, make_config
+from .config import (
+    DEFAULT_METADATA_FORMAT,
+    CropMode,
+    ImageChipFormat,
+    NoFeatureTiles,
+    ProcessingMode,
+    ReferenceSystem,
+    make_config,
+)
 from .errors import (
     ChipflowDeprecationWarning,
     ChipflowError,
@@ -158,7 +166,7 @@ def _export_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--stride-y", type=int, default=128, show_default=True),
         click.option("--output-nofeature-tiles", default="ONLY_TILES_WITH_FEATURES", show_default=True,
                      help=_values([f.value for f in NoFeatureTiles])),
-        click.option("--metadata-format", default="KITTI_rectangles", show_default=True,
+        click.option("--metadata-format", default=DEFAULT_METADATA_FORMAT, show_default=True,
                      help=_values(formats.names())),
         click.option("--class-value-field", default=None,
                      help="Integer class field (default: a value/classvalue field, else class 1)."),
@@ -214,7 +222,7 @@ def _gather(ctx: click.Context, positional: dict[str, Any], kwargs: dict[str, An
         elif name not in params and value is not None:
             params[name] = value
     try:
-        needs_labels = formats.get(params.get("metadata_format", "KITTI_rectangles")).needs_labels
+        needs_labels = formats.get(params.get("metadata_format", DEFAULT_METADATA_FORMAT)).needs_labels
     except ChipflowError:
         needs_labels = False  # the export reports the unknown format, naming the valid ones
     for name in ("in_raster", "in_class_data") if needs_labels else ("in_raster",):

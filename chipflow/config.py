@@ -22,6 +22,7 @@ from .formats import get as get_format
 from .grid import EdgePolicy
 
 __all__ = [
+    "DEFAULT_METADATA_FORMAT",
     "CropMode",
     "ExportConfig",
     "ProcessingMode",
@@ -33,6 +34,10 @@ __all__ = [
     "check_scheduler",
     "make_config",
 ]
+
+
+#: ArcGIS Pro 3's default ``metadata_format`` (the older tool's was ``KITTI_rectangles``).
+DEFAULT_METADATA_FORMAT = "PASCAL_VOC_rectangles"
 
 
 class ImageChipFormat(str, Enum):
@@ -229,7 +234,7 @@ class ExportConfig:
     stride_x: int = 128
     stride_y: int = 128
     output_nofeature_tiles: NoFeatureTiles = NoFeatureTiles.ONLY_TILES_WITH_FEATURES
-    metadata_format: str = "KITTI_rectangles"
+    metadata_format: str = DEFAULT_METADATA_FORMAT
     class_value_field: str | None = None
     buffer_radius: float = 0.0
     rotation_angle: float = 0.0
@@ -277,7 +282,7 @@ def make_config(
     stride_x: Any = 128,
     stride_y: Any = 128,
     output_nofeature_tiles: Any = "ONLY_TILES_WITH_FEATURES",
-    metadata_format: Any = "KITTI_rectangles",
+    metadata_format: Any = DEFAULT_METADATA_FORMAT,
     class_value_field: Any = None,
     buffer_radius: Any = 0,
     rotation_angle: Any = 0,

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import shapely
 
-from .errors import InputNotFoundError, InvalidParameterError, LabelError
+from .errors import ChipflowWarning, InputNotFoundError, InvalidParameterError, LabelError
 from .sources import RasterSource
 
 __all__ = ["ClassInfo", "LabelSet", "class_keys", "describe", "empty_labels", "read_class_data", "read_mask"]
@@ -448,10 +448,49 @@ def _locate_vector(data: Any, parameter: str) -> tuple[str, str | None] | None:
 
 @contextlib.contextmanager
 def _m_dropped() -> Iterator[None]:
-    """Without pyogrio's warning that it drops M values: chipflow drops them, and Z (:func:`_to_pixels`)."""
+    """Without pyogrio's warning that it drops M values: chipflow drops them, and Z (:func:`_to_pixels`).
+
+    Nor GDAL's that it read a polygon ring that is not closed: GEOS refuses
+    that geometry next, and :func:`_geometry_errors` says so, naming the data.
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", r"Measured \(M\) geometry types are not supported")
+        warnings.filterwarnings("ignore", r"Non closed ring detected")
         yield
+
+
+@contextlib.contextmanager
+def _geometry_errors(data: Any, parameter: str) -> Iterator[None]:
+    """GEOS's refusal of a geometry (a ring not closed, coordinates it cannot repair) as a LabelError."""
+    try:
+        yield
+    except shapely.errors.GEOSException as error:
+        raise LabelError(f"{parameter}={describe(data)} holds a geometry that cannot be read or repaired "
+                         f"({error}); fix it (QGIS: Fix Geometries; geopandas: make_valid) or drop it"
+                         ) from None
+
+
+def _check_degrees(series: Any, data: Any, parameter: str) -> None:
+    """Refuse coordinates beyond longitude/latitude in a geographic CRS (GeoJSON is always read as WGS 84)."""
+    if series.crs is None or not series.crs.is_geographic or not len(series):
+        return
+    x0, y0, x1, y1 = series.total_bounds
+    if min(x0, y0) >= -360 and x1 <= 360 and y1 <= 90 + 1e-9 and y0 >= -90 - 1e-9 or np.isnan(x0):
+        return
+    code = series.crs.to_epsg()
+    raise LabelError(
+        f"{parameter}={describe(data)} is in {f'EPSG:{code}' if code else series.crs.name} (degrees), but "
+        f"its coordinates reach ({x0:.6g}, {y0:.6g}, {x1:.6g}, {y1:.6g}), outside longitude/latitude: "
+        "projected coordinates in a file read as WGS 84? (a GeoJSON is); give it its CRS "
+        "(`gdf.set_crs(..., allow_override=True)`, or write it with one)")
+
+
+def _warn_collapsed(count: int, data: Any) -> None:
+    """Say how many invalid features collapsed to nothing when repaired (they are dropped)."""
+    if count:
+        warnings.warn(f"in_class_data={describe(data)}: {count} feature{'s' if count > 1 else ''} "
+                      "collapsed to nothing when repaired (no area: repeated or collinear points) and "
+                      f"{'were' if count > 1 else 'was'} dropped", ChipflowWarning, stacklevel=2)
 
 
 def _read_frame(data: Any, parameter: str = "in_class_data",
@@ -474,6 +513,8 @@ def _read_frame(data: Any, parameter: str = "in_class_data",
             return gpd.read_parquet(vector_input(path) if "://" in path else path)
         with _m_dropped():
             frame = gpd.read_file(path, layer=layer, engine="pyogrio", use_arrow=True)
+    except shapely.errors.GEOSException:  # the file is read; a geometry in it is not (_geometry_errors)
+        raise
     except Exception as exc:  # pyogrio/arrow raise many types for unreadable files
         raise InputNotFoundError(parameter, os.fspath(data),
                                  f"cannot be read as vector data ({exc})") from None
@@ -483,11 +524,6 @@ def _read_frame(data: Any, parameter: str = "in_class_data",
     return frame
 
 
-def _repaired(geoms: np.ndarray) -> np.ndarray:
-    """Invalid geometries made valid (keeping their dimension); see :func:`_repair`."""
-    return _repair(geoms)[0]
-
-
 def _repair(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Invalid geometries made valid (keeping their dimension), and which were."""
     invalid = ~shapely.is_valid(geoms) & ~shapely.is_missing(geoms)
@@ -495,6 +531,11 @@ def _repair(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         geoms = geoms.copy()
         geoms[invalid] = shapely.make_valid(geoms[invalid], method="structure", keep_collapsed=False)
     return geoms, invalid
+
+
+def _collapsed(repaired: np.ndarray, invalid: np.ndarray) -> int:
+    """How many of the invalid geometries :func:`_repair` made empty (a ring of no area)."""
+    return int(shapely.is_empty(repaired[invalid]).sum()) if invalid.any() else 0
 
 
 def read_mask(in_mask_polygons: Any, source: RasterSource) -> Any:
@@ -511,7 +552,9 @@ def read_mask(in_mask_polygons: Any, source: RasterSource) -> Any:
     if frame.crs is None:
         raise LabelError(f"in_mask_polygons={describe(in_mask_polygons)} has no coordinate "
                          "reference system; set one")
-    geoms = _repaired(_to_crs(frame.geometry, source.crs_wkt).to_numpy())
+    _check_degrees(frame.geometry, in_mask_polygons, "in_mask_polygons")
+    with _geometry_errors(in_mask_polygons, "in_mask_polygons"):
+        geoms = _repair(_to_crs(frame.geometry, source.crs_wkt).to_numpy())[0]
     geoms = geoms[~(shapely.is_missing(geoms) | shapely.is_empty(geoms))]
     if len(geoms) == 0 or not np.isin(shapely.get_type_id(geoms), (3, 6)).all():
         raise LabelError(f"in_mask_polygons={describe(in_mask_polygons)} must hold polygons")
@@ -712,10 +755,18 @@ def read_class_data(
         labels.raster = raster
         return labels
     located = _locate_vector(in_class_data, "in_class_data")
-    fast = _read_polygons_fast(in_class_data, located, class_value_field=class_value_field, source=source,
-                               buffer_radius=buffer_radius, require_overlap=require_overlap)
-    if fast is not None:
-        return fast
+    with _geometry_errors(in_class_data, "in_class_data"):
+        fast = _read_polygons_fast(in_class_data, located, class_value_field=class_value_field, source=source,
+                                   buffer_radius=buffer_radius, require_overlap=require_overlap)
+        if fast is not None:
+            return fast
+        return _read_vector(in_class_data, located, class_value_field=class_value_field, source=source,
+                            buffer_radius=buffer_radius, require_overlap=require_overlap)
+
+
+def _read_vector(in_class_data: Any, located: tuple[str, str | None] | None, *, class_value_field: str | None,
+                 source: RasterSource, buffer_radius: float, require_overlap: bool) -> LabelSet:
+    """:func:`read_class_data`'s general path: any vector data, through a GeoDataFrame."""
     frame = _read_frame(in_class_data, "in_class_data", located)
     if frame.crs is None and source.crs_wkt:
         raise LabelError(
@@ -725,11 +776,14 @@ def read_class_data(
     values, _ = _class_values(frame, class_value_field)
     names = _class_names(frame, values)
     series = frame.geometry
+    if frame.crs is not None and source.crs_wkt:
+        _check_degrees(series, in_class_data, "in_class_data")
     if buffer_radius > 0:
         series = series.buffer(buffer_radius)
     if frame.crs is not None and source.crs_wkt:
         series = _to_crs(series, source.crs_wkt)
-    geoms = _repaired(series.to_numpy())
+    geoms, invalid = _repair(series.to_numpy())
+    _warn_collapsed(_collapsed(geoms, invalid), in_class_data)
     keep = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
     geoms, values = geoms[keep], values[keep]
     _check_single_family(shapely.get_type_id(geoms), in_class_data)
@@ -781,8 +835,9 @@ def _wkb_features(wkb: Any, source: RasterSource) -> dict[str, np.ndarray]:
     """A WKB column (pyarrow) as features in ``source``'s pixel space, as :func:`_read_polygons_fast` keeps.
 
     Per row: ``geoms`` (None for rectangles and plain rings), ``present``,
-    ``type_ids`` and the derived arrays of :meth:`LabelSet._from_parts`; and
-    the plain rings' coordinates ``plain_xy`` with their ``plain_counts``.
+    ``collapsed`` (invalid, and empty once repaired), ``type_ids`` and the
+    derived arrays of :meth:`LabelSet._from_parts`; and the plain rings'
+    coordinates ``plain_xy`` with their ``plain_counts``.
     """
     from ._wkb import simple_polygons
 
@@ -791,7 +846,7 @@ def _wkb_features(wkb: Any, source: RasterSource) -> dict[str, np.ndarray]:
     geoms = np.empty(n, dtype=object)
     bounds, areas = np.zeros((n, 4)), np.zeros(n)
     polygonal, rectangles, corners = np.ones(n, bool), np.zeros(n, bool), np.zeros(n, np.uint8)
-    present, changed = np.ones(n, bool), np.zeros(n, bool)
+    present, changed, collapsed = np.ones(n, bool), np.zeros(n, bool), np.zeros(n, bool)
     type_ids = np.full(n, 3, np.int32)
     # plain polygons: pixel coordinates (as _to_pixels moves them), bounds, rectangles
     xy = _map_to_pixels(parsed.coords, source)
@@ -831,6 +886,7 @@ def _wkb_features(wkb: Any, source: RasterSource) -> dict[str, np.ndarray]:
             made = shapely.from_ragged_array(kind, xy[np.repeat(check, counts)],
                                              (ring_offsets, parts, parts) if multi else (ring_offsets, parts))
             made, repaired = _repair(made)
+            collapsed[rows[check]] = repaired & shapely.is_empty(made)
             areas[rows[check]] = shapely.area(made)
             changed[rows[check]] = repaired  # measured again below
             if multi:
@@ -844,7 +900,9 @@ def _wkb_features(wkb: Any, source: RasterSource) -> dict[str, np.ndarray]:
     others = np.flatnonzero(~parsed.simple)
     if others.size:  # holes, multipolygons, points, lines...: shapely's, as the general path does
         raw = shapely.from_wkb(np.asarray(wkb.take(others).to_numpy(zero_copy_only=False), dtype=object))
-        geoms[others] = _to_pixels(_repaired(raw), source)
+        fixed, repaired = _repair(raw)
+        collapsed[others] = repaired & shapely.is_empty(fixed)
+        geoms[others] = _to_pixels(fixed, source)
     general = np.flatnonzero(~parsed.simple | changed)
     if general.size:
         g = geoms[general]
@@ -856,7 +914,8 @@ def _wkb_features(wkb: Any, source: RasterSource) -> dict[str, np.ndarray]:
         rect, code = _rectangles(g, bounds[general], areas[general])  # repaired ones, or from shapely
         rectangles[general], corners[general] = rect, code
         geoms[general[rect]] = None
-    return {"geoms": geoms, "present": present, "type_ids": type_ids, "bounds": bounds, "areas": areas,
+    return {"geoms": geoms, "present": present, "collapsed": collapsed, "type_ids": type_ids,
+            "bounds": bounds, "areas": areas,
             "polygonal": polygonal, "rectangles": rectangles, "corners": corners, "plain": plain,
             "quads": quads, "plain_counts": counts[ring_of],
             "plain_xy": xy.reshape(len(rows), counts[0], 2)[ring_of].reshape(-1, 2) if same  # whole rings
@@ -953,6 +1012,7 @@ def _read_polygons_fast(
             return None
     values, _ = _class_values(attributes, class_value_field)
     names = _class_names(attributes, values)
+    _warn_collapsed(int(f["collapsed"].sum()), in_class_data)
     keep = slice(None) if f["present"].all() else np.flatnonzero(f["present"])  # all: no copies
     _check_single_family(f["type_ids"][keep], in_class_data)
     derived = {name: f[name][keep] for name in ("bounds", "areas", "polygonal", "rectangles", "corners",

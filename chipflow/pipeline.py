@@ -18,7 +18,7 @@ from . import _cloud, zarr_store
 from ._dask import StartingCluster, finalize_format, run_blocks, tune_allocator
 from ._partition import PARTITION_THRESHOLD, partition_labels
 from ._version import __version__
-from .config import ExportConfig, check_n_workers, check_scheduler, make_config
+from .config import DEFAULT_METADATA_FORMAT, ExportConfig, check_n_workers, check_scheduler, make_config
 from .errors import InvalidParameterError, OutputError
 from .index import chip_index
 from .labels import ClassInfo, class_keys, split_layer
@@ -91,7 +91,7 @@ def export_training_data(
     stride_x: int = 128,
     stride_y: int = 128,
     output_nofeature_tiles: str = "ONLY_TILES_WITH_FEATURES",
-    metadata_format: str = "KITTI_rectangles",
+    metadata_format: str = DEFAULT_METADATA_FORMAT,
     class_value_field: str | None = None,
     buffer_radius: float = 0,
     in_mask_polygons: Any = None,

@@ -376,12 +376,16 @@ def read_window(source: RasterSource,
         inside = x0 >= 0 and y0 >= 0 and x1 <= source.width and y1 <= source.height
         if inside and not items[0].masked:
             return ds.read(window=win), None
+        # past the edge: the part inside the file, placed into a filled window (rasterio's boundless
+        # read goes through a VRT, which warps a rotated geotransform north-up: resampled pixels)
+        data = np.full((source.count, y1 - y0, x1 - x0), fill, dtype=source.dtype)
         covered = np.zeros((y1 - y0, x1 - x0), bool)
-        covered[max(0, -y0):min(y1, source.height) - y0, max(0, -x0):min(x1, source.width) - x0] = True
-        with _cloud.raster_env(items[0].path):  # a boundless read opens the file again, in a VRT
-            data = ds.read(window=win) if inside else ds.read(window=win, boundless=True, fill_value=fill)
-            if items[0].masked:
-                covered &= ds.read_masks(1, window=win, boundless=not inside) > 0  # outside the file: 0
+        cx0, cy0, cx1, cy1 = max(0, x0), max(0, y0), min(x1, source.width), min(y1, source.height)
+        if cx0 < cx1 and cy0 < cy1:
+            part = rasterio.windows.Window(cx0, cy0, cx1 - cx0, cy1 - cy0)
+            sub = np.s_[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+            data[(slice(None), *sub)] = ds.read(window=part)
+            covered[sub] = ds.read_masks(1, window=part) > 0 if items[0].masked else True
         if items[0].masked:
             data[:, ~covered] = fill
         return data, (None if covered.all() else covered)
@@ -407,7 +411,9 @@ def read_window(source: RasterSource,
             )
             sub = np.s_[oy0 - y0:oy1 - y0, ox0 - x0:ox1 - x0]
             valid = np.ones(data.shape[1:], bool)
-            if source.nodata is not None:
+            if source.nodata is not None and np.isnan(fill):
+                valid = ~np.isnan(data).all(axis=0)
+            elif source.nodata is not None:
                 valid = ~(data == np.asarray(fill).astype(data.dtype)).all(axis=0)
             elif item.masked:
                 valid = _dataset(item).read_masks(

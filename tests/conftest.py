@@ -45,6 +45,7 @@ def make_raster(tmp_path: Path) -> Callable[..., Path]:
         tiled: bool = True,
     ) -> Path:
         path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         count, height, width = data.shape
         profile = dict(driver="GTiff", width=width, height=height, count=count, dtype=data.dtype,
                        nodata=nodata, compress="deflate")

@@ -32,7 +32,7 @@ def test_defaults_are_the_esri_tools():
     assert cfg.to_dict() | {"in_raster": 0, "out_folder": 0} == {
         "in_raster": 0, "out_folder": 0, "image_chip_format": "TIFF", "tile_size_x": 256,
         "tile_size_y": 256, "stride_x": 128, "stride_y": 128,
-        "output_nofeature_tiles": "ONLY_TILES_WITH_FEATURES", "metadata_format": "KITTI_rectangles",
+        "output_nofeature_tiles": "ONLY_TILES_WITH_FEATURES", "metadata_format": "PASCAL_VOC_rectangles",
         "class_value_field": None, "edge_policy": "DROP", "overwrite": False,
         "buffer_radius": 0.0, "rotation_angle": 0.0, "reference_system": "MAP_SPACE",
         "processing_mode": "PROCESS_AS_MOSAICKED_IMAGE", "blacken_around_feature": False,
@@ -621,3 +621,61 @@ def test_class_data_without_crs_or_overlap_is_refused():
     with pytest.raises(chipflow.LabelError, match=r"does not overlap.*923.3\d* map units"):
         read_class_data(far, class_value_field=None, source=source)
     assert np.isfinite(source.cell_size).all()
+
+
+def _kampala_box(source, x0, y0, x1, y1):
+    """A box in the Kampala raster's CRS, from pixel coordinates."""
+    a = source.affine
+    return box(*(a @ (x0, y1)), *(a @ (x1, y0)))
+
+
+def test_class_data_in_degrees_whose_coordinates_are_not_degrees_is_refused():
+    # GeoJSON is read as WGS 84: projected coordinates in it became a GEOSException deep in the repair
+    source = open_raster(str(KAMPALA_IMAGE))
+    frame = gpd.GeoDataFrame(geometry=[_kampala_box(source, 10, 10, 50, 50)], crs=4326)
+    with pytest.raises(chipflow.LabelError,
+                       match=r"in_class_data=<GeoDataFrame.*EPSG:4326.*outside longitude/latitude"):
+        read_class_data(frame, class_value_field=None, source=source)
+
+
+@pytest.mark.parametrize("crs", ["raster", "EPSG:4326"])
+def test_a_geometry_geos_cannot_read_names_the_class_data(tmp_path, crs):
+    import json
+
+    source = open_raster(str(KAMPALA_IMAGE))
+    good = _kampala_box(source, 10, 10, 50, 50)
+    if crs != "raster":
+        good = gpd.GeoSeries([good], crs=source.crs_wkt).to_crs(crs).iloc[0]
+    ring = [list(xy) for xy in good.exterior.coords]
+    features = [{"type": "Feature", "properties": {"value": 1},
+                 "geometry": {"type": "Polygon", "coordinates": [ring]}},
+                {"type": "Feature", "properties": {"value": 2},  # a ring not closed: GDAL reads it
+                 "geometry": {"type": "Polygon", "coordinates": [ring[:4]]}}]
+    srs = pyproj.CRS(source.crs_wkt if crs == "raster" else crs).to_epsg()
+    path = tmp_path / "unclosed.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features, "crs": {
+        "type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{srs}"}}}))
+    with pytest.raises(chipflow.LabelError, match=rf"in_class_data='{re.escape(str(path))}'.*geometr"):
+        read_class_data(str(path), class_value_field=None, source=source)
+
+
+@pytest.mark.parametrize("given", ["frame", "gpkg"])
+def test_features_that_collapse_when_repaired_are_counted_in_a_warning(tmp_path, given):
+    source = open_raster(str(KAMPALA_IMAGE))
+    a = source.affine
+    flat = shapely_polygon([a @ (100, 100), a @ (120, 100), a @ (140, 100), a @ (100, 100)])  # zero area
+    frame = gpd.GeoDataFrame({"value": [1, 2]}, geometry=[_kampala_box(source, 10, 10, 50, 50), flat],
+                             crs=source.crs_wkt)
+    data = frame
+    if given == "gpkg":  # the numpy reader's path (same CRS as the raster)
+        data = str(tmp_path / "flat.gpkg")
+        frame.to_file(data)
+    with pytest.warns(chipflow.ChipflowWarning, match=r"in_class_data=.*1 feature .*collapsed.*dropped"):
+        labels = read_class_data(data, class_value_field=None, source=source)
+    assert len(labels) == 1 and labels.values.tolist() == [1]
+
+
+def shapely_polygon(points):
+    import shapely
+
+    return shapely.Polygon(points)

@@ -151,6 +151,31 @@ def test_a_feature_whose_centred_chip_misses_the_raster_is_counted_in_a_warning(
     assert read_voc(out / "labels" / "000000000.xml")[0] == [4]
 
 
+def test_a_feature_whose_centred_chip_misses_its_own_pixels_still_gets_its_chip(client, make_raster, tmp_path):
+    """One chip per feature, as ArcGIS: a ring round its centre, or two parts far apart, included."""
+    import shapely
+
+    raster = make_raster(textured((3, 512, 512)))
+    ring = shapely.Polygon([(100, 100), (260, 100), (260, 260), (100, 260)],
+                           [[(120, 120), (240, 120), (240, 240), (120, 240)]])  # hole around the centre
+    parts = shapely.MultiPolygon([shapely.box(300, 300, 310, 310), shapely.box(490, 490, 500, 500)])
+    to_map = [T.a, T.b, T.d, T.e, T.c, T.f]
+    features = gpd.GeoDataFrame({"value": [3, 5]}, geometry=[
+        shapely.affinity.affine_transform(g, to_map) for g in (ring, parts)], crs="EPSG:32633")
+    out = tmp_path / "lt"
+    r = chipflow.export_training_data(raster, out, features, metadata_format="Labeled_Tiles", tile_size_x=64,
+                                      tile_size_y=64, client=client)
+    assert r.num_chips == 2 and r.features_per_class == {"3": 1, "5": 1}
+    # centres (180, 180) and (400, 400): chips 148..212 and 368..432, each inside its feature's box
+    for stem, value, origin in (("000000000", 3, 148), ("000000001", 5, 368)):
+        names, boxes = read_voc(out / "labels" / f"{stem}.xml")
+        assert names == [value]
+        np.testing.assert_allclose(boxes, [[0, 0, 64, 64]])
+        with rasterio.open(out / "images" / f"{stem}.tif") as ds, rasterio.open(raster) as src:
+            assert ds.transform.almost_equals(T @ rasterio.Affine.translation(origin, origin))
+            np.testing.assert_array_equal(ds.read(), src.read(window=rasterio.windows.Window(origin, origin, 64, 64)))
+
+
 def test_bounding_box_crop_and_imagenet_folders(client, make_raster, tmp_path):
     raster = make_raster(textured((3, 512, 512)))
     features = gpd.GeoDataFrame(

@@ -382,7 +382,8 @@ def test_edge_policies(client, make_raster, tmp_path, policy, rows, cols):
     features = gpd.GeoDataFrame(geometry=[box(*T * (0, 300), *T * (600, 0))], crs="EPSG:32633")
     out = tmp_path / policy
     r = chipflow.export_training_data(raster, out, features, tile_size_x=256, tile_size_y=256,
-                                      stride_x=256, stride_y=256, edge_policy=policy, client=client)
+                                      stride_x=256, stride_y=256, edge_policy=policy, client=client,
+                                      metadata_format="KITTI_rectangles")
     assert r.num_chips == rows * cols  # 300 x 600 pixels in chips of 256
     for i in chip_ids(out):
         chip, window = source_window(out / "images" / f"{i:09d}.tif", raster)

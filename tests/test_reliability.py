@@ -467,7 +467,8 @@ def test_a_cluster_lost_mid_run_is_reported_as_such_and_the_rerun_resumes(slow_i
 def test_overwrite_takes_true_and_false_spelled_as_words(client, tmp_path):
     """A YAML job's ``overwrite: "false"`` is False, never a non-empty (true) string."""
     out = tmp_path / "done"
-    chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, stride_x=512, stride_y=512, client=client)
+    chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, metadata_format="KITTI_rectangles",
+                                  stride_x=512, stride_y=512, client=client)
     before = tree(out)
     for no in ("false", "No", 0):
         with pytest.raises(chipflow.OutputError, match="different parameters"):

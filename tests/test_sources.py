@@ -103,7 +103,7 @@ def test_cell_size_resamples_image_and_labels(client, make_raster, tmp_path):
     out = tmp_path / "cell"
     r = chipflow.export_training_data(raster, out, features, cell_size=4, tile_size_x=32, tile_size_y=32,
                                       stride_x=32, stride_y=32, output_nofeature_tiles="ALL_TILES",
-                                      client=client)
+                                      metadata_format="KITTI_rectangles", client=client)
     assert r.num_chips == 4  # 256 m at 4 m = 64 px: 2 x 2 chips of 32
     with rasterio.open(out / "images" / "000000000.tif") as ds:
         assert ds.res == (4.0, 4.0)
@@ -148,7 +148,8 @@ def test_pixel_space_maps_labels_through_gcps(client, tmp_path):
     features = gpd.GeoDataFrame(geometry=[box(499500, 3999000, 499800, 3999400)], crs="EPSG:32633")
     out = tmp_path / "px"
     chipflow.export_training_data(raster, out, features, reference_system="PIXEL_SPACE", tile_size_x=128,
-                                  tile_size_y=128, stride_x=128, stride_y=128, client=client)
+                                  tile_size_y=128, stride_x=128, stride_y=128, client=client,
+                                  metadata_format="KITTI_rectangles")
     _, got = read_kitti(out / "labels" / "000000000.txt")
     np.testing.assert_allclose(got, [[60, 20, 100, 50]], atol=0.01)
     # in map space (the default) the points are no geotransform: said so, not "no overlap"
@@ -233,3 +234,48 @@ def test_items_in_other_crss_get_footprints_in_the_index_crs(client, kampala_til
     utm = index[index["source"].str.endswith("b.tif")]
     assert len(utm) > 0
     assert utm.geometry.within(area.buffer(50)).all(), utm.geometry.bounds  # on Kampala, not at x≈450,000
+
+
+def _source_pixels_under(chip_path, raster):
+    """Each chip pixel and the source pixel under its centre, for the pixels inside the source."""
+    with rasterio.open(raster) as src, rasterio.open(chip_path) as chip:
+        source = src.read(1)
+        to_source = ~src.transform * chip.transform
+        rows, cols = np.mgrid[0:chip.height, 0:chip.width] + 0.5
+        sx = np.floor(to_source.a * cols + to_source.b * rows + to_source.c).astype(int)
+        sy = np.floor(to_source.d * cols + to_source.e * rows + to_source.f).astype(int)
+        inside = (sx >= 0) & (sy >= 0) & (sx < src.width) & (sy < src.height)
+        return chip.read(1)[inside], source[sy[inside], sx[inside]]
+
+
+@pytest.mark.parametrize("kw", [{"edge_policy": "PAD"}, {"rotation_angle": 90}])
+def test_a_rotated_geotransform_reads_past_its_edge_without_resampling(client, make_raster, tmp_path, kw):
+    # rasterio's boundless read warps a rotated geotransform north-up: every pixel read past the
+    # edge (PAD's edge chips, a rotated chip's reach) came back resampled
+    transform = Affine(1.8, 0.6, 1000, 0.6, -1.8, 2000)
+    raster = make_raster(textured((1, 200, 300), seed=3), transform=transform)
+    ring = [transform @ xy for xy in ((10, 20), (30, 20), (30, 50), (10, 50))]
+    features = gpd.GeoDataFrame({"value": [1]}, geometry=[shapely.Polygon(ring)], crs="EPSG:32633")
+    chipflow.export_training_data(raster, tmp_path / "o", features, tile_size_x=64, tile_size_y=64,
+                                  stride_x=64, stride_y=64, output_nofeature_tiles="ALL_TILES",
+                                  client=client, **kw)
+    chips = sorted((tmp_path / "o" / "images").glob("*.tif"))
+    assert len(chips) >= 20
+    for chip in chips:
+        got, want = _source_pixels_under(chip, raster)
+        assert got.size and np.array_equal(got, want), chip.name
+
+
+def test_a_mosaic_with_nan_nodata_fills_an_earlier_items_nan_from_a_later_item(client, make_raster, tmp_path):
+    # NaN == NaN is False: NaN pixels counted as data and hid the later item's pixels under them
+    a = np.full((1, 100, 100), 10, "float32")
+    a[:, :, 50:] = np.nan
+    make_raster(a, transform=Affine(2, 0, 1000, 0, -2, 2000), nodata=np.nan, name="scenes/a.tif")
+    make_raster(np.full((1, 100, 100), 20, "float32"), transform=Affine(2, 0, 1100, 0, -2, 2000),
+                nodata=np.nan, name="scenes/b.tif")
+    features = gpd.GeoDataFrame({"value": [1]}, geometry=[box(1000, 1600, 1400, 2000)], crs="EPSG:32633")
+    chipflow.export_training_data(tmp_path / "scenes", tmp_path / "o", features, tile_size_x=150,
+                                  tile_size_y=100, stride_x=150, stride_y=100, client=client)
+    with rasterio.open(tmp_path / "o" / "images" / "000000000.tif") as chip:
+        row = chip.read(1)[0]
+    assert row[:50].tolist() == [10] * 50 and row[50:150].tolist() == [20] * 100

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import open_label
+from ._common import open_label, raster_label_extension
 from .base import ChipLabel, LabelFormat
 
 __all__ = ["ClassifiedTiles"]
@@ -25,7 +25,7 @@ class ClassifiedTiles(LabelFormat):
 
     def label_extension(self, image_extension: str) -> str:
         """``tif`` for TIFF chips, ``png`` for PNG and JPEG chips."""
-        return "tif" if image_extension == "tif" else "png"
+        return raster_label_extension(image_extension)
 
     def encode(self, chip: ChipLabel) -> bytes:
         """The chip's class mask, georeferenced like the chip."""
