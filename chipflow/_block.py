@@ -836,6 +836,17 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                     lookup = np.zeros(len(cand) + 1, np.uint32)
                     lookup[pos + 1] = np.arange(1, len(pos) + 1)
                     inst = lookup[inst]
+                if inst is not None and class_index.size:
+                    seen = np.bincount(inst.ravel(), minlength=class_index.size + 1)[1:] > 0
+                    if not seen.all():  # no pixel centre in the chip (a sliver) or hidden by a later
+                        # feature: no instance in the masks, so none in the statistics either
+                        class_index, boxes, areas = class_index[seen], boxes[seen], areas[seen]
+                        geoms = None if geoms is None else geoms[seen]
+                        lookup = np.zeros(seen.size + 1, np.uint32)
+                        lookup[1:][seen] = np.arange(1, int(seen.sum()) + 1, dtype=np.uint32)
+                        inst = lookup[inst]
+                        if job.only_with_features and class_index.size == 0:
+                            continue
                 label = ChipLabel(
                     stem=stem, image_name=f"{stem}.{job.encoder.extension}",
                     width=tx, height=ty, depth=src.count,

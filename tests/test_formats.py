@@ -166,8 +166,9 @@ def test_rcnn_masks_hold_the_rasterized_instances_per_class_folder(client, scene
         "images\\000000002.tif  labels\\roof\\000000002.tif \n",
         f"images\\000000003.tif  labels\\{POOL_DIR}\\000000003.tif \n",
     ]
-    # Features: roof A, B, E, G; pool D twice (cut by a chip edge), F. Instances exclude G.
-    assert stats["FeatureStats"]["NumFeaturesPerClass"] == [4, 3]
+    # Features: roof A, B, E, G; pool D twice (cut by a chip edge), F. G has no pixel, so no instance:
+    # the statistics count the instances the masks hold.
+    assert stats["FeatureStats"]["NumFeaturesPerClass"] == [3, 3]
     fmt, counts = get("RCNN_Masks"), {ROOF: 0, POOL: 0}
     for stem in ("000000000", "000000001", "000000002", "000000003"):
         for rel in fmt.label_paths(stem, "tif", emd["Classes"]):
@@ -176,6 +177,14 @@ def test_rcnn_masks_hold_the_rasterized_instances_per_class_folder(client, scene
                                       classes=emd["Classes"]).items():
                     counts[v] += n
     assert counts == {ROOF: 3, POOL: 3}
+
+
+def test_rcnn_a_chip_whose_only_feature_has_no_pixel_is_not_written(client, scene_raster, tmp_path):
+    """With ONLY_TILES_WITH_FEATURES: it would hold no mask, and arcgis.learn drops such a chip."""
+    out = tmp_path / "rcnn"
+    r = export(scene_raster, out, "RCNN_Masks", client, data=SCENE.iloc[[3, 5]])  # E (chip 2), G (chip 1)
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["000000002.tif"]
+    assert r.features_per_class == {"roof": 1}
 
 
 def _chip(n_features: int, instances: np.ndarray, class_index, classes, **kw) -> ChipLabel:
