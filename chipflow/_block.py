@@ -21,6 +21,7 @@ from . import zarr_store
 from ._clip import clip_convex
 from .class_raster import region_features
 from .encode import ChipEncoder
+from .errors import ChipflowError
 from .formats import ChipLabel, get
 from .grid import Block, ChipGrid, FeatureBlock
 from .labels import LabelSet
@@ -930,10 +931,16 @@ def process_feature_block(block: FeatureBlock, job: Job, labels: LabelSet) -> Bl
 
 def run_block(block: Block | FeatureBlock, job: Job, labels: Any) -> BlockResult:
     """The task: grid blocks and feature blocks alike (labels whole, or partitioned)."""
-    if hasattr(labels, "subset"):  # partitioned class data: only the parts this block meets
-        h = job.halo
-        x0, y0, x1, y1 = block.window
-        labels = labels.subset((x0 - h, y0 - h, x1 + h, y1 + h))
-    if isinstance(block, FeatureBlock):
-        return process_feature_block(block, job, labels)
-    return process_block(block, job, labels)
+    try:
+        if hasattr(labels, "subset"):  # partitioned class data: only the parts this block meets
+            h = job.halo
+            x0, y0, x1, y1 = block.window
+            labels = labels.subset((x0 - h, y0 - h, x1 + h, y1 + h))
+        if isinstance(block, FeatureBlock):
+            return process_feature_block(block, job, labels)
+        return process_block(block, job, labels)
+    except ChipflowError as error:
+        # Dask pickles an error with the chain that led to it, and a rasterio error in that chain
+        # does not unpickle: the client then got a bare Exception holding the message as text
+        error.__cause__ = error.__context__ = None
+        raise

@@ -12,13 +12,14 @@ from typing import Any
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ._block import Job, run_block
+from .errors import ClusterError
 from .grid import Block
 from .labels import LabelSet
 from .progress import Progress
 from .stats import BlockResult, merge_all
 
 __all__ = ["CLUSTER_CONFIG", "MergeTree", "StartingCluster", "WorkerTuning", "cluster_client",
-           "finalize_format", "local_cluster", "run_blocks", "tune_allocator"]
+           "ensure_workers", "finalize_format", "local_cluster", "run_blocks", "tune_allocator"]
 
 #: Fan-in of the reduction tree.
 SPLIT_EVERY = 8
@@ -104,7 +105,11 @@ def cluster_client(client: Any = None, scheduler: str | None = None,
         yield client
         return
     if scheduler is not None:
-        with Client(scheduler) as c:
+        try:
+            c = Client(scheduler, set_as_default=False)
+        except OSError as error:  # unreachable: raised before the output folder is touched
+            raise ClusterError(f"scheduler={scheduler!r} cannot be reached: {error}") from None
+        with c:
             yield c
         return
     if _has_default_client():  # a client already made in this process (a notebook's): Dask's default
@@ -123,7 +128,8 @@ def _local_client(n_workers: int | None, stack: contextlib.ExitStack) -> Any:
     from distributed import Client
 
     cluster = stack.enter_context(local_cluster(n_workers))
-    client = Client(cluster)
+    # not the process's default client: another export started meanwhile (a thread) makes its own
+    client = Client(cluster, set_as_default=False)
     stack.callback(client.close)
     return client
 
@@ -206,6 +212,7 @@ class StartingCluster:
                 raise self._error
         elif self._client is None:
             self._client = self._stack.enter_context(cluster_client(*self._given))
+            ensure_workers(self._client)
         return self._client
 
     def __enter__(self) -> StartingCluster:
@@ -234,6 +241,37 @@ def _quiet_logs(*names: str) -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
+def _ready() -> None:
+    """A task that does nothing: its result says a worker is there."""
+
+
+def ensure_workers(client: Any) -> None:
+    """Return once the cluster has a worker; raise :class:`ClusterError` when none comes.
+
+    A cluster without workers (an adaptive one at ``minimum=0``, a scheduler
+    whose workers are still starting) gets a task that does nothing, which an
+    adaptive cluster scales up for; it is given Dask's connect timeout
+    (``distributed.comm.timeouts.connect``) to run it. Called before the output
+    folder is touched.
+    """
+    if client.scheduler_info().get("workers"):
+        return
+    import dask
+    from dask.utils import parse_timedelta
+
+    timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s")
+    probe = client.submit(_ready, key=f"chipflow-ready-{uuid.uuid4().hex[:8]}", pure=False)
+    try:
+        probe.result(timeout=timeout)
+    except TimeoutError:
+        raise ClusterError(
+            f"the Dask cluster ({client.scheduler.address}) has no worker: none joined within {timeout:g} s "
+            "(distributed.comm.timeouts.connect); start workers, or give an adaptive cluster "
+            "minimum=1") from None
+    finally:
+        probe.release()
 
 
 def _has_default_client() -> bool:
@@ -304,6 +342,7 @@ def run_blocks(
     arriving = as_completed(futures, loop=client.loop, with_results=True, raise_errors=False)
     del futures  # each block's result is let go on the cluster once the client has it
     again: dict[int, int] = {}  # block index → times its task was submitted again
+    erred: list[Any] = []  # the block task whose error the export raises
 
     def results() -> Iterator[tuple[int, BlockResult]]:
         """Each block's place in ``work`` and its result: the committed ones, then as they finish."""
@@ -311,6 +350,7 @@ def run_blocks(
         for future, result in arriving:
             item = where.pop(future.key)
             if future.status == "error":
+                erred.append(future)
                 future.result()  # raises the block's error, with its traceback
             if future.status == "finished":
                 yield item[0], result
@@ -339,6 +379,14 @@ def run_blocks(
             tree.add(i, result)
             if progress is not None and work[i][0].id not in committed:
                 progress.update(chips_written=result.num_chips, chips_planned=work[i][0].n_chips * angles)
+    except BaseException:
+        # the error's traceback holds this frame, and with it the futures: cancelled, they leave the
+        # cluster now (on a long-lived client, a failed export's class data and tasks stayed there)
+        leftover = [*arriving.futures, *scattered.values(), *erred]
+        arriving.clear()
+        if client.status == "running":
+            client.cancel(leftover)
+        raise
     finally:
         if progress is not None:
             progress.finish()

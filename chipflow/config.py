@@ -31,6 +31,7 @@ __all__ = [
     "NoFeatureTiles",
     "check_against_raster",
     "check_n_workers",
+    "home_expanded",
     "check_scheduler",
     "make_config",
 ]
@@ -177,9 +178,20 @@ def _flag(parameter: str, value: Any, true: tuple[str, ...] = _YES, false: tuple
 
 
 def _absolute(path: Any) -> str:
-    """Local paths made absolute (workers may run in another directory); URLs as given."""
+    """Local paths made absolute (workers may run in another directory), ``~`` expanded; URLs as given."""
     text = os.fspath(path) if hasattr(path, "__fspath__") else str(path)
-    return text if "://" in text else os.path.abspath(text)
+    return text if "://" in text else os.path.abspath(os.path.expanduser(text))
+
+
+def home_expanded(data: Any) -> Any:
+    """A path given for class data or mask polygons with a leading ``~`` expanded; anything else as given.
+
+    (A class raster's path is made absolute where it is opened: workers open it
+    themselves, maybe in another directory.)
+    """
+    if isinstance(data, str | os.PathLike) and os.fspath(data).startswith("~"):
+        return os.path.expanduser(os.fspath(data))
+    return data
 
 
 def _positive_int(parameter: str, value: Any, unit: str = "pixels", *, low: int = 1,
@@ -216,9 +228,17 @@ def check_scheduler(scheduler: Any) -> Any:
     """``scheduler``: None, an address (``"tcp://host:8786"``) or a Dask cluster, as ``Client`` takes it."""
     if scheduler is None or hasattr(scheduler, "scheduler_address"):
         return scheduler
+    expected = "must be a Dask scheduler's address, e.g. 'tcp://scheduler:8786'"
     if not isinstance(scheduler, str) or not scheduler.strip():
-        raise InvalidParameterError("scheduler", scheduler, "must be a Dask scheduler's address, e.g. "
-                                    "'tcp://scheduler:8786'")
+        raise InvalidParameterError("scheduler", scheduler, expected)
+    from distributed.comm import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(scheduler.strip())
+        if scheme in ("tcp", "tls", "ws", "wss"):
+            parse_host_port(location)
+    except ValueError as error:
+        raise InvalidParameterError("scheduler", scheduler, f"{expected} ({error})") from None
     return scheduler.strip()
 
 
@@ -319,9 +339,11 @@ def make_config(
         warnings.warn(
             f"start_index={start_index!r} is deprecated (as in ArcGIS) and ignored: chip names come "
             "from their grid position", ChipflowDeprecationWarning, stacklevel=3)
-    if output_nofeature_tiles is True or output_nofeature_tiles is False:
-        # arcpy's Boolean form: True exports every tile.
-        output_nofeature_tiles = "ALL_TILES" if output_nofeature_tiles else "ONLY_TILES_WITH_FEATURES"
+    if output_nofeature_tiles is True or output_nofeature_tiles is False or (
+            isinstance(output_nofeature_tiles, str) and output_nofeature_tiles.strip().upper() in _YES + _NO):
+        # arcpy's Boolean form (True, "true"): True exports every tile.
+        output_nofeature_tiles = "ALL_TILES" if _flag("output_nofeature_tiles", output_nofeature_tiles) \
+            else "ONLY_TILES_WITH_FEATURES"
     fmt = get_format(metadata_format)  # raises, listing the valid names
     if class_value_field is not None and (
         not isinstance(class_value_field, str) or not class_value_field.strip()
@@ -368,7 +390,7 @@ def make_config(
         reference_system=system,
         processing_mode=_enum(ProcessingMode, "processing_mode", processing_mode),
         blacken_around_feature=_flag("blacken_around_feature", blacken_around_feature,
-                                     ("BLACKEN_AROUND_FEATURE",), ("NO_BLACKEN",)),
+                                     ("BLACKEN_AROUND_FEATURE", *_YES), ("NO_BLACKEN", *_NO)),
         crop_mode=_enum(CropMode, "crop_mode", crop_mode),
         min_polygon_overlap_ratio=_number("min_polygon_overlap_ratio", min_polygon_overlap_ratio,
                                           low=0, high=1),

@@ -13,6 +13,7 @@ __all__ = [
     "ChipflowDeprecationWarning",
     "ChipflowError",
     "ChipflowWarning",
+    "ClusterError",
     "InputNotFoundError",
     "InvalidParameterError",
     "OutputError",
@@ -72,3 +73,7 @@ class LabelError(ChipflowError, ValueError):
 
 class OutputError(ChipflowError, OSError):
     """The output folder cannot be written."""
+
+
+class ClusterError(ChipflowError, OSError):
+    """The Dask cluster cannot be reached, or has no worker to run the export on."""

@@ -18,7 +18,14 @@ from . import _cloud, zarr_store
 from ._dask import StartingCluster, finalize_format, run_blocks, tune_allocator
 from ._partition import PARTITION_THRESHOLD, partition_labels
 from ._version import __version__
-from .config import DEFAULT_METADATA_FORMAT, ExportConfig, check_n_workers, check_scheduler, make_config
+from .config import (
+    DEFAULT_METADATA_FORMAT,
+    ExportConfig,
+    check_n_workers,
+    check_scheduler,
+    home_expanded,
+    make_config,
+)
 from .errors import InvalidParameterError, OutputError
 from .index import chip_index
 from .labels import ClassInfo, class_keys, split_layer
@@ -223,6 +230,7 @@ def export_training_data(
         edge_policy=edge_policy, overwrite=overwrite,
     )
     n_workers, scheduler = check_n_workers(n_workers), check_scheduler(scheduler)
+    in_class_data, in_mask_polygons = home_expanded(in_class_data), home_expanded(in_mask_polygons)
     _check_inputs_outside(cfg, in_class_data=in_class_data, in_mask_polygons=in_mask_polygons)
     options = _cloud.freeze(storage_options, cfg.out_folder, *cfg.in_raster, in_class_data, in_mask_polygons)
     tune_allocator()  # this process re-uses the memory it frees (planning, pickling, the index)

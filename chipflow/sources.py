@@ -361,6 +361,22 @@ def read_window(source: RasterSource,
                 window: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray | None]:
     """Read virtual-grid pixels ``(x0, y0, x1, y1)`` as ``(bands, y1 - y0, x1 - x0)``.
 
+    See :func:`_read_window`. A read that fails (a damaged tile, a cut
+    download) raises :class:`RasterError` naming the raster and the pixels.
+    """
+    try:
+        return _read_window(source, window)
+    except rasterio.errors.RasterioIOError as error:
+        cause = f" ({error.__cause__})" if error.__cause__ else ""
+        x0, y0, x1, y1 = window
+        raise RasterError(f"in_raster={source.path!r}: pixels ({x0}, {y0}) to ({x1}, {y1}) cannot be read: "
+                          f"{error}{cause}; is the file damaged or cut short?") from None
+
+
+def _read_window(source: RasterSource,
+                 window: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read virtual-grid pixels ``(x0, y0, x1, y1)`` as ``(bands, y1 - y0, x1 - x0)``.
+
     Returns the pixels and a mask of the pixels some input covers with data
     (None when all are covered). Uncovered pixels (past the edge, gaps between
     mosaic items, and pixels a file's per-dataset mask marks as nodata) hold

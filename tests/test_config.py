@@ -61,7 +61,7 @@ def test_defaults_are_the_esri_tools():
         ({"reference_system": "GLOBE"}, r"reference_system='GLOBE'.*MAP_SPACE, PIXEL_SPACE, IMAGE_SPACE"),
         ({"processing_mode": "ALL"}, r"processing_mode='ALL'.*PROCESS_ITEMS_SEPARATELY"),
         ({"crop_mode": "TIGHT"}, r"crop_mode='TIGHT'.*FIXED_SIZE, BOUNDING_BOX"),
-        ({"blacken_around_feature": "YES"}, r"blacken_around_feature='YES'.*BLACKEN_AROUND_FEATURE or NO_BLACKEN"),
+        ({"blacken_around_feature": "MAYBE"}, r"blacken_around_feature='MAYBE'.*BLACKEN_AROUND_FEATURE or NO_BLACKEN"),
         ({"seed": 1.7}, r"seed=1.7: must be a whole number >= 0 and <= 9223372036854775807"),
         ({"seed": "0.9"}, r"seed='0.9': must be a whole number"),
         ({"seed": 2**63}, r"seed=9223372036854775808: must be a whole number >= 0 and <= 9223372036854775807"),
@@ -679,3 +679,33 @@ def shapely_polygon(points):
     import shapely
 
     return shapely.Polygon(points)
+
+
+def test_arcpy_booleans_spelled_as_words_and_home_relative_paths(tmp_path, monkeypatch):
+    cfg = make_config("in.tif", "out", output_nofeature_tiles="true", blacken_around_feature="False")
+    assert cfg.output_nofeature_tiles is NoFeatureTiles.ALL_TILES and cfg.blacken_around_feature is False
+    cfg = make_config("in.tif", "out", output_nofeature_tiles="FALSE", blacken_around_feature="true")
+    assert cfg.output_nofeature_tiles is NoFeatureTiles.ONLY_TILES_WITH_FEATURES and cfg.blacken_around_feature
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = make_config("~/image.tif", "~/chips")
+    assert cfg.in_raster == (str(tmp_path / "image.tif"),) and cfg.out_folder == str(tmp_path / "chips")
+    from chipflow.config import home_expanded
+
+    assert home_expanded("~/b.gpkg/layer") == str(tmp_path / "b.gpkg" / "layer")
+    assert home_expanded("b.gpkg") == "b.gpkg" and home_expanded(None) is None
+
+
+def test_the_embedded_cluster_is_not_the_process_default_client():
+    """A second export started meanwhile (another thread) must not borrow, then lose, the first's cluster."""
+    import subprocess
+    import sys
+
+    script = (  # a fresh process: this one's session client is the current client of every test
+        "import contextlib\n"
+        "from chipflow._dask import _has_default_client, _local_client\n"
+        "if __name__ == '__main__':\n"
+        "    with contextlib.ExitStack() as stack:\n"
+        "        made = _local_client(1, stack)\n"
+        "        print(made.status, _has_default_client())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["running", "False"], done.stderr[-2000:]

@@ -489,7 +489,7 @@ def test_an_unreachable_scheduler_leaves_the_output_folder_alone(client, tmp_pat
     before = tree(out)
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
         for folder in (out, tmp_path / "new"):
-            with pytest.raises(OSError, match="tcp://127.0.0.1:1"):
+            with pytest.raises(chipflow.errors.ClusterError, match="scheduler='tcp://127.0.0.1:1' cannot be reached"):
                 chipflow.export_training_data(KAMPALA_IMAGE, folder, KAMPALA_BUILDINGS, overwrite=True,
                                               scheduler="tcp://127.0.0.1:1")
     assert tree(out) == before
@@ -518,3 +518,67 @@ def test_block_writes_all_land_and_their_errors_reach_the_block(tmp_path, monkey
         writer.put([("blocker/x.tif", b"cannot be written")])
         writer.close()
     assert (tmp_path / "images/ok.tif").read_bytes() == b"fine"
+
+
+def test_a_malformed_scheduler_address_is_bad_input(tmp_path):
+    with pytest.raises(chipflow.InvalidParameterError, match=r"scheduler='notanaddress'.*missing port"):
+        chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "o", KAMPALA_BUILDINGS, scheduler="notanaddress")
+    result = CliRunner().invoke(main, ["export", str(KAMPALA_IMAGE), str(tmp_path / "o"), "--in-class-data",
+                                       str(KAMPALA_BUILDINGS), "--scheduler", "notanaddress"])
+    assert result.exit_code == 2 and "scheduler='notanaddress'" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_cluster_without_workers_scales_up_or_is_refused_before_any_output(tmp_path):
+    """An adaptive cluster at minimum=0 gets a worker for the export; a cluster that gets none is named."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=0, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster, set_as_default=False) as c:
+        with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+            with pytest.raises(chipflow.errors.ClusterError, match=r"has no worker: none joined within 2 s"):
+                chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "none", KAMPALA_BUILDINGS,
+                                              stride_x=512, stride_y=512, client=c)
+        assert not (tmp_path / "none").exists()
+        cluster.adapt(minimum=0, maximum=1)
+        r = chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "adaptive", KAMPALA_BUILDINGS,
+                                          stride_x=512, stride_y=512, client=c)
+    assert r.num_chips > 0 and validate_dataset(tmp_path / "adaptive").ok
+
+
+def test_a_relative_class_raster_is_read_by_workers_in_another_directory(client, tmp_path, monkeypatch):
+    """Workers open a class raster themselves: its path is made absolute, as the raster's is."""
+    import shutil
+
+    shutil.copy(NC / "strata.tif", tmp_path / "strata.tif")
+    monkeypatch.chdir(tmp_path)  # the workers' directory stays the repository's
+    r = chipflow.export_training_data(NC / "landsat_multiband.tif", "out", "strata.tif",
+                                      metadata_format="Classified_Tiles", tile_size_x=128, tile_size_y=128,
+                                      stride_x=128, stride_y=128, client=client)
+    assert r.num_chips > 0 and validate_dataset(tmp_path / "out").ok
+
+
+def test_a_failed_export_leaves_nothing_on_a_long_lived_cluster(client, make_raster, tmp_path):
+    """A block that fails (a damaged tile) cancels the export's tasks and class data on the user's client."""
+    raster = make_raster(textured((1, 512, 512)), tiled=True)
+    with rasterio.open(raster) as ds:
+        offset = int(ds.get_tag_item("BLOCK_OFFSET_2_2", "TIFF", bidx=1))
+        size = int(ds.get_tag_item("BLOCK_SIZE_2_2", "TIFF", bidx=1))
+    data = bytearray(raster.read_bytes())
+    data[offset:offset + size] = b"\xff" * size  # one tile of the middle damaged, as a cut download
+    raster.write_bytes(bytes(data))
+    features = gpd.GeoDataFrame({"value": [1]}, geometry=[box(500000, 3999000, 501024, 4000000)], crs="EPSG:32633")
+
+    def tasks():
+        return client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
+
+    before = tasks()
+    for attempt in range(2):
+        with pytest.raises(chipflow.RasterError, match=rf"in_raster='{raster}'.*pixels .* cannot be read"):
+            chipflow.export_training_data(raster, tmp_path / f"o{attempt}", features, tile_size_x=128,
+                                          tile_size_y=128, stride_x=128, stride_y=128, client=client)
+    deadline = time.monotonic() + 10
+    while tasks() > before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert tasks() == before
