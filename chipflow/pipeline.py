@@ -284,6 +284,7 @@ def export_training_data(
         emd_extra={**fmt.emd_extra(labels.classes), **_feature_chip_keys(cfg)},
         image_space="PIXEL_SPACE" if source.pixel_space else "MAP_SPACE",
         raster_count=len(plan.items[0].source.items) if len(plan.items) == 1 else len(plan.items),
+        class_raster=labels.raster is not None,
     )
     store.remove_temporaries()  # a killed worker's half-written files (their blocks were re-run)
     with _gc_paused():

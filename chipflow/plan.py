@@ -340,11 +340,17 @@ def plan_export(cfg: ExportConfig, in_class_data: Any, in_mask_polygons: Any = N
                 "detectors' training code rejects; set buffer_radius (in the class data's CRS units) to "
                 "give them an area", ChipflowWarning, stacklevel=3)
         _named_as_written(labels, in_class_data, fmt)
-        if labels.raster is not None and (fmt.feature_chips or source.pixel_space):
+        if labels.raster is not None and fmt.feature_chips:
             raise InvalidParameterError(
-                "in_class_data", in_class_data, "a class raster works with the grid formats in map "
-                f"space; metadata_format={fmt.name!r} / reference_system={cfg.reference_system.value!r} "
-                "need vector class data")
+                "in_class_data", in_class_data, f"is a class raster, and metadata_format={fmt.name!r} makes "
+                "one chip per feature, which chipflow needs vector class data for; use a grid format "
+                "(Classified_Tiles, RCNN_Masks, the box formats) or polygonize the raster "
+                "(gdal_polygonize.py)")
+        if labels.raster is not None and source.pixel_space:
+            raise InvalidParameterError(
+                "in_class_data", in_class_data, f"is a class raster, which chipflow reads in map space: "
+                f"reference_system={cfg.reference_system.value!r} needs vector class data (in pixels); "
+                "use reference_system='MAP_SPACE'")
         grid = ChipGrid(source.width, source.height, cfg.tile_size_x, cfg.tile_size_y,
                         cfg.stride_x, cfg.stride_y, cfg.edge_policy)
         if fmt.feature_chips:

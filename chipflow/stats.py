@@ -210,13 +210,18 @@ def merge_all(*results: BlockResult) -> BlockResult:
     return out
 
 
-def _stat_obj(s: np.ndarray) -> dict[str, float]:
-    """``{Min, Max, Mean, Sum, Count}`` as ArcGIS writes them (zeros when empty)."""
-    count = float(s[3])
+def _stat_obj(s: np.ndarray, counts: bool = False) -> dict[str, float | int]:
+    """``{Min, Max, Mean, Sum, Count}`` as ArcGIS writes them (zeros when empty).
+
+    ``Count`` is a whole number; so are ``Min``, ``Max`` and ``Sum`` of ``counts``
+    (features or pixels per image), as in ArcGIS's files.
+    """
+    count = int(s[3])
+    whole = int if counts else float
     if count == 0:
-        return {"Min": 0.0, "Max": 0.0, "Mean": 0.0, "Sum": 0.0, "Count": 0.0}
-    return {"Min": float(s[0]), "Max": float(s[1]), "Mean": float(s[2] / count),
-            "Sum": float(s[2]), "Count": count}
+        return {"Min": whole(0), "Max": whole(0), "Mean": 0.0, "Sum": whole(0), "Count": 0}
+    return {"Min": whole(s[0]), "Max": whole(s[1]), "Mean": float(s[2] / count),
+            "Sum": whole(s[2]), "Count": count}
 
 
 def esri_json(obj: Any) -> bytes:
@@ -243,6 +248,7 @@ class Summary:
     emd_extra: dict[str, Any] = field(default_factory=dict)
     image_space: str = "MAP_SPACE"
     raster_count: int = 1
+    class_raster: bool = False  # the class data is a classified raster (no features)
 
     def band_stats(self, r: BlockResult) -> list[dict[str, Any]]:
         """``AllTilesStats``: Min/Max/Mean/StdDev per band over the exported chips' valid pixels."""
@@ -305,7 +311,7 @@ class Summary:
                 "NumFeaturesTotal": int(r.features_per_class.sum()),
                 "NumImagesPerClass": r.images_per_class.tolist(),
                 "NumFeaturesPerClass": r.features_per_class.tolist(),
-                "NumFeaturesPerImage": _stat_obj(r.features_per_image),
+                "NumFeaturesPerImage": _stat_obj(r.features_per_image, counts=True),
                 "FeatureAreaPerClass": [_stat_obj(s) for s in r.area_per_class],
             },
         }
@@ -315,8 +321,8 @@ class Summary:
                 "NumImagesTotal": r.num_chips,
                 "NumImagesPerClass": r.pixel_images_per_class.tolist(),
                 "NumPixelsPerClass": [int(s[2]) for s in r.pixels_per_class],
-                "NumClassesPerImage": _stat_obj(r.classes_per_image),
-                "PixelsPerClass": [_stat_obj(s) for s in r.pixels_per_class],
+                "NumClassesPerImage": _stat_obj(r.classes_per_image, counts=True),
+                "PixelsPerClass": [_stat_obj(s, counts=True) for s in r.pixels_per_class],
             }
         out["BandStatsState"] = [
             {"Min": float(r.band_min[i]) if r.band_n[i] else 0.0,
@@ -344,9 +350,27 @@ class Summary:
         return "".join(lines).encode()
 
     def stats_txt(self, r: BlockResult) -> bytes:
-        """``stats.txt``: the human-readable summary (never read by the consumer)."""
+        """``stats.txt``: the human-readable summary (never read by the consumer).
+
+        ArcGIS's layout: for features, their count per image and per class with
+        their sizes (map units²); from a class raster, classes per image and
+        pixels per class, sizes in pixels (per image holding the class).
+        """
         n_bands = len(self.band_names)
         lines = [f"images = {r.num_chips} *{n_bands}*{self.tile_size_y}*{self.tile_size_x}"]
+        if self.class_raster and self.rasterized:
+            cpi = _stat_obj(r.classes_per_image)
+            lines += [f"pixels = {int(sum(s[2] for s in r.pixels_per_class))}",
+                      f"classes per image = [min = {cpi['Min']:.0f}, mean = {cpi['Mean']:.2f}, "
+                      f"max = {cpi['Max']:.0f}]",
+                      f"classes = {len(self.classes)}",
+                      f"{'cls name':<20}{'cls value':>11}{'images':>11}{'pixels':>14}"
+                      f"{'min size':>12}{'mean size':>12}{'max size':>12}"]
+            for k, c in enumerate(self.classes):
+                p = _stat_obj(r.pixels_per_class[k])
+                lines.append(f"{c.name[:19]:<20}{c.value:>11}{int(r.pixel_images_per_class[k]):>11}"
+                             f"{int(p['Sum']):>14}{p['Min']:>12.0f}{p['Mean']:>12.2f}{p['Max']:>12.0f}")
+            return ("\n".join(lines) + "\n").encode()
         fpi = _stat_obj(r.features_per_image)
         lines.append(f"features = {int(r.features_per_class.sum())}")
         lines.append(

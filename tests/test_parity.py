@@ -246,6 +246,20 @@ def test_classified_raster_as_class_data_for_classified_tiles(client, tmp_path):
             assert set(np.unique(mask).tolist()) <= {0, *range(1, 8)}  # nodata is 0, never a wrapped -99999
     assert agree / total > 0.995  # the same grid, in a CRS whose datum differs by < 1 m
     assert stats["ClassPixelStats"]["NumPixelsPerClass"][4] > stats["ClassPixelStats"]["NumPixelsPerClass"][1]
+    # ArcGIS writes counts as whole numbers: "Sum" : 1658, "Count" : 482
+    pixels = stats["ClassPixelStats"]["PixelsPerClass"]
+    assert all(type(p[k]) is int for p in pixels for k in ("Min", "Max", "Sum", "Count"))
+    assert [p["Sum"] for p in pixels] == stats["ClassPixelStats"]["NumPixelsPerClass"]
+    assert type(stats["ClassPixelStats"]["NumClassesPerImage"]["Count"]) is int
+    # stats.txt as ArcGIS lays it out for a class raster: classes per image, then pixels per class
+    lines = (out / "stats.txt").read_text().splitlines()
+    assert lines[1] == f"pixels = {sum(stats['ClassPixelStats']['NumPixelsPerClass'])}"
+    assert lines[2].startswith("classes per image = [min = ") and lines[3] == "classes = 7"
+    assert lines[4].split() == ["cls", "name", "cls", "value", "images", "pixels", "min", "size", "mean",
+                                "size", "max", "size"]
+    row = lines[5].split()
+    assert row[:4] == ["1", "1", str(stats["ClassPixelStats"]["NumImagesPerClass"][0]), str(pixels[0]["Sum"])]
+    assert row[4:] == [f"{pixels[0]['Min']}", f"{pixels[0]['Mean']:.2f}", f"{pixels[0]['Max']}"]
 
 
 @pytest.mark.parametrize("nodata", [-99999.0, float("nan")])
@@ -281,3 +295,13 @@ def test_class_raster_regions_become_boxes(client, make_raster, tmp_path):
     assert names == [5]
     np.testing.assert_allclose(boxes, [[72, 100, 128, 104]])
     assert chip_ids(out) == [0, 1]  # the two chips without a class pixel are skipped
+
+
+@pytest.mark.parametrize(("kw", "says"), [
+    ({"metadata_format": "Labeled_Tiles"}, r"metadata_format='Labeled_Tiles' makes one chip per feature"),
+    ({"reference_system": "PIXEL_SPACE"}, r"reference_system='PIXEL_SPACE' needs vector class data"),
+])
+def test_a_class_raster_where_vector_data_is_needed_is_refused_naming_the_cause(tmp_path, kw, says):
+    with pytest.raises(chipflow.InvalidParameterError, match=rf"in_class_data=.*strata.tif.* is a class raster.*{says}"):
+        chipflow.export_training_data(NC / "landsat_multiband.tif", tmp_path / "o", NC / "strata.tif", **kw)
+    assert not (tmp_path / "o").exists()
