@@ -244,6 +244,12 @@ class Store:
             )
         committed: dict[int, bytes] = {}
         if entries and not overwrite:
+            if previous is None and RUN_DIR in entries:
+                raise OutputError(
+                    f"out_folder={self.url!r} holds a chipflow run without its {RUN_DIR}/params.json: "
+                    "another export may be starting in it right now (wait for it, then rerun to "
+                    "resume), or one was stopped while starting (then pass overwrite=True "
+                    "(--overwrite) to start again)")
             if previous is None:
                 raise OutputError(
                     f"out_folder={self.url!r} is not empty ({len(entries)} entries, e.g. "
@@ -263,11 +269,12 @@ class Store:
             if entries and overwrite:
                 for name in entries:
                     self.fs.rm(self.path(name), recursive=True)
+            # the run file first: another export looking at the folder meanwhile finds this run
+            self.put(f"{RUN_DIR}/params.json", json.dumps(params, indent=2, sort_keys=True).encode())
             for sub in [*subfolders, f"{RUN_DIR}/blocks"]:
                 self.fs.makedirs(self.path(sub), exist_ok=True)
             if self.is_local and committed:
                 self._remove_temporaries()
-            self.put(f"{RUN_DIR}/params.json", json.dumps(params, indent=2, sort_keys=True).encode())
         except _cloud.access_errors() as exc:
             raise OutputError(f"out_folder={self.url!r} cannot be written: {exc}") from None
         return committed

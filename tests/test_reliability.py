@@ -239,6 +239,15 @@ def test_overwrite_refuses_to_empty_a_folder_holding_the_inputs(tmp_path):
     assert sorted(p.name for p in data.iterdir()) == ["buildings.geojson", "image.tif"]
 
 
+def test_a_run_still_starting_in_the_folder_is_named_not_called_foreign(tmp_path):
+    """Another export's run folder before its run file: the advice is to wait, not only to overwrite."""
+    (tmp_path / "o" / ".chipflow" / "blocks").mkdir(parents=True)
+    (tmp_path / "o" / "images").mkdir()
+    with pytest.raises(chipflow.OutputError, match=r"another export may be starting in it right now"):
+        Store(str(tmp_path / "o")).open_run({"a": 1}, ["images"], overwrite=False)
+    assert sorted(os.listdir(tmp_path / "o")) == [".chipflow", "images"]
+
+
 @pytest.mark.parametrize("damage", [b"{not json", b"[1, 2]", b"\xff\xfe"], ids=["syntax", "a list", "bytes"])
 def test_a_damaged_run_file_is_reported_not_a_traceback(client, tmp_path, damage):
     """A damaged ``.chipflow/params.json``: export refuses the folder (exit 2) naming it and the file,
