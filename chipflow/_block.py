@@ -29,7 +29,7 @@ from .sources import RasterSource, read_window
 from .stats import BlockResult
 from .store import RUN_DIR, Store, Writer
 
-__all__ = ["Job", "crosses_split_cell", "process_block", "process_feature_block", "run_block"]
+__all__ = ["BlockFailed", "Job", "crosses_split_cell", "process_block", "process_feature_block", "run_block"]
 
 
 @dataclass(frozen=True)
@@ -929,7 +929,18 @@ def process_feature_block(block: FeatureBlock, job: Job, labels: LabelSet) -> Bl
     return out.finish(block, None, None, (0, 0))
 
 
-def run_block(block: Block | FeatureBlock, job: Job, labels: Any) -> BlockResult:
+@dataclass(frozen=True)
+class BlockFailed:
+    """A block task's answer when its input is bad (a :class:`ChipflowError`): the client raises it.
+
+    Returned, not raised: Dask would retry the task (the same input fails the
+    same way) and log each failure's traceback on the worker.
+    """
+
+    error: ChipflowError
+
+
+def run_block(block: Block | FeatureBlock, job: Job, labels: Any) -> BlockResult | BlockFailed:
     """The task: grid blocks and feature blocks alike (labels whole, or partitioned)."""
     try:
         if hasattr(labels, "subset"):  # partitioned class data: only the parts this block meets
@@ -940,7 +951,6 @@ def run_block(block: Block | FeatureBlock, job: Job, labels: Any) -> BlockResult
             return process_feature_block(block, job, labels)
         return process_block(block, job, labels)
     except ChipflowError as error:
-        # Dask pickles an error with the chain that led to it, and a rasterio error in that chain
-        # does not unpickle: the client then got a bare Exception holding the message as text
+        # without the chain that led to it: a rasterio error in it does not unpickle
         error.__cause__ = error.__context__ = None
-        raise
+        return BlockFailed(error)

@@ -11,7 +11,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from ._block import Job, run_block
+from ._block import BlockFailed, Job, run_block
 from .errors import ClusterError
 from .grid import Block
 from .labels import LabelSet
@@ -353,6 +353,9 @@ def run_blocks(
                 erred.append(future)
                 future.result()  # raises the block's error, with its traceback
             if future.status == "finished":
+                if isinstance(result, BlockFailed):  # bad input found by the block: not retried
+                    erred.append(future)
+                    raise result.error
                 yield item[0], result
                 continue
             # cancelled: the client closed or the scheduler went away, or every worker holding the

@@ -367,10 +367,10 @@ def read_window(source: RasterSource,
     try:
         return _read_window(source, window)
     except rasterio.errors.RasterioIOError as error:
-        cause = f" ({error.__cause__})" if error.__cause__ else ""
+        detail = error.__cause__ or error  # GDAL's own message, not rasterio's "see previous exception"
         x0, y0, x1, y1 = window
-        raise RasterError(f"in_raster={source.path!r}: pixels ({x0}, {y0}) to ({x1}, {y1}) cannot be read: "
-                          f"{error}{cause}; is the file damaged or cut short?") from None
+        raise RasterError(f"in_raster={source.path!r}: pixels ({x0}, {y0}) to ({x1}, {y1}) cannot be read "
+                          f"({detail}); is the file damaged or cut short?") from None
 
 
 def _read_window(source: RasterSource,

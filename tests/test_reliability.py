@@ -584,10 +584,18 @@ def test_a_failed_export_leaves_nothing_on_a_long_lived_cluster(client, make_ras
 
     before = tasks()
     for attempt in range(2):
-        with pytest.raises(chipflow.RasterError, match=rf"in_raster='{raster}'.*pixels .* cannot be read"):
+        with pytest.raises(chipflow.RasterError, match=rf"in_raster='{raster}': pixels \(256, 256\) to \(384, 384\) cannot be read \(.*TIFFReadEncodedTile"):
             chipflow.export_training_data(raster, tmp_path / f"o{attempt}", features, tile_size_x=128,
                                           tile_size_y=128, stride_x=128, stride_y=128, client=client)
     deadline = time.monotonic() + 10
     while tasks() > before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert tasks() == before
+    # from the command line: one line, exit 2; no worker tracebacks (the bad block is not retried either)
+    features.to_file(tmp_path / "features.gpkg")
+    done = subprocess.run([sys.executable, "-m", "chipflow", "export", "-q", str(raster), str(tmp_path / "cli"),
+                           "--in-class-data", str(tmp_path / "features.gpkg"), "--tile-size-x", "128",
+                           "--tile-size-y", "128", "--n-workers", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"chipflow: error: in_raster='{raster}': pixels (256, 256) to (384, 384) cannot be read")
