@@ -83,7 +83,9 @@ class WorkerTuning(WorkerPlugin):
         if "GDAL_CACHEMAX" not in os.environ:
             from rasterio.env import set_gdal_config
 
-            set_gdal_config("GDAL_CACHEMAX", self.GDAL_CACHE_MB)  # MB: GDAL applies it at once
+            # bytes: rasterio gives an integer to GDALSetCacheMax64, which applies it at once (128 was
+            # 128 bytes: no block cache at all, and GDAL's MRF driver then wrote wrong pixels)
+            set_gdal_config("GDAL_CACHEMAX", self.GDAL_CACHE_MB * 2**20)
         tune_allocator()
 
     def teardown(self, worker: Any = None) -> None:

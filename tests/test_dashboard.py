@@ -62,7 +62,9 @@ def test_workers_are_tuned_for_block_tasks(client, tmp_path):
 
     from chipflow._dask import WorkerTuning
 
-    assert set(client.run(settings).values()) == {WorkerTuning.GDAL_CACHE_MB}
+    # in bytes: rasterio hands an integer to GDALSetCacheMax64 (128 was once set: 128 bytes, no cache at
+    # all, which also made GDAL's MRF driver write wrong pixels)
+    assert set(client.run(settings).values()) == {WorkerTuning.GDAL_CACHE_MB * 2**20}
     # distributed's MALLOC_TRIM_THRESHOLD_ alone: every page faults again (the next test shows the count)
     assert max(client.run(_refaults).values()) < 1_000
 

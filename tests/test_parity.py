@@ -205,6 +205,18 @@ def test_source_window_helper_still_matches(client, tmp_path):
     assert box(0, 0, 1, 1).area == 1
 
 
+def test_mrf_chips_of_uint8_rgb_equal_the_source_window(client, tmp_path):
+    """GDAL's MRF driver wrote wrong pixels with the workers' block cache set to 128 bytes."""
+    out = tmp_path / "mrf8"
+    r = chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, image_chip_format="MRF",
+                                      tile_size_x=64, tile_size_y=64, stride_x=64, stride_y=64, client=client)
+    ids = chip_ids(out, "mrf")
+    assert len(ids) == r.num_chips > 100
+    for i in ids:
+        chip, window = source_window(out / "images" / f"{i:09d}.mrf", KAMPALA_IMAGE)
+        np.testing.assert_array_equal(chip, window)
+
+
 def test_mrf_chips_open_with_gdal_and_equal_the_source(client, tmp_path):
     out = tmp_path / "mrf"
     r = chipflow.export_training_data(NC / "landsat_multiband.tif", out, NC / "landsat96_polygons.shp",
