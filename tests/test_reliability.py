@@ -149,14 +149,15 @@ def test_ctrl_c_at_a_terminal_stops_quietly_and_the_rerun_resumes(slow_inputs, s
     """SIGINT to the whole process group (a terminal's Ctrl-C): no worker tracebacks, a short exit."""
     out = tmp_path / "ctrl-c"
     cmd = slow_cli(slow_inputs, out)
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd + ["--quiet"], start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while markers(out) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGINT)
     said = proc.communicate(timeout=30)[0].decode()
-    assert proc.returncode == 1 and said.rstrip().endswith("Aborted!"), said
-    assert "Traceback" not in said and "KeyboardInterrupt" not in said, said
+    # -q: not a warning either (the closing cluster's workers logged each cancelled block)
+    assert proc.returncode == 1 and said.strip() == "Aborted!", said
     assert 0 < markers(out) < 16
     subprocess.run(cmd + ["--quiet"], check=True, timeout=300)
     assert_same_tree(out, slow_clean)
