@@ -381,14 +381,21 @@ def stats(out_folder: str, as_json: bool, storage_option: tuple[str, ...]) -> No
         store = Store(out_folder, _cloud.freeze(parse_storage_options(storage_option), out_folder))
         if not store.require_folder():
             raise InputNotFoundError("out_folder", out_folder, "no such folder, or it is empty")
-        splits = store.split_names(store.run_params())
+        params = store.run_params()
+        splits = store.split_names(params)
         datasets = [store.child(name) for name in splits] or [store]
         found = {d.url: _read_stats(d) for d in datasets}
+        committed = len(store.committed_blocks()) if params and any(v is None for v in found.values()) else 0
     except ChipflowError as exc:
         _fail(exc)
     if any(v is None for v in found.values()):
-        click.echo(f"chipflow: error: out_folder={out_folder!r} holds no chipflow/ArcGIS statistics "
-                   "(esri_accumulated_stats.json, esri_model_definition.emd)", err=True)
+        if params:  # a run stopped before its metadata: it can be finished
+            click.echo(f"chipflow: error: out_folder={out_folder!r} holds an unfinished chipflow run "
+                       f"({committed} of {len(params.get('blocks') or [])} blocks written, no statistics "
+                       "yet): rerun the same export to finish it", err=True)
+        else:
+            click.echo(f"chipflow: error: out_folder={out_folder!r} holds no chipflow/ArcGIS statistics "
+                       "(esri_accumulated_stats.json, esri_model_definition.emd)", err=True)
         sys.exit(2)
     if as_json:
         doc = {folder: {"accumulated_stats": s, "AllTilesStats": emd.get("AllTilesStats", []),

@@ -259,9 +259,11 @@ class Store:
             old = self._parsed_params(previous)
             if old != params:
                 changed = _differences(old, params)
+                modified = " (an input file was modified since that run began)" if (
+                    "mtime_ns" in changed or ".bytes:" in changed or ".version:" in changed) else ""
                 raise OutputError(
                     f"out_folder={self.url!r} holds a chipflow run with different parameters "
-                    f"({changed}); rerun with the same parameters to resume it, or pass "
+                    f"({changed}){modified}; rerun with the same parameters to resume it, or pass "
                     "overwrite=True (--overwrite) to start again"
                 )
             committed = self.committed_blocks()
@@ -332,12 +334,24 @@ def json_mapping(raw: bytes) -> tuple[dict[str, Any], str]:
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
-    """``a: 1 → 2, b: x → y`` for the keys whose values differ."""
+    """``a: 1 → 2, b.c: x → y, d[0].e: 3 → 4`` for the values that differ (into mappings and lists alike).
+
+    >>> _differences({"in_raster": {"items": [{"path": "a.tif", "mtime_ns": 1}]}},
+    ...              {"in_raster": {"items": [{"path": "a.tif", "mtime_ns": 2}]}})
+    'in_raster.items[0].mtime_ns: 1 → 2'
+    """
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             inner = _differences(a, b, f"{prefix}{key}.")
+            if inner:
+                out.append(inner)
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and len(a) <= 8 \
+                and any(isinstance(x, dict) for x in a):  # input items: name the field that changed
+            places = [f"[{i}]" for i in range(len(a))]
+            inner = _differences(dict(zip(places, a, strict=True)), dict(zip(places, b, strict=True)),
+                                 f"{prefix}{key}")
             if inner:
                 out.append(inner)
         elif a != b:

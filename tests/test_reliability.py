@@ -600,3 +600,30 @@ def test_a_failed_export_leaves_nothing_on_a_long_lived_cluster(client, make_ras
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith(f"chipflow: error: in_raster='{raster}': pixels (256, 256) to (384, 384) cannot be read")
+
+
+def test_a_raster_modified_since_the_run_began_is_named_field_by_field(client, tmp_path):
+    import shutil
+
+    raster = tmp_path / "image.tif"
+    shutil.copy(KAMPALA_IMAGE, raster)
+    out = tmp_path / "o"
+    chipflow.export_training_data(raster, out, KAMPALA_BUILDINGS, stride_x=512, stride_y=512, client=client)
+    stamp = raster.stat().st_mtime_ns
+    os.utime(raster, ns=(stamp + 10**9, stamp + 10**9))  # touched: the same bytes, a new time
+    with pytest.raises(chipflow.OutputError, match=rf"in_raster\.items\[0\]\.mtime_ns: {stamp} → {stamp + 10**9}\) "
+                                                   r"\(an input file was modified since that run began\)"):
+        chipflow.export_training_data(raster, out, KAMPALA_BUILDINGS, stride_x=512, stride_y=512, client=client)
+
+
+def test_stats_of_an_unfinished_run_says_how_far_it_got(client, tmp_path):
+    out = tmp_path / "o"
+    chipflow.export_training_data(KAMPALA_IMAGE, out, KAMPALA_BUILDINGS, stride_x=256, stride_y=256, client=client)
+    blocks = sorted((out / ".chipflow" / "blocks").iterdir())
+    for path in [out / "esri_accumulated_stats.json", out / "esri_model_definition.emd", *blocks[1:]]:
+        path.unlink()  # as a run stopped after its first block
+    res = CliRunner().invoke(main, ["stats", str(out)])
+    assert res.exit_code == 2
+    assert res.output.strip() == (f"chipflow: error: out_folder='{out}' holds an unfinished chipflow run (1 of "
+                                  f"{len(blocks)} blocks written, no statistics yet): rerun the same export to "
+                                  "finish it")
