@@ -357,6 +357,7 @@ def run_blocks(
             if future.status == "finished":
                 if isinstance(result, BlockFailed):  # bad input found by the block: not retried
                     erred.append(future)
+                    result.error.during_run = True
                     raise result.error
                 yield item[0], result
                 continue

@@ -233,7 +233,7 @@ def _gather(ctx: click.Context, positional: dict[str, Any], kwargs: dict[str, An
 
 
 def _fail(exc: Exception) -> None:
-    if isinstance(exc, ChipflowError):
+    if isinstance(exc, ChipflowError) and not exc.during_run:
         click.echo(f"chipflow: error: {exc}", err=True)
         sys.exit(2)
     click.echo(f"chipflow: export failed: {type(exc).__name__}: {exc}", err=True)

@@ -232,13 +232,16 @@ def check_scheduler(scheduler: Any) -> Any:
     if not isinstance(scheduler, str) or not scheduler.strip():
         raise InvalidParameterError("scheduler", scheduler, expected)
     from distributed.comm import parse_address, parse_host_port
+    from distributed.comm.registry import get_backend
 
     try:
         scheme, location = parse_address(scheduler.strip())
+        get_backend(scheme)  # tcp, tls, inproc, ws...: an unknown one (http://, a typo) is refused
         if scheme in ("tcp", "tls", "ws", "wss"):
             parse_host_port(location)
     except ValueError as error:
-        raise InvalidParameterError("scheduler", scheduler, f"{expected} ({error})") from None
+        dashboard = " (http:// is the dashboard's address)" if scheduler.strip().startswith("http") else ""
+        raise InvalidParameterError("scheduler", scheduler, f"{expected}{dashboard} ({error})") from None
     return scheduler.strip()
 
 

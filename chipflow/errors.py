@@ -23,7 +23,15 @@ __all__ = [
 
 
 class ChipflowError(Exception):
-    """Base class of every error chipflow raises on purpose."""
+    """Base class of every error chipflow raises on purpose.
+
+    ``during_run`` is True for one a block task found while the export was
+    already writing (a damaged tile): the command line then exits with status 1,
+    as for any failure during the run, not 2 (bad input, refused before
+    anything is written).
+    """
+
+    during_run = False
 
 
 class ChipflowWarning(UserWarning):

@@ -548,12 +548,12 @@ def read_mask(in_mask_polygons: Any, source: RasterSource) -> Any:
     """
     if in_mask_polygons is None:
         return None
-    frame = _read_frame(in_mask_polygons, "in_mask_polygons")
-    if frame.crs is None:
-        raise LabelError(f"in_mask_polygons={describe(in_mask_polygons)} has no coordinate "
-                         "reference system; set one")
-    _check_degrees(frame.geometry, in_mask_polygons, "in_mask_polygons")
     with _geometry_errors(in_mask_polygons, "in_mask_polygons"):
+        frame = _read_frame(in_mask_polygons, "in_mask_polygons")
+        if frame.crs is None:
+            raise LabelError(f"in_mask_polygons={describe(in_mask_polygons)} has no coordinate "
+                             "reference system; set one")
+        _check_degrees(frame.geometry, in_mask_polygons, "in_mask_polygons")
         geoms = _repair(_to_crs(frame.geometry, source.crs_wkt).to_numpy())[0]
     geoms = geoms[~(shapely.is_missing(geoms) | shapely.is_empty(geoms))]
     if len(geoms) == 0 or not np.isin(shapely.get_type_id(geoms), (3, 6)).all():

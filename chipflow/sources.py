@@ -15,6 +15,7 @@ import glob
 import math
 import os
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -357,20 +358,44 @@ def _dataset(item: SourceItem) -> rasterio.DatasetReader:
     return held[1]
 
 
+#: Attempts of a window read that fails, each on a newly opened file, before the block fails.
+READ_ATTEMPTS = 3
+
+
 def read_window(source: RasterSource,
                 window: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray | None]:
     """Read virtual-grid pixels ``(x0, y0, x1, y1)`` as ``(bands, y1 - y0, x1 - x0)``.
 
-    See :func:`_read_window`. A read that fails (a damaged tile, a cut
-    download) raises :class:`RasterError` naming the raster and the pixels.
+    See :func:`_read_window`. A read that fails is tried again on newly opened
+    files (an object store's 503, a reset connection), up to
+    :data:`READ_ATTEMPTS` times; a read that keeps failing (a damaged tile, a
+    cut download) raises :class:`RasterError` naming the raster and the pixels.
     """
-    try:
-        return _read_window(source, window)
-    except rasterio.errors.RasterioIOError as error:
-        detail = error.__cause__ or error  # GDAL's own message, not rasterio's "see previous exception"
-        x0, y0, x1, y1 = window
-        raise RasterError(f"in_raster={source.path!r}: pixels ({x0}, {y0}) to ({x1}, {y1}) cannot be read "
-                          f"({detail}); is the file damaged or cut short?") from None
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return _read_window(source, window)
+        except rasterio.errors.RasterioIOError as error:
+            failed = error
+            _forget_datasets(source)
+            if attempt + 1 < READ_ATTEMPTS and _is_remote(source):
+                time.sleep(0.5 * 2**attempt)
+    detail = failed.__cause__ or failed  # GDAL's own message, not rasterio's "see previous exception"
+    x0, y0, x1, y1 = window
+    raise RasterError(f"in_raster={source.path!r}: pixels ({x0}, {y0}) to ({x1}, {y1}) cannot be read "
+                      f"({detail}), {READ_ATTEMPTS} times; is the file damaged or cut short?")
+
+
+def _is_remote(source: RasterSource) -> bool:
+    return any("://" in item.path or item.path.startswith("/vsi") for item in source.items)
+
+
+def _forget_datasets(source: RasterSource) -> None:
+    """Close this thread's handles of ``source``'s files: the next read opens them anew."""
+    cache = _local.__dict__.get("datasets", {})
+    for item in source.items:
+        held = cache.pop(item.path, None)
+        if held is not None:
+            held[1].close()
 
 
 def _read_window(source: RasterSource,

@@ -657,6 +657,10 @@ def test_a_geometry_geos_cannot_read_names_the_class_data(tmp_path, crs):
         "type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{srs}"}}}))
     with pytest.raises(chipflow.LabelError, match=rf"in_class_data='{re.escape(str(path))}'.*geometr"):
         read_class_data(str(path), class_value_field=None, source=source)
+    from chipflow.labels import read_mask
+
+    with pytest.raises(chipflow.LabelError, match=rf"in_mask_polygons='{re.escape(str(path))}'.*geometr"):
+        read_mask(str(path), source)
 
 
 @pytest.mark.parametrize("given", ["frame", "gpkg"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -530,12 +531,16 @@ def test_block_writes_all_land_and_their_errors_reach_the_block(tmp_path, monkey
     assert (tmp_path / "images/ok.tif").read_bytes() == b"fine"
 
 
-def test_a_malformed_scheduler_address_is_bad_input(tmp_path):
-    with pytest.raises(chipflow.InvalidParameterError, match=r"scheduler='notanaddress'.*missing port"):
-        chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "o", KAMPALA_BUILDINGS, scheduler="notanaddress")
+@pytest.mark.parametrize(("address", "says"), [
+    ("notanaddress", "missing port"), ("tpc://127.0.0.1:8786", "unknown address scheme 'tpc'"),
+    ("http://127.0.0.1:8787", r"http:// is the dashboard's address"),
+])
+def test_a_malformed_scheduler_address_is_bad_input(tmp_path, address, says):
+    with pytest.raises(chipflow.InvalidParameterError, match=rf"scheduler='{re.escape(address)}'.*{says}"):
+        chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "o", KAMPALA_BUILDINGS, scheduler=address)
     result = CliRunner().invoke(main, ["export", str(KAMPALA_IMAGE), str(tmp_path / "o"), "--in-class-data",
-                                       str(KAMPALA_BUILDINGS), "--scheduler", "notanaddress"])
-    assert result.exit_code == 2 and "scheduler='notanaddress'" in result.output
+                                       str(KAMPALA_BUILDINGS), "--scheduler", address])
+    assert result.exit_code == 2 and f"scheduler='{address}'" in result.output
     assert not (tmp_path / "o").exists()
 
 
@@ -585,21 +590,23 @@ def test_a_failed_export_leaves_nothing_on_a_long_lived_cluster(client, make_ras
 
     before = tasks()
     for attempt in range(2):
-        with pytest.raises(chipflow.RasterError, match=rf"in_raster='{raster}': pixels \(256, 256\) to \(384, 384\) cannot be read \(.*TIFFReadEncodedTile"):
+        with pytest.raises(chipflow.RasterError, match=rf"in_raster='{raster}': pixels \(256, 256\) to \(384, 384\) cannot be read \(.*TIFFReadEncodedTile.*\), 3 times"):
             chipflow.export_training_data(raster, tmp_path / f"o{attempt}", features, tile_size_x=128,
                                           tile_size_y=128, stride_x=128, stride_y=128, client=client)
     deadline = time.monotonic() + 10
     while tasks() > before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert tasks() == before
-    # from the command line: one line, exit 2; no worker tracebacks (the bad block is not retried either)
+    # from the command line: one line, exit 1 (found during the run, after blocks were written); no worker
+    # tracebacks (the bad block is not retried by Dask either)
     features.to_file(tmp_path / "features.gpkg")
     done = subprocess.run([sys.executable, "-m", "chipflow", "export", "-q", str(raster), str(tmp_path / "cli"),
                            "--in-class-data", str(tmp_path / "features.gpkg"), "--tile-size-x", "128",
                            "--tile-size-y", "128", "--n-workers", "1"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2
+    assert done.returncode == 1
     (line,) = done.stderr.strip().splitlines()
-    assert line.startswith(f"chipflow: error: in_raster='{raster}': pixels (256, 256) to (384, 384) cannot be read")
+    assert line.startswith(f"chipflow: export failed: RasterError: in_raster='{raster}': pixels (256, 256) to "
+                           "(384, 384) cannot be read")
 
 
 def test_a_raster_modified_since_the_run_began_is_named_field_by_field(client, tmp_path):
@@ -627,3 +634,32 @@ def test_stats_of_an_unfinished_run_says_how_far_it_got(client, tmp_path):
     assert res.output.strip() == (f"chipflow: error: out_folder='{out}' holds an unfinished chipflow run (1 of "
                                   f"{len(blocks)} blocks written, no statistics yet): rerun the same export to "
                                   "finish it")
+
+
+def _fail_the_first_read():
+    """On a worker: the next window read raises as a dropped connection would, once."""
+    import rasterio.errors
+
+    import chipflow.sources as sources
+
+    real, state = sources._read_window, {"failed": False}
+
+    def flaky(source, window):
+        if not state["failed"]:
+            state["failed"] = True
+            raise rasterio.errors.RasterioIOError("simulated transient read failure (HTTP 503)")
+        return real(source, window)
+
+    sources._read_window = flaky
+
+
+def test_a_read_that_fails_once_is_tried_again(tmp_path):
+    """A transient error (an object store's 503) costs a second read, not the export."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster, set_as_default=False) as c:
+        c.run(_fail_the_first_read)
+        r = chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "o", KAMPALA_BUILDINGS, stride_x=256,
+                                          stride_y=256, client=c)
+    assert r.num_chips > 0 and validate_dataset(tmp_path / "o").ok
