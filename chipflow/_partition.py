@@ -4,8 +4,8 @@ Up to ``PARTITION_THRESHOLD`` features, the class data is broadcast whole to eve
 worker (deserialised and indexed once per worker). Beyond it, the features are
 sorted along a Hilbert curve (as dask-geopandas' ``spatial_shuffle`` does) into
 spatially compact partitions,
-each written once to the run folder (``.chipflow/labels/part-NNNNN.parquet``,
-through the output store, so it works on object storage too); a block task gets
+each written once to the run folder (``.chipflow/labels/<item>-part-NNNNN.parquet``,
+one set per input item, through the output store, so it works on object storage too); a block task gets
 only the partitions' bounds and reads, caches and indexes just the partitions
 that meet its window. Worker memory then follows the block, not the class data.
 """
@@ -40,6 +40,9 @@ class PartitionedLabels:
     classes: tuple[Any, ...]
     pixel_area: float
     mask: Any = None
+    #: The class data's fingerprint: part of the workers' cache keys, so a long-lived worker never
+    #: reuses the partitions of another run written under the same names (an ``overwrite``).
+    token: str = ""
 
     def subset(self, window: tuple[float, float, float, float]) -> LabelSet:
         """The features of the partitions whose bounds meet ``window``, as one LabelSet.
@@ -50,17 +53,18 @@ class PartitionedLabels:
         x0, y0, x1, y1 = window
         rels = tuple(rel for rel, (bx0, by0, bx1, by1) in self.parts
                      if bx0 <= x1 and bx1 >= x0 and by0 <= y1 and by1 >= y0)
-        labels = _subset(self.store.url, self.store.storage_options, rels, self.classes, self.pixel_area)
+        labels = _subset(self.store.url, self.store.storage_options, self.token, rels, self.classes,
+                         self.pixel_area)
         labels.mask = self.mask
         return labels
 
 
 @functools.lru_cache(maxsize=1)  # consecutive blocks of a worker usually meet the same parts
-def _subset(url: str, storage_options: tuple[tuple[str, Any], ...], rels: tuple[str, ...],
+def _subset(url: str, storage_options: tuple[tuple[str, Any], ...], token: str, rels: tuple[str, ...],
             classes: tuple[Any, ...], pixel_area: float) -> LabelSet:
     geoms, index, fids = [np.array([], dtype=object)], [np.zeros(0, np.int32)], [np.zeros(0, np.int64)]
     for rel in rels:
-        g, i, f = _read_part(url, storage_options, rel)
+        g, i, f = _read_part(url, storage_options, token, rel)
         geoms.append(g)
         index.append(i)
         fids.append(f)
@@ -70,9 +74,9 @@ def _subset(url: str, storage_options: tuple[tuple[str, Any], ...], rels: tuple[
 
 
 @functools.lru_cache(maxsize=8)
-def _read_part(url: str, storage_options: tuple[tuple[str, Any], ...], rel: str
+def _read_part(url: str, storage_options: tuple[tuple[str, Any], ...], token: str, rel: str
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One partition's geometries, class indices and feature ids (cached per worker process)."""
+    """One partition's geometries, class indices and feature ids (cached per worker process and data)."""
     import geopandas as gpd
 
     raw = Store(url, storage_options).read(rel)
@@ -81,12 +85,14 @@ def _read_part(url: str, storage_options: tuple[tuple[str, Any], ...], rel: str
             frame["fid"].to_numpy(np.int64))
 
 
-def partition_labels(labels: LabelSet, store: Store, *, size: int | None = None) -> PartitionedLabels:
+def partition_labels(labels: LabelSet, store: Store, *, size: int | None = None,
+                     item: int = 0) -> PartitionedLabels:
     """Sort the features along a Hilbert curve and write them as spatially compact partitions.
 
     The Hilbert distances are geopandas' (the ones dask-geopandas' ``spatial_shuffle``
     sorts by), computed once over all features; consecutive runs of ``size`` features
-    become the partitions, written through the output store.
+    become the partitions, written through the output store, named by input
+    ``item`` (items processed separately each have their own pixel space).
     """
     import geopandas as gpd
 
@@ -97,9 +103,10 @@ def partition_labels(labels: LabelSet, store: Store, *, size: int | None = None)
     parts = []
     for i, start in enumerate(range(0, len(order), size)):
         part = frame.iloc[np.sort(order[start:start + size])].reset_index(drop=True)
-        rel = f"{RUN_DIR}/labels/part-{i:05d}.parquet"
+        rel = f"{RUN_DIR}/labels/{item:05d}-part-{i:05d}.parquet"
         buf = io.BytesIO()
         part.to_parquet(buf, index=False)
         store.put(rel, buf.getvalue())
         parts.append((rel, tuple(float(v) for v in shapely.total_bounds(part.geometry.to_numpy()))))
-    return PartitionedLabels(store, tuple(parts), labels.classes, labels.pixel_area, labels.mask)
+    return PartitionedLabels(store, tuple(parts), labels.classes, labels.pixel_area, labels.mask,
+                             token=labels.fingerprint())

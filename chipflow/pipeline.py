@@ -252,7 +252,7 @@ def export_training_data(
         committed = {i: BlockResult.from_json(raw) for i, raw in markers.items()}
         jobs = [plan.job(item, store) for item in plan.items]
         fmt = cfg.label_format
-        shipped = [_shipped(item.labels, store, fmt) for item in plan.items]
+        shipped = [_shipped(item.labels, store, fmt, k) for k, item in enumerate(plan.items)]
         work = [(b, job, labels_) for item, job, labels_ in zip(plan.items, jobs, shipped, strict=True)
                 for b in item.blocks]
         mark = time.perf_counter()
@@ -378,10 +378,10 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _shipped(labels: Any, store: Store, fmt: Any) -> Any:
-    """The class data as the block tasks get it: whole (broadcast), or partitioned when large."""
+def _shipped(labels: Any, store: Store, fmt: Any, item: int) -> Any:
+    """Input ``item``'s class data as the block tasks get it: whole (broadcast), or partitioned when large."""
     if len(labels) > PARTITION_THRESHOLD and not fmt.feature_chips and labels.raster is None:
-        return partition_labels(labels, store)
+        return partition_labels(labels, store, item=item)
     return labels
 
 

@@ -595,3 +595,34 @@ def test_box_rows_are_percent_formatting_to_the_byte(name):
     assert "0.12" in _rows(ChipLabel(stem="x", image_name="x", width=1, height=1, depth=1, values=np.array([1]),
                                      boxes=np.array([[0.125, 0.375, 0.625, 0.875]]), class_index=np.zeros(1, int),
                                      classes=()), template)
+
+
+def test_coco_annotations_are_joined_part_by_part_into_the_same_bytes_as_one_document():
+    """finalize streams the blocks' parts as text; the file is json.dumps of the whole, ids 1..N in order."""
+    from chipflow._version import __version__
+
+    parts = [json.dumps({"images": [{"id": 1, "file_name": "a.tif"}],
+                          "annotations": [{"image_id": 1, "bbox": [1, 2, 3, 4]}, {"image_id": 1, "bbox": [0, 0, 1, 1]}]}
+                         ).encode(),
+             b"", json.dumps({"images": [{"id": 2, "file_name": "b.tif"}], "annotations": []}).encode(),
+             json.dumps({"images": [], "annotations": []}).encode(),
+             json.dumps({"images": [{"id": 3, "file_name": "c.tif"}],
+                          "annotations": [{"image_id": 3, "bbox": [5, 5, 1, 1]}]}).encode()]
+    classes = (ClassInfo(3, "roof", (0, 0, 0)), ClassInfo(7, "pool", (0, 0, 0)))
+
+    class Put(dict):
+        def put(self, name, data):
+            self[name] = data
+
+    for given in (parts, [], [b""]):
+        written = Put()
+        get("COCO").finalize(written, given, classes)
+        records = [json.loads(raw) for raw in given if raw]
+        annotations = [a for r in records for a in r["annotations"]]
+        for i, a in enumerate(annotations, 1):
+            a["id"] = i
+        whole = {"info": {"description": "Training chips exported by chipflow", "version": __version__},
+                 "licenses": [], "images": [i for r in records for i in r["images"]], "annotations": annotations,
+                 "categories": [{"id": 3, "name": "roof", "supercategory": ""},
+                                {"id": 7, "name": "pool", "supercategory": ""}]}
+        assert written["annotations.json"] == json.dumps(whole, separators=(",", ":")).encode()

@@ -55,7 +55,7 @@ def test_partitioned_class_data_gives_the_same_dataset(client, tmp_path, monkeyp
     monkeypatch.setattr(chipflow.pipeline, "PARTITION_THRESHOLD", 50)
     monkeypatch.setattr(chipflow._partition, "PARTITION_SIZE", 30)
     chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "parts", KAMPALA_BUILDINGS, **args)
-    parts = sorted((tmp_path / "parts" / ".chipflow" / "labels").glob("part-*.parquet"))
+    parts = sorted((tmp_path / "parts" / ".chipflow" / "labels").glob("*-part-*.parquet"))
     assert len(parts) >= 5  # 206 features in partitions of 30
     bounds = np.array([gpd.read_parquet(p).total_bounds for p in parts])
     area = (bounds[:, 2] - bounds[:, 0]) * (bounds[:, 3] - bounds[:, 1])
@@ -64,11 +64,64 @@ def test_partitioned_class_data_gives_the_same_dataset(client, tmp_path, monkeyp
 
     def tree(folder):
         return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-                if p.is_file() and "labels/part-" not in str(p)}
+                if p.is_file() and "-part-" not in str(p)}
 
     whole, partitioned = tree(tmp_path / "whole"), tree(tmp_path / "parts")
     assert sorted(whole) == sorted(partitioned)
     assert [k for k in whole if whole[k] != partitioned[k]] == []
+
+
+def _dataset(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and ".chipflow" not in p.parts}
+
+
+def test_partitioned_class_data_of_items_processed_separately_stays_each_items(client, tmp_path, monkeypatch):
+    """Each item's partitions are its own: they were written under the same names, the last item's won."""
+    from conftest import KAMPALA_BUILDINGS, KAMPALA_IMAGE
+
+    import chipflow
+    import chipflow._partition
+    import chipflow.pipeline
+
+    items = []
+    with rasterio.open(KAMPALA_IMAGE) as src:
+        profile = src.profile
+        for k, window in enumerate([rasterio.windows.Window(0, 0, 1024, 512), rasterio.windows.Window(0, 512, 1024, 512)]):
+            profile.update(width=1024, height=512, transform=src.window_transform(window))
+            items.append(tmp_path / f"item{k}.tif")
+            with rasterio.open(items[-1], "w", **profile) as dst:
+                dst.write(src.read(window=window))
+    args = dict(processing_mode="PROCESS_ITEMS_SEPARATELY", stride_x=256, stride_y=256, client=client)
+    chipflow.export_training_data([str(i) for i in items], tmp_path / "whole", KAMPALA_BUILDINGS, **args)
+    monkeypatch.setattr(chipflow.pipeline, "PARTITION_THRESHOLD", 50)
+    monkeypatch.setattr(chipflow._partition, "PARTITION_SIZE", 30)
+    chipflow.export_training_data([str(i) for i in items], tmp_path / "parts", KAMPALA_BUILDINGS, **args)
+    whole, partitioned = _dataset(tmp_path / "whole"), _dataset(tmp_path / "parts")
+    assert sorted(whole) == sorted(partitioned) and len(whole) > 10
+    assert [k for k in whole if whole[k] != partitioned[k]] == []
+
+
+def test_a_long_lived_worker_never_reuses_another_runs_partitions(client, tmp_path, monkeypatch):
+    """Other features exported into the same folder (overwrite) on the same cluster: their own labels."""
+    from conftest import KAMPALA_BUILDINGS, KAMPALA_IMAGE
+
+    import chipflow
+    import chipflow._partition
+    import chipflow.pipeline
+
+    monkeypatch.setattr(chipflow.pipeline, "PARTITION_THRESHOLD", 50)
+    monkeypatch.setattr(chipflow._partition, "PARTITION_SIZE", 30)
+    first = gpd.read_file(KAMPALA_BUILDINGS)
+    moved = first.copy()
+    moved["geometry"] = first.geometry.translate(3e-5, -2e-5)  # degrees: a few pixels
+    args = dict(stride_x=256, stride_y=256, client=client)
+    chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "o", first, **args)
+    chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "o", moved, overwrite=True, **args)
+    chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "fresh", moved, **args)
+    again, fresh = _dataset(tmp_path / "o"), _dataset(tmp_path / "fresh")
+    assert sorted(again) == sorted(fresh)
+    assert [k for k in fresh if again[k] != fresh[k]] == []
 
 
 def test_class_data_goes_straight_to_local_workers_and_through_the_scheduler_to_others(client, tmp_path,

@@ -128,27 +128,38 @@ class COCO(LabelFormat):
         return json.dumps({"images": images, "annotations": annotations}, separators=(",", ":")).encode()
 
     def finalize(self, store: Any, parts: list[bytes], classes: tuple[Any, ...]) -> None:
-        """Join the parts in block order, number the annotations 1..N, write ``annotations.json``."""
+        """Join the parts in block order, number the annotations 1..N, write ``annotations.json``.
+
+        Part by part, as text: only one block's records are Python objects at a
+        time (all of them at once took one worker about 1.2 KB per annotation,
+        1.9 GiB at 16384², stride 128, 200k features). The bytes are those of
+        ``json.dumps`` of the whole document.
+        """
         from .._version import __version__
 
-        images: list[dict[str, Any]] = []
-        annotations: list[dict[str, Any]] = []
+        compact = {"separators": (",", ":")}
+        images: list[str] = []
+        annotations: list[str] = []
+        numbered = 0
         for raw in parts:
-            if not raw:
+            part = json.loads(raw) if raw else None
+            if not part:
                 continue
-            part = json.loads(raw)
-            images += part["images"]
-            annotations += part["annotations"]
-        for i, ann in enumerate(annotations, 1):
-            ann["id"] = i
-        coco = {
-            "info": {"description": "Training chips exported by chipflow", "version": __version__},
-            "licenses": [],
-            "images": images,
-            "annotations": annotations,
-            "categories": [{"id": v, "name": n, "supercategory": ""} for v, n in class_pairs(classes)],
-        }
-        store.put("annotations.json", json.dumps(coco, separators=(",", ":")).encode())
+            for ann in part["annotations"]:
+                numbered += 1
+                ann["id"] = numbered
+            for records, texts in ((part["images"], images), (part["annotations"], annotations)):
+                if records:
+                    texts.append(json.dumps(records, **compact)[1:-1])  # the list's items, no brackets
+            del part
+        info = {"description": "Training chips exported by chipflow", "version": __version__}
+        head = json.dumps({"info": info, "licenses": []}, **compact)[:-1]
+        categories = json.dumps([{"id": v, "name": n, "supercategory": ""} for v, n in class_pairs(classes)],
+                                **compact)
+        text = (f'{head},"images":[{",".join(images)}],"annotations":[{",".join(annotations)}],'
+                f'"categories":{categories}}}')
+        del images, annotations
+        store.put("annotations.json", text.encode())
 
     def check_dataset(self, data: bytes, images: set[str], classes: Any) -> tuple[dict[int, int], list[str]]:
         """Annotations per category; every chip an image, every image a chip, categories the classes."""
