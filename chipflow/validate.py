@@ -186,6 +186,7 @@ def validate_dataset(out_folder: str, *, storage_options: dict[str, Any] | None 
     label_ext = next((p.rsplit(".", 1)[-1] for p in pairs.values()
                       if p and zarr_store.parse_ref(p) is None), None)
     counts: Counter[int] = Counter()
+    stems: set[str] = set()  # of the chips, to find label files without one
     if chips is not None:
         _check_zarr(chips, fmt, size, class_values, counts, report)
     if fmt.dataset_file:
@@ -199,10 +200,14 @@ def validate_dataset(out_folder: str, *, storage_options: dict[str, Any] | None 
         else:  # the chip was decoded by _check_zarr; its label files are files
             shape = (chips.images.shape[3], chips.images.shape[2])
             stem = f"{zarr_store.parse_ref(image)[1]:09d}"  # type: ignore[index]
+        stems.add(stem)
         if not fmt.per_chip_labels or shape is None:
             continue
         paths = fmt.label_paths(stem, label_ext, emd["Classes"]) if label_ext else []
         found = [(p, raw) for p in paths if (raw := store.read(p)) is not None]
+        named = pairs.get(image)  # map.txt's label column: the file arcgis.learn opens
+        if named and zarr_store.parse_ref(named) is None and named not in {p for p, _ in found}:
+            report.problems.append(f"map.txt names {named} for {image}, which does not exist")
         if not found and not fmt.instances:
             report.problems.append(f"{image} has no label file")
             continue
@@ -218,6 +223,12 @@ def validate_dataset(out_folder: str, *, storage_options: dict[str, Any] | None 
             if unknown:
                 report.problems.append(f"{label} uses class values {sorted(unknown)} not in the emd")
             counts.update(per_class)
+    if fmt.per_chip_labels and (chips is None or not fmt.rasterize):
+        names = [p for folder in ("labels", "labels2") for p in store.find(folder)
+                 if not p.rsplit("/", 1)[-1].startswith(".")]
+        strays = [p for p in names if p.rsplit("/", 1)[-1].split(".", 1)[0] not in stems]
+        if strays:
+            report.problems.append(f"{len(strays)} label files have no chip, e.g. {strays[0]}")
     if fmt.per_chip_labels or fmt.dataset_file:
         _check_counts(fmt, stats, class_values, counts, report)
     return report

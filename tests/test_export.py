@@ -130,8 +130,11 @@ def _half_mask() -> gpd.GeoDataFrame:
     {"rotation_angle": 45, "tile_size_x": 64, "tile_size_y": 64, "stride_x": 48, "stride_y": 48},
     {"rotation_angle": 90, "tile_size_x": 96, "tile_size_y": 32, "stride_x": 64, "stride_y": 64},
     {"min_polygon_overlap_ratio": 0.9},
+    pytest.param({"metadata_format": "Labeled_Tiles", "tile_size_x": 64, "tile_size_y": 64,
+                  "split": "train=0.5,val=0.5", "split_block_size": 4},
+                 marks=pytest.mark.filterwarnings("ignore:.* features over the raster get no chip")),
 ], ids=["features", "mask", "mask, all tiles", "split", "split, all tiles", "rotation", "rotation 45",
-        "rotation of oblong chips", "overlap ratio"])
+        "rotation of oblong chips", "overlap ratio", "feature chips, split"])
 def test_the_plan_predicts_the_chips_an_export_writes(client, tmp_path, kw):
     """``chipflow plan``'s count applies the export's rules: interiors, mask polygons, split cells,
     angles (a rotated chip's own footprint), the overlap ratio."""
@@ -140,7 +143,7 @@ def test_the_plan_predicts_the_chips_an_export_writes(client, tmp_path, kw):
     plan = plan_export(make_config(KAMPALA_IMAGE, "x", **kw), KAMPALA_BUILDINGS, mask).describe()
     r = chipflow.export_training_data(KAMPALA_IMAGE, tmp_path / "o", KAMPALA_BUILDINGS, in_mask_polygons=mask,
                                       client=client, **kw)
-    assert plan["expected_chips"] == r.num_chips > 0
+    assert plan["expected_chips"] == r.num_chips > 0 and plan["expected_chips_upper_bound"] is True
 
 
 def test_all_tiles_count_follows_the_grid_formula(client, tmp_path):

@@ -21,6 +21,21 @@ def test_every_format_validates_complete(client, tmp_path, name):
     report = validate_dataset(str(out))
     assert report.ok, report.summary()
     assert report.images == r.num_chips
+    if fmt.per_chip_labels and fmt.instances:  # a mask map.txt names, deleted: not "at most the counts"
+        first = (out / "map.txt").read_text().splitlines()[0].split("  ")[1].strip().replace("\\", "/")
+        kept = (out / first).read_bytes()
+        (out / first).unlink()
+        broken = validate_dataset(str(out))
+        assert not broken.ok and f"map.txt names {first}" in broken.summary(), broken.summary()
+        (out / first).write_bytes(kept)
+    if fmt.per_chip_labels:  # a label file no chip has (a chip deleted by hand, another run's leftovers)
+        some = next(p for p in sorted((out / "labels").rglob("*")) if p.is_file())
+        stray = some.with_name("999999999" + some.name[9:])
+        stray.write_bytes(some.read_bytes())
+        broken = validate_dataset(str(out))
+        assert not broken.ok and "1 label files have no chip, e.g. labels/" in broken.summary(), broken.summary()
+        stray.unlink()
+        assert validate_dataset(str(out)).ok
     if fmt.per_chip_labels and not fmt.instances:
         victim = next(p for p in sorted((out / "labels").rglob("*")) if p.is_file())
         victim.write_bytes(b"<annotation><object>\xff\x00 1 2")  # cut short and garbled
