@@ -448,3 +448,11 @@ def check_against_raster(cfg: ExportConfig, *, width: int, height: int, count: i
                 "image_chip_format='PNG' stores 2 bands as grey + alpha (PNG has no other 2-band type): "
                 "loaders that read RGB (PIL's convert('RGB'), OpenCV's imread) drop band 2; "
                 "image_chip_format='TIFF' keeps both as they are", ChipflowWarning, stacklevel=4)
+    if cfg.metadata_format in ("COCO", "YOLO", "YOLO_segmentation") and (
+            count > 4 or dtype not in ("uint8", "uint16")):
+        warnings.warn(
+            f"metadata_format={cfg.metadata_format!r}: the raster has {count} bands of {dtype}, and the "
+            "loaders these labels are for read images with OpenCV or Pillow (Ultralytics, torchvision's "
+            "CocoDetection), which open 1 to 4 bands of 8 or 16 bits: they would find no image; select or "
+            "scale bands to 8-bit RGB first (gdal_translate -b 1 -b 2 -b 3 -ot Byte -scale)",
+            ChipflowWarning, stacklevel=4)

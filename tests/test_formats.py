@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import geopandas as gpd
@@ -626,3 +627,18 @@ def test_coco_annotations_are_joined_part_by_part_into_the_same_bytes_as_one_doc
                  "categories": [{"id": 3, "name": "roof", "supercategory": ""},
                                 {"id": 7, "name": "pool", "supercategory": ""}]}
         assert written["annotations.json"] == json.dumps(whole, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize("name", ["COCO", "YOLO"])
+def test_coco_and_yolo_of_images_their_loaders_cannot_open_are_warned_about(tmp_path, name):
+    from chipflow.config import check_against_raster
+
+    for count, dtype, warned in ((5, "float32", True), (3, "float32", True), (4, "uint8", False), (3, "uint16", False)):
+        cfg = chipflow.config.make_config("in.tif", str(tmp_path / "o"), metadata_format=name)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            check_against_raster(cfg, width=512, height=512, count=count, dtype=dtype)
+        said = [str(w.message) for w in caught if issubclass(w.category, chipflow.ChipflowWarning)]
+        assert bool(said) == warned, (count, dtype, said)
+        if warned:
+            assert f"{count} bands of {dtype}" in said[0] and "OpenCV or Pillow" in said[0]
