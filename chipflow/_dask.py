@@ -162,11 +162,17 @@ def local_cluster(n_workers: int | None = None, **kwargs: Any) -> Any:
     >>> with chipflow.local_cluster() as cluster, Client(cluster) as client:  # doctest: +SKIP
     ...     chipflow.export_training_data("image.tif", "out/", "buildings.gpkg", client=client)
     """
+    import logging
+
     import dask
     from distributed import LocalCluster
 
+    # LocalCluster sets Dask's loggers to WARNING (silence_logs), which hid what `chipflow -v` asks
+    # for: with chipflow's logger at INFO or DEBUG, the cluster's messages are left to show
+    verbose = logging.getLogger("chipflow").getEffectiveLevel() < logging.WARNING
+    quiet = False if verbose else logging.WARNING
     options = {"n_workers": n_workers or os.cpu_count() or 1, "threads_per_worker": 1, "processes": True,
-               **kwargs}
+               "silence_logs": quiet, **kwargs}
     if options["processes"]:  # Ctrl-C is the main process's to handle (chipflow._worker_preload)
         given = options.get("preload") or []
         options["preload"] = [*([given] if isinstance(given, str) else given), "chipflow._worker_preload"]

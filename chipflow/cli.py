@@ -173,20 +173,23 @@ def _export_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--edge-policy", default="DROP", show_default=True,
                      help="Last partial row/column of chips. " + _values([e.value for e in EdgePolicy])),
         click.option("--buffer-radius", type=float, default=None,
-                     help="Buffer features by this distance (class data CRS units): points become discs."),
+                     help="Buffer features by this distance (class data CRS units): points become discs. "
+                     "[default: 0]"),
         click.option("--in-mask-polygons", default=None,
                      help="Only chips completely inside these polygons (a vector file)."),
         click.option("--rotation-angle", type=float, default=None,
-                     help="Extra chips rotated by this angle, again and again below 360."),
+                     help="Extra chips rotated by this angle, again and again below 360. [default: 0]"),
         click.option("--reference-system", default=None,
-                     help=_values([r.value for r in ReferenceSystem])),
-        click.option("--processing-mode", default=None, help=_values([m.value for m in ProcessingMode])),
+                     help=_values([r.value for r in ReferenceSystem]) + " [default: MAP_SPACE]"),
+        click.option("--processing-mode", default=None, help=_values([m.value for m in ProcessingMode])
+                     + " [default: PROCESS_AS_MOSAICKED_IMAGE]"),
         click.option("--blacken-around-feature", default=None,
-                     help="Labeled_Tiles/Imagenet: NO_BLACKEN or BLACKEN_AROUND_FEATURE."),
+                     help="Labeled_Tiles/Imagenet: NO_BLACKEN or BLACKEN_AROUND_FEATURE. "
+                     "[default: NO_BLACKEN]"),
         click.option("--crop-mode", default=None, help="Labeled_Tiles/Imagenet: " + _values(
-            [m.value for m in CropMode])),
+            [m.value for m in CropMode]) + " [default: FIXED_SIZE]"),
         click.option("--min-polygon-overlap-ratio", type=float, default=None,
-                     help="Leave out features with less than this fraction inside the chip."),
+                     help="Leave out features with less than this fraction inside the chip. [default: 0]"),
         click.option("--start-index", default=None, help="Deprecated in ArcGIS: accepted and ignored."),
         click.option("--cell-size", type=float, default=None,
                      help="Resample the raster to this cell size (raster CRS units)."),
@@ -249,6 +252,8 @@ def _warnings_as_lines() -> Iterator[None]:
     """
     with warnings.catch_warnings():
         warnings.simplefilter("default", ChipflowDeprecationWarning)
+        # Dask's note that the dashboard took another port: the link export prints is the one it took
+        warnings.filterwarnings("ignore", r"Port \d+ is already in use", UserWarning)
         shown = warnings.showwarning
 
         def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:

@@ -248,3 +248,31 @@ def test_the_cli_shows_chipflows_deprecation_warnings(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "start_index='5' is deprecated" in done.stderr
+
+
+def test_verbose_shows_the_clusters_messages_and_a_taken_dashboard_port_is_not_warned_about(tmp_path):
+    """-v: Dask's INFO lines (LocalCluster had silenced them); the dashboard's port taken: no Dask warning
+    (the link printed is the one it took)."""
+    import socket
+    import subprocess
+    import sys
+
+    taken = socket.socket()
+    try:
+        try:
+            taken.bind(("127.0.0.1", 8787))
+            taken.listen()
+        except OSError:
+            pass  # taken already
+        said = {}
+        for flags in ([], ["-v"]):
+            done = subprocess.run(
+                [sys.executable, "-m", "chipflow", *flags, "export", str(KAMPALA_IMAGE), str(tmp_path / f"o{len(flags)}"),
+                 "--in-class-data", str(KAMPALA_BUILDINGS), "--stride-x", "512", "--stride-y", "512",
+                 "--n-workers", "1"], capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-2000:]
+            said[len(flags)] = done.stderr
+    finally:
+        taken.close()
+    assert "distributed.scheduler" not in said[0] and "distributed.scheduler" in said[1]
+    assert "already in use" not in said[0] + said[1]
