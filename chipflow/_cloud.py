@@ -334,6 +334,8 @@ def expand_url(url: str, extensions: tuple[str, ...], parameter: str = "in_raste
     """
     try:
         return _expanded(url, extensions, parameter)
+    except InputNotFoundError:  # listed, and found nothing: said as it is (it is an OSError too)
+        raise
     except access_errors() as exc:
         raise InputNotFoundError(parameter, url, f"cannot be listed: {type(exc).__name__}: {exc}") from None
 

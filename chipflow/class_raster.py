@@ -20,6 +20,7 @@ import rasterio.windows
 import shapely
 from affine import Affine
 
+from . import _cloud
 from .errors import InputNotFoundError, LabelError
 from .sources import RasterSource
 
@@ -43,7 +44,7 @@ class ClassRaster:
 
         x0, y0, x1, y1 = window
         nodata = 0 if self.nodata is None else self.nodata
-        with rasterio.open(self.path) as ds:
+        with _cloud.raster_env(self.path), rasterio.open(self.path) as ds:  # s3://: the export's options
             # warped in the file's own type, nodata kept as nodata (GDAL's warper copied a float
             # raster's -99999 into an int32 destination as it was), then made 0 here
             warped = np.full((y1 - y0, x1 - x0), nodata, ds.dtypes[0])
@@ -106,6 +107,11 @@ def open_class_raster(path: str, source: RasterSource) -> tuple[ClassRaster, dic
         Unreadable, not one integer band, no CRS, values outside 1..65535, or no
         overlap with the image.
     """
+    with _cloud.raster_env(path):  # an s3:// class raster: the storage options in force, as for in_raster
+        return _open_class_raster(path, source)
+
+
+def _open_class_raster(path: str, source: RasterSource) -> tuple[ClassRaster, dict[int, str], np.ndarray]:
     try:
         ds = rasterio.open(path)
     except rasterio.RasterioIOError as exc:

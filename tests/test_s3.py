@@ -233,8 +233,10 @@ def test_remote_globs_and_prefixes_expand(s3):
         assert resolve_rasters((f"s3://{IN}/kampala/*.tif",)) == [f"s3://{IN}/{IMAGE_KEY}"]
         assert resolve_rasters((f"s3://{IN}/kampala/",)) == [f"s3://{IN}/{IMAGE_KEY}"]
         assert resolve_rasters((f"s3://{IN}/{IMAGE_KEY}",)) == [f"s3://{IN}/{IMAGE_KEY}"]
-        with pytest.raises(InputNotFoundError, match="matches no object"):
+        with pytest.raises(InputNotFoundError, match="matches no object") as refused:
             resolve_rasters((f"s3://{IN}/kampala/*.jp2",))
+        said = str(refused.value)  # once, not wrapped in "cannot be listed" (the listing worked)
+        assert said.count("does not exist") == 1 and "cannot be listed" not in said
 
 
 def test_vector_input_reads_class_data_through_fsspec(s3, tmp_path):
@@ -455,3 +457,20 @@ def test_an_out_folder_that_is_a_file_or_an_object_is_refused_and_kept(s3, clien
                                               storage_options=options, overwrite=overwrite, **JOB)
     assert local.read_bytes() == b"mine"
     assert s3.boto.get_object(Bucket=OUT, Key="anobject")["Body"].read() == b"mine"
+
+
+def test_a_class_raster_on_s3_is_read_with_the_storage_options(s3, client, tmp_path):
+    """Planning and the workers' blocks open it as they open in_raster (it went to AWS's endpoint)."""
+    from conftest import NC
+
+    s3.boto.upload_file(str(NC / "strata.tif"), IN, "strata.tif")
+    job = dict(metadata_format="Classified_Tiles", tile_size_x=128, tile_size_y=128, stride_x=128,
+               stride_y=128, client=client)
+    chipflow.export_training_data(str(NC / "landsat_multiband.tif"), str(tmp_path / "local"),
+                                  str(NC / "strata.tif"), **job)
+    chipflow.export_training_data(str(NC / "landsat_multiband.tif"), str(tmp_path / "remote"),
+                                  f"s3://{IN}/strata.tif", storage_options=s3.options, **job)
+    expected, got = local_files(tmp_path / "local"), local_files(tmp_path / "remote")
+    labels = sorted(k for k in expected if k.startswith("labels/"))
+    assert labels and labels == sorted(k for k in got if k.startswith("labels/"))
+    assert all(got[k] == expected[k] for k in labels)
