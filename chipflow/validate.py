@@ -326,6 +326,19 @@ def _check_image(store: Store, image: str, size: tuple[Any, Any] | None,
                 with rasterio.open(store.path(image)) as ds:
                     shape = (ds.width, ds.height)
                     ds.read()
+            elif image.lower().endswith(".mrf"):  # header, index and data: side by side, as GDAL needs them
+                import os
+                import tempfile
+
+                with tempfile.TemporaryDirectory(prefix="chipflow-validate-") as tmp:
+                    for suffix in (".mrf", ".idx", ".pzp"):
+                        raw = store.read(image[:-4] + suffix)
+                        if raw is not None:
+                            with open(os.path.join(tmp, "chip" + suffix), "wb") as f:
+                                f.write(raw)
+                    with rasterio.open(os.path.join(tmp, "chip.mrf")) as ds:
+                        shape = (ds.width, ds.height)
+                        ds.read()
             else:
                 with MemoryFile(store.read(image)) as mem, mem.open() as ds:
                     shape = (ds.width, ds.height)

@@ -474,3 +474,12 @@ def test_a_class_raster_on_s3_is_read_with_the_storage_options(s3, client, tmp_p
     labels = sorted(k for k in expected if k.startswith("labels/"))
     assert labels and labels == sorted(k for k in got if k.startswith("labels/"))
     assert all(got[k] == expected[k] for k in labels)
+
+
+def test_mrf_chips_on_s3_validate_as_locally(s3, client):
+    """An MRF chip is three objects (header, index, data): validate reads them side by side."""
+    out = f"s3://{OUT}/mrf"
+    chipflow.export_training_data(f"s3://{IN}/{IMAGE_KEY}", out, str(KAMPALA_BUILDINGS), image_chip_format="MRF",
+                                  stride_x=512, stride_y=512, storage_options=s3.options, client=client)
+    report = validate_dataset(out, storage_options=s3.options)
+    assert report.ok and report.images == report.labels > 0, report.summary()
