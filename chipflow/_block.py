@@ -83,6 +83,11 @@ def _valid_mask(pixels: np.ndarray, nodata: float | None) -> np.ndarray | None:
     return None if valid.all() else valid
 
 
+def _rows(keep: np.ndarray, *arrays: Any) -> tuple[Any, ...]:
+    """Each of a chip's (or block's) per-feature arrays cut to the features ``keep``; None stays None."""
+    return tuple(None if a is None else a[keep] for a in arrays)
+
+
 def _cell_starts(offsets: np.ndarray, tile: int, size: int) -> np.ndarray:
     """Start of each cell along one axis: the pieces that chip edges cut the block into."""
     edges = np.unique(np.concatenate([offsets, offsets + tile, [0]]))
@@ -726,8 +731,7 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
         dropped = fmt.dropped_boxes(kept_boxes)
         if dropped is not None and dropped.any():  # boxes the label cannot hold: counted nowhere
             keep = ~dropped
-            kept, kept_boxes, kept_areas = kept[keep], kept_boxes[keep], kept_areas[keep]
-            kept_geoms = None if kept_geoms is None else kept_geoms[keep]
+            kept, kept_boxes, kept_areas, kept_geoms = _rows(keep, kept, kept_boxes, kept_areas, kept_geoms)
             cuts = np.r_[0, np.cumsum(keep)][cuts]
         kept_classes = labels.class_index[cand[kept]]
         rows = fmt.block_rows(b.class_values[kept_classes + 1], kept_boxes, cuts)
@@ -805,9 +809,7 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                     boxes = np.clip(boxes, 0, (tx, ty, tx, ty)) + 0.0
                     dropped = fmt.dropped_boxes(boxes)
                     if dropped is not None and dropped.any():  # as for the unrotated chips
-                        keep = ~dropped
-                        class_index, boxes, areas = class_index[keep], boxes[keep], areas[keep]
-                        geoms = None if geoms is None else geoms[keep]
+                        class_index, boxes, areas, geoms = _rows(~dropped, class_index, boxes, areas, geoms)
                     if job.only_with_features and class_index.size == 0:
                         continue
                     chip = _sample(b.pixels, (wx0, wy0), to_raster, (ty, tx), src.nodata)
@@ -841,8 +843,7 @@ def process_block(block: Block, job: Job, labels: LabelSet) -> BlockResult:
                     seen = np.bincount(inst.ravel(), minlength=class_index.size + 1)[1:] > 0
                     if not seen.all():  # no pixel centre in the chip (a sliver) or hidden by a later
                         # feature: no instance in the masks, so none in the statistics either
-                        class_index, boxes, areas = class_index[seen], boxes[seen], areas[seen]
-                        geoms = None if geoms is None else geoms[seen]
+                        class_index, boxes, areas, geoms = _rows(seen, class_index, boxes, areas, geoms)
                         lookup = np.zeros(seen.size + 1, np.uint32)
                         lookup[1:][seen] = np.arange(1, int(seen.sum()) + 1, dtype=np.uint32)
                         inst = lookup[inst]

@@ -144,7 +144,7 @@ def _open_class_raster(path: str, source: RasterSource) -> tuple[ClassRaster, di
             raise LabelError(f"in_class_data={path!r} holds class value {min(bad)}: class values must be "
                              "1..65535 (0 is background/NoData)")
         # workers open it themselves, maybe in another directory: a local path made absolute
-        where = str(path) if "://" in str(path) else os.path.abspath(path)
+        where = str(path) if "://" in str(path) else os.path.abspath(path)  # as config's _absolute
         return (ClassRaster(where, ds.nodata, ds.crs.to_wkt()), _attribute_names(str(path)),
                 np.array(sorted(values), np.int64))
 

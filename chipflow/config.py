@@ -31,8 +31,8 @@ __all__ = [
     "NoFeatureTiles",
     "check_against_raster",
     "check_n_workers",
-    "home_expanded",
     "check_scheduler",
+    "home_expanded",
     "make_config",
 ]
 

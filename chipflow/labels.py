@@ -274,6 +274,7 @@ class LabelSet:
         self._rank: np.ndarray | None = None  # each feature's rank among the other features
         self._plain_rank: np.ndarray | None = None  # ... among the plain rings
         self._plain_starts: np.ndarray | None = None  # where each plain ring starts in _plain_xy
+        self._fingerprint: tuple[str, str] | None = None  # (the classes it was for, the digest)
         self._lock = threading.Lock()
 
     def _wire(self) -> tuple[bytes, np.ndarray]:
@@ -359,7 +360,14 @@ class LabelSet:
         return self._plain_xy[starts[:, None] + np.arange(4)]
 
     def fingerprint(self) -> str:
-        """sha256 of the features as chipflow uses them (pixel-space geometry and class)."""
+        """sha256 of the features as chipflow uses them (pixel-space geometry and class).
+
+        Computed once for the run file and the partitions' cache keys alike (again
+        only if the classes were renamed since).
+        """
+        classes = repr(self.classes)
+        if self._fingerprint is not None and self._fingerprint[0] == classes:
+            return self._fingerprint[1]
         import hashlib
 
         digest = hashlib.sha256()
@@ -368,8 +376,9 @@ class LabelSet:
             digest.update(np.ascontiguousarray(array))  # hashed in place, not copied
         digest.update(self._wire()[0])
         digest.update(np.asarray(self.values, "<i8").tobytes())
-        digest.update(repr(self.classes).encode())
-        return digest.hexdigest()
+        digest.update(classes.encode())
+        self._fingerprint = (classes, digest.hexdigest())
+        return self._fingerprint[1]
 
     @property
     def values(self) -> np.ndarray:
@@ -533,9 +542,9 @@ def _repair(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return geoms, invalid
 
 
-def _collapsed(repaired: np.ndarray, invalid: np.ndarray) -> int:
-    """How many of the invalid geometries :func:`_repair` made empty (a ring of no area)."""
-    return int(shapely.is_empty(repaired[invalid]).sum()) if invalid.any() else 0
+def _collapsed(repaired: np.ndarray, invalid: np.ndarray) -> np.ndarray:
+    """Which of the geometries :func:`_repair` made empty (invalid ones: a ring of no area)."""
+    return invalid & shapely.is_empty(repaired)
 
 
 def read_mask(in_mask_polygons: Any, source: RasterSource) -> Any:
@@ -776,14 +785,15 @@ def _read_vector(in_class_data: Any, located: tuple[str, str | None] | None, *, 
     values, _ = _class_values(frame, class_value_field)
     names = _class_names(frame, values)
     series = frame.geometry
-    if frame.crs is not None and source.crs_wkt:
+    reprojected = frame.crs is not None and bool(source.crs_wkt)
+    if reprojected:
         _check_degrees(series, in_class_data, "in_class_data")
     if buffer_radius > 0:
         series = series.buffer(buffer_radius)
-    if frame.crs is not None and source.crs_wkt:
+    if reprojected:
         series = _to_crs(series, source.crs_wkt)
     geoms, invalid = _repair(series.to_numpy())
-    _warn_collapsed(_collapsed(geoms, invalid), in_class_data)
+    _warn_collapsed(int(_collapsed(geoms, invalid).sum()), in_class_data)
     keep = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
     geoms, values = geoms[keep], values[keep]
     _check_single_family(shapely.get_type_id(geoms), in_class_data)
@@ -886,7 +896,7 @@ def _wkb_features(wkb: Any, source: RasterSource) -> dict[str, np.ndarray]:
             made = shapely.from_ragged_array(kind, xy[np.repeat(check, counts)],
                                              (ring_offsets, parts, parts) if multi else (ring_offsets, parts))
             made, repaired = _repair(made)
-            collapsed[rows[check]] = repaired & shapely.is_empty(made)
+            collapsed[rows[check]] = _collapsed(made, repaired)
             areas[rows[check]] = shapely.area(made)
             changed[rows[check]] = repaired  # measured again below
             if multi:
@@ -901,7 +911,7 @@ def _wkb_features(wkb: Any, source: RasterSource) -> dict[str, np.ndarray]:
     if others.size:  # holes, multipolygons, points, lines...: shapely's, as the general path does
         raw = shapely.from_wkb(np.asarray(wkb.take(others).to_numpy(zero_copy_only=False), dtype=object))
         fixed, repaired = _repair(raw)
-        collapsed[others] = repaired & shapely.is_empty(fixed)
+        collapsed[others] = _collapsed(fixed, repaired)
         geoms[others] = _to_pixels(fixed, source)
     general = np.flatnonzero(~parsed.simple | changed)
     if general.size:

@@ -377,16 +377,12 @@ def read_window(source: RasterSource,
         except rasterio.errors.RasterioIOError as error:
             failed = error
             _forget_datasets(source)
-            if attempt + 1 < READ_ATTEMPTS and _is_remote(source):
+            if attempt + 1 < READ_ATTEMPTS and any(_cloud.is_remote(item.path) for item in source.items):
                 time.sleep(0.5 * 2**attempt)
     detail = failed.__cause__ or failed  # GDAL's own message, not rasterio's "see previous exception"
     x0, y0, x1, y1 = window
     raise RasterError(f"in_raster={source.path!r}: pixels ({x0}, {y0}) to ({x1}, {y1}) cannot be read "
                       f"({detail}), {READ_ATTEMPTS} times; is the file damaged or cut short?")
-
-
-def _is_remote(source: RasterSource) -> bool:
-    return any("://" in item.path or item.path.startswith("/vsi") for item in source.items)
 
 
 def _forget_datasets(source: RasterSource) -> None:
